@@ -1,0 +1,42 @@
+"""diffrt: deploy diffusers checkpoints as ONNX / TensorRT model packages and run them without torch.
+
+Public names are imported lazily so that ``import diffrt`` stays fast and never pulls torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "Generator": "diffrt.rng",
+    "randn": "diffrt.rng",
+    "DiffusionPipeline": "diffrt.runtime",
+    "StableDiffusionPipeline": "diffrt.runtime",
+    "StableDiffusionImg2ImgPipeline": "diffrt.runtime",
+    "StableDiffusionInpaintPipeline": "diffrt.runtime",
+    "StableDiffusionXLPipeline": "diffrt.runtime",
+    "StableDiffusionXLImg2ImgPipeline": "diffrt.runtime",
+    "StableDiffusionXLInpaintPipeline": "diffrt.runtime",
+    "AutoPipelineForText2Image": "diffrt.runtime",
+    "AutoPipelineForImage2Image": "diffrt.runtime",
+    "AutoPipelineForInpainting": "diffrt.runtime",
+    "export_pipeline": "diffrt.export",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'diffrt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,33 @@
+"""The few typed errors of diffrt. Each subclasses a builtin so callers can catch ValueError / RuntimeError."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class DiffrtError(Exception):
+    """Base of every diffrt-specific error."""
+
+
+class ConfigError(DiffrtError, ValueError):
+    """A configuration value is not supported; the message names the key, what was expected and what was got."""
+
+
+class InputError(DiffrtError, ValueError):
+    """A call argument is invalid; raised before any heavy work."""
+
+
+class PackageError(DiffrtError, ValueError):
+    """A model package is missing a file or component, or its manifest is invalid."""
+
+
+class EngineError(DiffrtError, RuntimeError):
+    """An inference engine could not be created or run (provider missing, engine incompatible)."""
+
+
+class ExportError(DiffrtError, RuntimeError):
+    """Export failed (validation above tolerance, unsupported model, write failure)."""
+
+
+def invalid(name: str, expected: str, got: Any, cls: type[DiffrtError] = InputError) -> DiffrtError:
+    """Build an error that names the parameter, the allowed values and what was received."""
+    return cls(f"`{name}` must be {expected}; got {got!r}")
