@@ -21,3 +21,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# Session fixtures `tiny_checkpoint`, `any_tiny_checkpoint`, `checkpoints_root` (tiny diffusers checkpoints).
+from checkpoint_fixtures import any_tiny_checkpoint, checkpoints_root, tiny_checkpoint  # noqa: E402,F401

@@ -1,0 +1,294 @@
+"""Tiny random-weight diffusers checkpoints, built locally (no Hub access) once per test session.
+
+Every kind the project supports has a builder: SD 1.x, SD 2.x (v-prediction), SDXL base, SDXL refiner, SD inpaint
+and LCM. Shapes are realistic where it matters (VAE factor 8, CLIP tokenizer with real BPE rules, SDXL text_time
+conditioning), sizes are tiny so a whole pipeline runs in well under a second.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+SEED = 0
+CLIP_HIDDEN = 32
+CORPUS = (
+    "a photo of a cat sitting on a red chair , high quality , a painting of an astronaut riding a horse on the moon "
+    "the digit seven a handwritten number blurry low quality worst ugly deformed dog in the snow landscape mountain "
+    "portrait of a woman with a hat city at night neon lights anthropomorphic capybara wearing a suit and working "
+    "with a computer ! ? . 0 1 2 3 4 5 6 7 8 9"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-unicode table (the same one GPT-2 uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _train_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE over the corpus words, with CLIP's end-of-word marker on the last symbol."""
+    vocab = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for word, count in vocab.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        merged: Counter = Counter()
+        for word, count in vocab.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        vocab = merged
+    return merges
+
+
+def write_clip_tokenizer_files(folder: Path, num_merges: int = 200) -> tuple[Path, Path]:
+    """Write a real CLIP-format vocab.json + merges.txt (byte-level BPE, `</w>` suffix, CLIP special tokens)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    merges = _train_merges(CORPUS.split(), num_merges)
+    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return vocab_file, merges_file
+
+
+def make_tokenizer(workdir: Path, pad_token: str = "<|endoftext|>"):
+    """A transformers CLIPTokenizer from locally written BPE files; SD 2.x / SDXL tokenizer_2 pad with "!"."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_tokenizer_files(workdir / "bpe")
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
+
+
+def make_text_encoder(tokenizer, with_projection: bool = False, hidden_act: str = "quick_gelu"):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(SEED)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=CLIP_HIDDEN,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def make_vae():
+    """VAE with the real downsampling factor of 8 (four blocks), tiny channels."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+    ).eval()
+
+
+def make_unet(**overrides):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(SEED)
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CLIP_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, timestep_spacing="leading",
+)
+
+
+def build_sd15(folder: Path, workdir: Path) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = make_tokenizer(workdir)
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer, unet=make_unet(),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_sd2(folder: Path, workdir: Path) -> None:
+    """SD 2.x shape: linear projections, per-block head dims, upcast attention, "!" padding, v-prediction."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer = make_tokenizer(workdir, pad_token="!")
+    unet = make_unet(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+    scheduler = DDIMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": "v_prediction"})
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tokenizer, hidden_act="gelu"), tokenizer=tokenizer,
+        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+def _sdxl_unet(cross_attention_dim: int, time_ids: int):
+    return make_unet(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=time_ids * 8 + CLIP_HIDDEN,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+)
+
+
+def build_sdxl(folder: Path, workdir: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = make_tokenizer(workdir), make_tokenizer(workdir, pad_token="!")
+    pipe = StableDiffusionXLPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=make_text_encoder(tokenizer_2, with_projection=True, hidden_act="gelu"),
+        tokenizer_2=tokenizer_2, unet=_sdxl_unet(2 * CLIP_HIDDEN, time_ids=6),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_sdxl_refiner(folder: Path, workdir: Path) -> None:
+    """Refiner shape: only the second text encoder, aesthetic-score conditioning (5 time ids)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    tokenizer_2 = make_tokenizer(workdir, pad_token="!")
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=make_vae(), text_encoder=None, tokenizer=None,
+        text_encoder_2=make_text_encoder(tokenizer_2, with_projection=True, hidden_act="gelu"),
+        tokenizer_2=tokenizer_2, unet=_sdxl_unet(CLIP_HIDDEN, time_ids=5),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_sd_inpaint(folder: Path, workdir: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    tokenizer = make_tokenizer(workdir)
+    scheduler = DDIMScheduler.from_config(SD15_SCHEDULER)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=make_unet(in_channels=9), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_lcm(folder: Path, workdir: Path) -> None:
+    """LCM-distilled SD 1.x shape: guidance embedding through time_cond_proj_dim."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    tokenizer = make_tokenizer(workdir)
+    scheduler = LCMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        original_inference_steps=50, clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = LatentConsistencyModelPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=make_unet(time_cond_proj_dim=32), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "sd15": build_sd15,
+    "sd2": build_sd2,
+    "sdxl": build_sdxl,
+    "sdxl_refiner": build_sdxl_refiner,
+    "sd_inpaint": build_sd_inpaint,
+    "lcm": build_lcm,
+}
+
+
+def build_checkpoint(kind: str, root: Path) -> Path:
+    """Build (or reuse) the tiny diffusers checkpoint `kind` under `root`; returns its folder."""
+    folder = root / kind
+    if not (folder / "model_index.json").exists():
+        BUILDERS[kind](folder, root / f"{kind}_work")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_checkpoint("sdxl")` -> folder of a diffusers-format checkpoint, built once per session."""
+    return lambda kind: build_checkpoint(kind, checkpoints_root)
+
+
+@pytest.fixture(scope="session", params=sorted(BUILDERS))
+def any_tiny_checkpoint(request: pytest.FixtureRequest, tiny_checkpoint) -> tuple[str, Path]:
+    return request.param, tiny_checkpoint(request.param)
