@@ -19,9 +19,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
 
 
 # Session fixtures `tiny_checkpoint`, `any_tiny_checkpoint`, `checkpoints_root` (tiny diffusers checkpoints).
-from checkpoint_fixtures import any_tiny_checkpoint, checkpoints_root, tiny_checkpoint  # noqa: E402,F401
+from checkpoint_fixtures import any_tiny_checkpoint, checkpoints_root, tiny_checkpoint, tiny_package  # noqa: E402,F401
