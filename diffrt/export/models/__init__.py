@@ -1,0 +1,19 @@
+"""Export-friendly PyTorch UNet and VAEs that load diffusers state dicts strictly and match diffusers' outputs.
+
+No diffusers import anywhere here: these modules are what `diffrt.export.onnx` traces.
+"""
+from __future__ import annotations
+
+from diffrt.export.models.blocks import ConfiguredModel
+from diffrt.export.models.tiny_vae import AutoencoderTiny
+from diffrt.export.models.unet import UNet2DConditionModel
+from diffrt.export.models.vae import AutoencoderKL, VaeDecoderForExport, VaeEncoderForExport
+
+__all__ = [
+    "AutoencoderKL",
+    "AutoencoderTiny",
+    "ConfiguredModel",
+    "UNet2DConditionModel",
+    "VaeDecoderForExport",
+    "VaeEncoderForExport",
+]
