@@ -1,0 +1,361 @@
+"""ONNX Runtime engine: one lazily created, thread-safe `InferenceSession` per model file.
+
+Providers are checked up front and again on the created session, so a missing CUDA / TensorRT library is an
+`EngineError` naming the provider instead of ONNX Runtime's silent fall back to the CPU. The optimised graph can be
+cached on disk (keyed by model file, ORT version, providers, optimisation level and CPU) so a second start skips
+graph optimisation.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from diffrt.errors import DiffrtError, EngineError, invalid
+from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+# TensorRT compiles the subgraphs it supports; the nodes it cannot take run on CUDA, as ORT's TensorRT docs advise.
+PROVIDER_EXPANSIONS = {"tensorrt": ["tensorrt", "cuda"]}
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+# Providers that compile subgraphs into nodes ORT cannot serialise, so their optimised model cannot be cached.
+_UNCACHEABLE = {"TensorrtExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider"}
+
+ProviderArg = str | Sequence[str | tuple[str, Mapping[str, Any]]]
+
+
+def resolve_providers(provider: ProviderArg) -> list[tuple[str, dict[str, Any]]]:
+    """Short names or ORT names (optionally with options) -> [(ORT name, options)], all available here."""
+    if isinstance(provider, str):
+        items: list[Any] = PROVIDER_EXPANSIONS.get(provider.lower(), [provider])
+    elif isinstance(provider, tuple) and len(provider) == 2 and isinstance(provider[1], Mapping):
+        items = [provider]  # a single (name, options) pair
+    else:
+        items = list(provider)
+    if not items:
+        raise invalid("provider", "a provider name or a non-empty list of providers", provider, EngineError)
+    available = ort.get_available_providers()
+    resolved: list[tuple[str, dict[str, Any]]] = []
+    for item in items:
+        name, options = (item, {}) if isinstance(item, str) else _split_provider(item)
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise EngineError(
+                f"`provider` {name!r} ({full}) is not available in this onnxruntime build "
+                f"(onnxruntime {ort.__version__}); available: {available}. "
+                "Install onnxruntime-gpu for 'cuda' / 'tensorrt'; diffrt never falls back silently."
+            )
+        resolved.append((full, dict(options)))
+    return resolved
+
+
+def _split_provider(item: Any) -> tuple[str, Mapping[str, Any]]:
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping):
+        return item[0], item[1]
+    raise invalid("provider", "a name or a (name, options dict) tuple for each provider", item, EngineError)
+
+
+def check_provider(provider: ProviderArg) -> None:
+    """Raise `EngineError` naming `provider` if ONNX Runtime here cannot run it."""
+    resolve_providers(provider)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: CPU affinity, de-duplicated SMT siblings, cgroup CPU quota."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    count = len(cores)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def _hardware_signature() -> str:
+    """The CPU model: ORT's layout optimisations (NCHWc block size) depend on the instruction set."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _spec(node: Any) -> TensorSpec:
+    dtype = ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise EngineError(f"input/output `{node.name}` has type {node.type}, which diffrt cannot feed from numpy")
+    shape = tuple(d if isinstance(d, (int, str)) else None for d in node.shape)
+    return TensorSpec(node.name, np.dtype(dtype), shape)
+
+
+class OnnxRuntimeEngine:
+    """An ONNX model run by ONNX Runtime; see the module docstring.
+
+    Args:
+        path: the `model.onnx` file (external data beside it).
+        provider: "cpu" | "cuda" | "tensorrt" | an ORT provider name | a list of names or (name, options) tuples.
+        threads: intra-op threads; default: the physical cores this process may use.
+        graph_optimization_level: "disable" | "basic" | "extended" | "all".
+        optimized_model_cache: folder for optimised models, reused by later sessions; None disables the cache.
+        dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
+        session_options: a base `ort.SessionOptions`; the settings above are applied on top of it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        provider: ProviderArg = "cpu",
+        threads: int | None = None,
+        graph_optimization_level: str = "all",
+        optimized_model_cache: str | Path | None = None,
+        dim_ranges: DimRanges | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise invalid("path", "an existing ONNX model file", str(self.path), EngineError)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise invalid("threads", "None or an integer >= 1", threads, EngineError)
+        if graph_optimization_level not in OPTIMIZATION_LEVELS:
+            raise invalid("graph_optimization_level", f"one of {', '.join(OPTIMIZATION_LEVELS)}",
+                          graph_optimization_level, EngineError)
+        self.providers = resolve_providers(provider)
+        self.threads = threads
+        self.graph_optimization_level = graph_optimization_level
+        self.optimized_model_cache = Path(optimized_model_cache) if optimized_model_cache is not None else None
+        self.dim_ranges = dict(dim_ranges or {})
+        self._base_options = session_options
+        self._lock = threading.Lock()
+        self._session: ort.InferenceSession | None = None
+        self._inputs: list[TensorSpec] = []
+        self._outputs: list[TensorSpec] = []
+        #: the file the session was loaded from: `path`, or the cached optimised model
+        self.session_path: Path | None = None
+
+    # ----- session -----
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session, created on first use; the lock guards creation only (ORT's `run` is thread-safe)."""
+        session = self._session
+        if session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._create_session()
+                session = self._session
+        return session
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = self._base_options if self._base_options is not None else ort.SessionOptions()
+        if self.threads is not None or options.intra_op_num_threads == 0:
+            options.intra_op_num_threads = self.threads or physical_cores()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.graph_optimization_level]
+        # A pipeline alternates engines (text encoder, UNet, VAE) with NumPy scheduler work. Spinning workers
+        # busy-wait after every run and keep the cores hot, which slows the NumPy step and the next session's own
+        # pool on the same cores; without spinning, idle pools sleep and each stage gets the whole CPU.
+        for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+            if not _has_config(options, key):
+                options.add_session_config_entry(key, "0")
+        return options
+
+    def _create_session(self) -> ort.InferenceSession:
+        cached = self._cache_path()
+        if cached is not None and cached.is_file():
+            session = self._load_cached(cached, self._session_options())
+            if session is not None:
+                return self._finish(session, cached)
+        if cached is not None:
+            session = self._optimize_into_cache(cached, self._session_options())
+            if session is not None:
+                return self._finish(session, self.path)
+        return self._finish(self._new_session(self.path, self._session_options()), self.path)
+
+    def _optimize_into_cache(self, cached: Path, options: ort.SessionOptions) -> ort.InferenceSession | None:
+        """Build the session from the source model and save its optimised graph as `cached` (None on failure)."""
+        # ORT writes the optimised model while building the session; write it beside the final name, then rename,
+        # so a concurrent reader never loads a half-written file.
+        tmp = cached.with_name(f".{cached.stem}.{uuid.uuid4().hex}.tmp")
+        options.optimized_model_filepath = str(tmp)
+        if self._has_external_data():  # > 2 GB graphs cannot be saved as one protobuf
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", f"{cached.stem}.{uuid.uuid4().hex}.data"
+            )
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            session = self._new_session(self.path, options)
+            os.replace(tmp, cached)
+        except (OSError, EngineError) as error:
+            # A read-only or full cache folder must not stop inference: run uncached (a broken model fails again).
+            logger.warning("could not cache the optimised model of %s in %s: %s", self.path, cached.parent, error)
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            options.optimized_model_filepath = ""  # a caller's session_options must not keep writing there
+        logger.info("cached the optimised model of %s at %s", self.path, cached)
+        return session
+
+    def _load_cached(self, cached: Path, options: ort.SessionOptions) -> ort.InferenceSession | None:
+        # The cached graph is already optimised for this ORT, provider and CPU: optimising it again only costs time.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = self._new_session(cached, options)
+        except EngineError as error:
+            logger.warning("ignoring an unreadable optimised-model cache %s (%s); rebuilding it", cached, error)
+            cached.unlink(missing_ok=True)
+            return None
+        logger.info("loaded the optimised model of %s from the cache %s", self.path, cached)
+        return session
+
+    def _new_session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        except Exception as error:  # ORT raises its own pybind exception types
+            raise EngineError(f"onnxruntime could not load {path}: {error}") from error
+
+    def _finish(self, session: ort.InferenceSession, loaded_from: Path) -> ort.InferenceSession:
+        active = session.get_providers()
+        missing = [name for name, _ in self.providers if name not in active]
+        if missing:
+            raise EngineError(
+                f"`provider` {missing[0]} was requested but onnxruntime created the session for {self.path} with "
+                f"{active} (its libraries failed to load; see onnxruntime's log). diffrt never falls back silently."
+            )
+        self._inputs = [_spec(node) for node in session.get_inputs()]
+        self._outputs = [_spec(node) for node in session.get_outputs()]
+        self.session_path = loaded_from
+        return session
+
+    # ----- optimised-model cache -----
+    def _external_data(self) -> Path:
+        return self.path.with_name(self.path.name + "_data")
+
+    def _has_external_data(self) -> bool:
+        return self._external_data().is_file()
+
+    def _cache_path(self) -> Path | None:
+        if self.optimized_model_cache is None:
+            return None
+        uncacheable = [name for name, _ in self.providers if name in _UNCACHEABLE]
+        if uncacheable:
+            logger.debug("no optimised-model cache with %s (it compiles subgraphs)", uncacheable[0])
+            return None
+        files = [self.path] + ([self._external_data()] if self._has_external_data() else [])
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        key_source = json.dumps(
+            [stats, ort.__version__, self.providers, self.graph_optimization_level, _hardware_signature()],
+            sort_keys=True, default=str,
+        )
+        key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+        return self.optimized_model_cache / f"{self.path.parent.name}-{self.path.stem}-{key}.onnx"
+
+    # ----- Engine protocol -----
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        _ = self.session  # creating the session records the specs
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        _ = self.session
+        return list(self._outputs)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate `feeds` (names, dtypes, ranks, dims, ranges) and run; outputs by name, as numpy arrays."""
+        session = self.session
+        feeds = adapt_feeds(self._inputs, feeds)
+        validate_feeds(self._inputs, feeds, self.dim_ranges)
+        names = [spec.name for spec in self._outputs]
+        try:
+            if self.providers[0][0] == "CUDAExecutionProvider":
+                values = self._run_with_iobinding(session, feeds, names)
+            else:
+                values = session.run(names, feeds)
+        except DiffrtError:
+            raise
+        except Exception as error:
+            raise EngineError(f"onnxruntime failed to run {self.path}: {error}") from error
+        return dict(zip(names, values))
+
+    @staticmethod
+    def _run_with_iobinding(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], names: list[str]) -> list:
+        """CUDA: bind host inputs and host outputs, so ORT copies once each way and allocates no extra staging."""
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def close(self) -> None:
+        """Release the session; a later call creates it again."""
+        with self._lock:
+            self._session = None
+
+    def __enter__(self) -> "OnnxRuntimeEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeEngine({str(self.path)!r}, providers={[n for n, _ in self.providers]})"
+
+
+def _has_config(options: ort.SessionOptions, key: str) -> bool:
+    try:
+        options.get_session_config_entry(key)
+    except RuntimeError:
+        return False
+    return True

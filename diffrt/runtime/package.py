@@ -1,0 +1,275 @@
+"""Read and validate a model package folder (see docs/package-format.md).
+
+Our packages carry a `diffrt.json` manifest; Optimum's (and Diffusers' legacy ONNX) folders have the same layout
+without it, so everything the runtime needs is also found from `model_index.json` and the component folders.
+All files are checked when the package is opened, so a missing or corrupt file is a `PackageError` naming it
+before any engine is built.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from diffrt.errors import InputError, PackageError
+from diffrt.runtime.engines.base import TensorSpec, parse_dim_ranges
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "diffrt-package"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "diffrt.json"
+INDEX_NAME = "model_index.json"
+MODEL_FILE = "model.onnx"
+ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# Optimum's ORT pipelines and Diffusers' legacy ONNX pipelines read the same folders as the Diffusers class.
+CLASS_PREFIXES = ("ORT", "Onnx")
+
+
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """A JSON object from `path`; {} when absent and not `required`; corrupt JSON is a PackageError naming it."""
+    if not path.is_file():
+        if required:
+            raise PackageError(f"{path} is missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PackageError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise PackageError(f"{path} must hold a JSON object; got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """One ONNX component: its model file, its config.json, and its manifest entry (None in Optimum packages)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def dim_ranges(self) -> dict[str, tuple[int, int]]:
+        """Inclusive size range of each named dynamic dimension, from the manifest ({} without one)."""
+        return parse_dim_ranges((self.manifest or {}).get("dims"))
+
+    @property
+    def inputs(self) -> list[TensorSpec] | None:
+        return _specs(self.manifest, "inputs")
+
+    @property
+    def outputs(self) -> list[TensorSpec] | None:
+        return _specs(self.manifest, "outputs")
+
+
+def _specs(manifest: dict[str, Any] | None, key: str) -> list[TensorSpec] | None:
+    if not manifest or key not in manifest:
+        return None
+    return [TensorSpec.from_manifest(entry) for entry in manifest[key]]
+
+
+def strip_class_prefix(class_name: str) -> str:
+    """`ORTStableDiffusionPipeline` / `OnnxStableDiffusionPipeline` -> `StableDiffusionPipeline`."""
+    for prefix in CLASS_PREFIXES:
+        rest = class_name[len(prefix) :]
+        if class_name.startswith(prefix) and rest[:1].isupper():
+            return rest
+    return class_name
+
+
+def _listed(index: Mapping[str, Any], name: str) -> bool:
+    """model_index.json lists a component as [library, class]; [null, null] means the pipeline has none."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and any(part is not None for part in entry)
+
+
+class ModelPackage:
+    """A validated model package; open one with `ModelPackage.open(path)`."""
+
+    def __init__(
+        self,
+        root: Path,
+        index: dict[str, Any],
+        manifest: dict[str, Any] | None,
+        components: dict[str, ComponentInfo],
+        tokenizer_dirs: dict[str, Path],
+        scheduler_config: dict[str, Any] | None,
+    ) -> None:
+        self.root = root
+        self.index = index
+        self.manifest = manifest
+        self.components = components
+        self.tokenizer_dirs = tokenizer_dirs
+        self._scheduler_config = scheduler_config
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelPackage":
+        root = Path(path)
+        if not root.is_dir():
+            raise PackageError(f"model package folder {root} does not exist")
+        if not (root / INDEX_NAME).is_file():
+            raise PackageError(f"{root} is not a model package: it has no {INDEX_NAME}")
+        index = read_json(root / INDEX_NAME, required=True)
+        manifest = _read_manifest(root)
+        components = _find_components(root, index, manifest)
+        tokenizer_dirs = _find_tokenizers(root, index)
+        scheduler = None
+        if (root / SCHEDULER_CONFIG).is_file():
+            scheduler = read_json(root / SCHEDULER_CONFIG)
+        elif _listed(index, "scheduler"):
+            raise PackageError(f"{root / SCHEDULER_CONFIG} is missing (model_index.json lists a scheduler)")
+        package = cls(root, index, manifest, components, tokenizer_dirs, scheduler)
+        logger.debug("opened %r", package)
+        return package
+
+    # ----- what the package is -----
+    @property
+    def pipeline_class(self) -> str:
+        """The Diffusers pipeline class this package runs as (Optimum's `ORT` prefix stripped)."""
+        name = self.index.get("_class_name") or (self.manifest or {}).get("pipeline")
+        if not isinstance(name, str) or not name:
+            raise PackageError(f"{self.root / INDEX_NAME} has no `_class_name` (and no manifest names the pipeline)")
+        return strip_class_prefix(name)
+
+    @property
+    def format_version(self) -> int | None:
+        return None if self.manifest is None else int(self.manifest["format_version"])
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        if self._scheduler_config is None:
+            raise PackageError(f"{self.root / SCHEDULER_CONFIG} is missing")
+        return dict(self._scheduler_config)
+
+    @property
+    def vae_config(self) -> dict[str, Any]:
+        """The VAE's config (scaling_factor, block_out_channels, ...) from vae_decoder/ (or vae_encoder/)."""
+        return self._config_of(("vae_decoder", "vae_encoder", "vae"), "the VAE's scaling_factor")
+
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return self._config_of(("unet",), "the UNet's sample_size and conditioning")
+
+    def _config_of(self, folders: tuple[str, ...], why: str) -> dict[str, Any]:
+        for folder in folders:
+            path = self.root / folder / "config.json"
+            if path.is_file():
+                return read_json(path)
+        raise PackageError(f"{self.root / folders[0] / 'config.json'} is missing; the runtime needs it for {why}")
+
+    # ----- lookups -----
+    def has(self, name: str) -> bool:
+        """Whether the package has component, tokenizer or scheduler `name`."""
+        if name == "scheduler":
+            return self._scheduler_config is not None
+        return name in self.components or name in self.tokenizer_dirs
+
+    def component(self, name: str) -> ComponentInfo:
+        info = self.components.get(name)
+        if info is None:
+            raise PackageError(
+                f"package {self.root} has no `{name}` component; it has: {', '.join(self.components) or 'none'}"
+            )
+        return info
+
+    def tokenizer_dir(self, name: str = "tokenizer") -> Path:
+        folder = self.tokenizer_dirs.get(name)
+        if folder is None:
+            raise PackageError(
+                f"package {self.root} has no `{name}` folder; tokenizers: {', '.join(self.tokenizer_dirs) or 'none'}"
+            )
+        return folder
+
+    def require(self, *names: str) -> None:
+        """Raise PackageError naming every one of `names` (components, tokenizers, "scheduler") that is missing."""
+        missing = [name for name in names if not self.has(name)]
+        if missing:
+            have = [*self.components, *self.tokenizer_dirs] + (["scheduler"] if self.has("scheduler") else [])
+            raise PackageError(
+                f"package {self.root} ({self.index.get('_class_name', '?')}) lacks {', '.join(missing)}, "
+                f"which this pipeline needs; it has: {', '.join(have) or 'nothing'}"
+            )
+
+    def __repr__(self) -> str:
+        kind = "diffrt" if self.manifest is not None else "optimum"
+        return f"ModelPackage({str(self.root)!r}, {kind}, components={list(self.components)})"
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if manifest.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise PackageError(f"{path}: `format` must be {FORMAT_NAME!r}; got {manifest.get('format')!r}")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise PackageError(
+            f"{path}: `format_version` must be one of {list(SUPPORTED_FORMAT_VERSIONS)} (the package formats this "
+            f"diffrt reads); got {version!r}. A newer diffrt may read it."
+        )
+    if not isinstance(manifest.get("components", {}), dict):
+        raise PackageError(f"{path}: `components` must be an object of component entries")
+    return manifest
+
+
+def _manifest_component(root: Path, name: str, entry: Any) -> ComponentInfo:
+    where = f"{root / MANIFEST_NAME}: component `{name}`"
+    if not isinstance(entry, dict) or not isinstance(entry.get("file", f"{name}/{MODEL_FILE}"), str):
+        raise PackageError(f"{where} must be an object with a `file` path")
+    path = root / entry.get("file", f"{name}/{MODEL_FILE}")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise PackageError(f"{where}: `file` must stay inside the package; got {entry['file']!r}")
+    if not path.is_file():
+        raise PackageError(f"{where}: model file {path} is missing")
+    external = entry.get("external_data")
+    if external and not any((base / external).is_file() for base in (root, path.parent)):
+        raise PackageError(f"{where}: external data file {external} is missing")
+    try:
+        parse_dim_ranges(entry.get("dims"))
+        _specs(entry, "inputs")
+        _specs(entry, "outputs")
+    except (InputError, KeyError, TypeError) as error:
+        raise PackageError(f"{where} has an invalid `dims` / `inputs` / `outputs` entry: {error}") from error
+    return ComponentInfo(name, path, read_json(path.parent / "config.json"), entry)
+
+
+def _find_components(
+    root: Path, index: Mapping[str, Any], manifest: Mapping[str, Any] | None
+) -> dict[str, ComponentInfo]:
+    """Manifest components first; then every known component model_index.json lists or whose folder exists."""
+    entries = dict((manifest or {}).get("components", {}))
+    components = {name: _manifest_component(root, name, entry) for name, entry in entries.items()}
+    for name in ONNX_COMPONENTS:
+        if name in components:
+            continue
+        path = root / name / MODEL_FILE
+        if path.is_file():
+            components[name] = ComponentInfo(name, path, read_json(path.parent / "config.json"))
+        elif _listed(index, name):
+            what = "folder" if not path.parent.is_dir() else "model file"
+            raise PackageError(f"component `{name}` is listed in model_index.json but its {what} {path} is missing")
+    if _listed(index, "vae") and "vae_decoder" not in components:
+        raise PackageError(f"{root / 'vae_decoder' / MODEL_FILE} is missing (model_index.json lists a vae)")
+    return components
+
+
+def _find_tokenizers(root: Path, index: Mapping[str, Any]) -> dict[str, Path]:
+    folders: dict[str, Path] = {}
+    for name in TOKENIZERS:
+        folder = root / name
+        if folder.is_dir():
+            folders[name] = folder
+        elif _listed(index, name):
+            raise PackageError(f"tokenizer folder {folder} is missing (model_index.json lists `{name}`)")
+    return folders
