@@ -20,7 +20,13 @@ _REGISTRY: dict[str, str] = {
     "DDPMScheduler": "ddpm:DDPMScheduler",
     "LCMScheduler": "lcm:LCMScheduler",
     "DPMSolverMultistepScheduler": "dpm_solver:DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler": "unipc:UniPCMultistepScheduler",
     "LMSDiscreteScheduler": "lms:LMSDiscreteScheduler",
+    "PNDMScheduler": "pndm:PNDMScheduler",
+    "KDPM2DiscreteScheduler": "kdpm2:KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler": "kdpm2:KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler": "deis:DEISMultistepScheduler",
+    "TCDScheduler": "tcd:TCDScheduler",
 }
 
 # names exported besides the scheduler classes: name -> "module:attribute"
