@@ -20,6 +20,10 @@ _REGISTRY: dict[str, str] = {
     "DDPMScheduler": "ddpm:DDPMScheduler",
     "LCMScheduler": "lcm:LCMScheduler",
     "DPMSolverMultistepScheduler": "dpm_solver:DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler": "dpm_singlestep:DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler": "dpm_sde:DPMSolverSDEScheduler",
+    "DDIMInverseScheduler": "inverse:DDIMInverseScheduler",
+    "DPMSolverMultistepInverseScheduler": "inverse:DPMSolverMultistepInverseScheduler",
     "UniPCMultistepScheduler": "unipc:UniPCMultistepScheduler",
     "LMSDiscreteScheduler": "lms:LMSDiscreteScheduler",
     "PNDMScheduler": "pndm:PNDMScheduler",
@@ -27,12 +31,17 @@ _REGISTRY: dict[str, str] = {
     "KDPM2AncestralDiscreteScheduler": "kdpm2:KDPM2AncestralDiscreteScheduler",
     "DEISMultistepScheduler": "deis:DEISMultistepScheduler",
     "TCDScheduler": "tcd:TCDScheduler",
+    "EDMEulerScheduler": "edm:EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler": "edm:EDMDPMSolverMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler": "flow_match:FlowMatchEulerDiscreteScheduler",
 }
 
 # names exported besides the scheduler classes: name -> "module:attribute"
 _EXTRAS: dict[str, str] = {
     "AysSchedules": "ays:AysSchedules",
     "ays_schedule": "ays:ays_schedule",
+    "from_name": "names:from_name",
+    "sampler_names": "names:sampler_names",
 }
 
 
