@@ -174,13 +174,18 @@ def _torch_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 SIGMA_DERIVED_KEYS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 
+# Second-order k-diffusion samplers whose midpoint timesteps are sigma->t of interpolated sigmas.
+MIDPOINT_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")
+
+
 def default_tolerances(case: Case) -> tuple[float, float, float]:
     """(timestep_rtol, sigma_rtol, sigma_atol) for a case: exact timesteps unless they are computed from sigmas (sigma->t
     interpolation on log sigmas inherits torch's sqrt rounding, see ``assert_parity``); looser sigmas under
     zero-terminal-SNR rescaling, whose float32 arithmetic (sqrt, square, ratio) amplifies those ulps: the
     smallest sigma, sqrt(1 - a) with a within ulps of 1, moves by up to ~1e-5 absolute (0.1% relative)."""
     derived = (any(case.config.get(k) for k in SIGMA_DERIVED_KEYS) or "sigmas" in case.set_timesteps
-               or case.config.get("timestep_type") == "continuous")
+               or case.config.get("timestep_type") == "continuous"
+               or case.scheduler in MIDPOINT_SCHEDULERS)
     if case.config.get("rescale_betas_zero_snr"):
         return (1e-6 if derived else 0.0), 3e-5, 2e-5
     return (1e-6 if derived else 0.0), 1e-6, 1e-7

@@ -164,6 +164,9 @@ def test_heun_beta_sigmas_match_diffusers() -> None:
 
 
 # ----------------------------------------------------------------------- real published scheduler configs
+STATISTICAL_ONLY = {"DPMSolverSDEScheduler"}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.stem)
 def test_published_config_drives_every_compatible_class_like_diffusers(path: Path) -> None:
     config = json.loads(path.read_text())
@@ -174,6 +177,8 @@ def test_published_config_drives_every_compatible_class_like_diffusers(path: Pat
     for name in names:
         s = schedulers.get_scheduler_class(name).from_config(path)
         assert s.config["_class_name"] == name and s.config.beta_schedule == "scaled_linear"
+        if name in STATISTICAL_ONLY:
+            continue  # its noise cannot equal torchsde's Brownian tree draw for draw; see its own tests
         n = 4 if name == "LCMScheduler" else 10
         assert_parity(Case(name, {}, steps(n), seed=11), config=config)
 

@@ -46,7 +46,14 @@ class SchedulerOutput:
 
 
 class FrozenConfig(dict):
-    """Read-only config: a ``dict`` (so Diffusers' ``from_config`` accepts it) whose keys are also attributes."""
+    """Read-only config: a ``dict`` (so Diffusers' ``from_config`` accepts it) whose keys are also attributes.
+
+    ``defaulted`` names the keys that took their constructor default (Diffusers' ``_use_default_values``), kept
+    off the dict so configs compare and save cleanly, yet honoured when another class converts this config."""
+
+    def __init__(self, data: Any = (), defaulted: Iterable[str] = ()) -> None:
+        super().__init__(data)
+        object.__setattr__(self, "defaulted", tuple(defaulted))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -61,7 +68,7 @@ class FrozenConfig(dict):
     update = pop = popitem = setdefault = clear = __ior__ = _readonly  # type: ignore[assignment]
 
     def __reduce__(self) -> tuple:  # pickle rebuilds from a plain dict instead of item assignment
-        return (FrozenConfig, (dict(self),))
+        return (FrozenConfig, (dict(self), self.defaulted))
 
     def __copy__(self) -> FrozenConfig:
         return self
@@ -77,9 +84,12 @@ def register_config(init: Callable) -> Callable:
     @functools.wraps(init)
     def wrapper(self: SchedulerBase, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
+        given = set(bound.arguments) - {"self"}
         bound.apply_defaults()
         values = {k: v for k, v in bound.arguments.items() if k != "self"}
-        self._config = FrozenConfig({"_class_name": type(self).__name__, **values})
+        # Like Diffusers, remember which keys took their defaults: a compatible class converting this config
+        # later must not inherit them as if the user had set them.
+        self._config = FrozenConfig({"_class_name": type(self).__name__, **values}, sorted(set(values) - given))
         init(self, *args, **kwargs)
 
     return wrapper
@@ -92,10 +102,13 @@ def init_keys(cls: type) -> set[str]:
 
 def load_config(source: Any) -> dict[str, Any]:
     """A config as a plain dict from a mapping, a scheduler, a JSON file, or a folder holding one."""
-    if isinstance(source, Mapping):
-        return dict(source)
     if isinstance(getattr(source, "config", None), Mapping):
-        return dict(source.config)
+        source = source.config
+    if isinstance(source, Mapping):
+        data = dict(source)
+        if getattr(source, "defaulted", None) and "_use_default_values" not in data:
+            data["_use_default_values"] = list(source.defaulted)
+        return data
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         for candidate in (path, path / CONFIG_NAME, path / "scheduler" / CONFIG_NAME):
@@ -180,8 +193,10 @@ class SchedulerBase:
             logger.debug("%s ignores keys of other scheduler classes: %s", cls.__name__,
                          [k for k in unknown if k not in noisy])
         scheduler = cls(**kwargs)
-        if "_diffusers_version" in data:
-            scheduler._config = FrozenConfig({**scheduler._config, "_diffusers_version": data["_diffusers_version"]})
+        # Diffusers keeps every key the class did not consume ("hidden" keys, e.g. a PNDM config's clip_sample)
+        # so that converting on to a compatible class later (DDIM) still sees them.
+        hidden = {k: v for k, v in data.items() if k not in kwargs and k != "_class_name"}
+        scheduler._config = FrozenConfig({**scheduler._config, **hidden}, scheduler._config.defaulted)
         return scheduler
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
