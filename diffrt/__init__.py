@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "StableDiffusionXLPipeline": "diffrt.runtime",
     "StableDiffusionXLImg2ImgPipeline": "diffrt.runtime",
     "StableDiffusionXLInpaintPipeline": "diffrt.runtime",
+    "LatentConsistencyModelPipeline": "diffrt.runtime",
     "AutoPipelineForText2Image": "diffrt.runtime",
     "AutoPipelineForImage2Image": "diffrt.runtime",
     "AutoPipelineForInpainting": "diffrt.runtime",

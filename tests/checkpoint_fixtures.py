@@ -292,3 +292,21 @@ def tiny_checkpoint(checkpoints_root: Path) -> Callable[[str], Path]:
 @pytest.fixture(scope="session", params=sorted(BUILDERS))
 def any_tiny_checkpoint(request: pytest.FixtureRequest, tiny_checkpoint) -> tuple[str, Path]:
     return request.param, tiny_checkpoint(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_package("sdxl")` -> a model package exported (fp32, ONNX Runtime target) from the tiny checkpoint."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            from diffrt.export import export_pipeline
+
+            output = checkpoints_root / f"{kind}_package"
+            if not (output / "diffrt.json").exists():
+                export_pipeline(tiny_checkpoint(kind), output)
+            built[kind] = output
+        return built[kind]
+
+    return get

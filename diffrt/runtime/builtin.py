@@ -1,0 +1,21 @@
+"""Model packages that ship inside the diffrt wheel, addressed by a short name (e.g. `digits`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "models"
+
+
+def builtin_names() -> list[str]:
+    if not BUILTIN_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in BUILTIN_ROOT.iterdir() if (p / "model_index.json").is_file())
+
+
+def resolve_builtin(name_or_path: str | Path) -> str | Path:
+    """A built-in package's folder for its short name; anything else is returned unchanged."""
+    if isinstance(name_or_path, str) and "/" not in name_or_path and not Path(name_or_path).exists():
+        candidate = BUILTIN_ROOT / name_or_path
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return name_or_path

@@ -1,0 +1,55 @@
+"""`AutoPipelineFor*`: pick the pipeline class for a task from the package's model family, as Diffusers does."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from diffrt.runtime.hub import resolve_package
+from diffrt.runtime.package import ModelPackage
+from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider
+from diffrt.runtime.pipelines.registry import pipeline_class_for_task
+
+
+class _AutoPipeline:
+    task: str = ""
+
+    def __init__(self) -> None:
+        raise TypeError(f"{type(self).__name__} is created with `from_pretrained` or `from_pipe`")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        provider: str | Sequence[Any] = "cpu",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        scheduler: Any = None,
+        **engine_options: Any,
+    ) -> DiffusionPipeline:
+        check_provider(provider)
+        package = ModelPackage.open(resolve_package(pretrained_model_name_or_path, revision=revision, token=token))
+        target = pipeline_class_for_task(cls.task, package.pipeline_class)
+        return target(package, provider=provider, scheduler=scheduler, **engine_options)
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **overrides: Any) -> DiffusionPipeline:
+        """Reuse another pipeline's package, engines and scheduler for this task (no reload)."""
+        target = pipeline_class_for_task(cls.task, pipeline.package.pipeline_class)
+        options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, **pipeline.engine_options}
+        options.update(overrides)
+        new = target(pipeline.package, **options)
+        new._engines = pipeline._engines  # engines are thread-safe and shared
+        return new
+
+
+class AutoPipelineForText2Image(_AutoPipeline):
+    task = "text2image"
+
+
+class AutoPipelineForImage2Image(_AutoPipeline):
+    task = "image2image"
+
+
+class AutoPipelineForInpainting(_AutoPipeline):
+    task = "inpainting"

@@ -1,0 +1,65 @@
+"""Which diffrt pipeline class serves a package, by its Diffusers pipeline class name or by task."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from diffrt.errors import PackageError
+
+if TYPE_CHECKING:
+    from diffrt.runtime.pipelines.base import DiffusionPipeline
+
+_SD = "diffrt.runtime.pipelines.stable_diffusion"
+_SDXL = "diffrt.runtime.pipelines.stable_diffusion_xl"
+_INPAINT = "diffrt.runtime.pipelines.inpaint"
+
+# Diffusers class name -> "module:Class"
+PIPELINES: dict[str, str] = {
+    "StableDiffusionPipeline": f"{_SD}:StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": f"{_SD}:StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": f"{_INPAINT}:StableDiffusionInpaintPipeline",
+    "LatentConsistencyModelPipeline": f"{_SD}:LatentConsistencyModelPipeline",
+    "StableDiffusionXLPipeline": f"{_SDXL}:StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": f"{_SDXL}:StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline": f"{_INPAINT}:StableDiffusionXLInpaintPipeline",
+}
+
+# task -> family -> Diffusers class name (what AutoPipelineFor* pick)
+TASKS: dict[str, dict[str, str]] = {
+    "text2image": {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                   "lcm": "LatentConsistencyModelPipeline"},
+    "image2image": {"sd": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline",
+                    "lcm": "StableDiffusionImg2ImgPipeline"},
+    "inpainting": {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"},
+}
+
+
+def normalize_class_name(name: str) -> str:
+    """Optimum writes `ORTStableDiffusionPipeline`-style names; the model is the same."""
+    return name[3:] if name.startswith("ORT") else name
+
+
+def family_of(class_name: str) -> str:
+    name = normalize_class_name(class_name)
+    if "XL" in name:
+        return "sdxl"
+    if name.startswith("LatentConsistency"):
+        return "lcm"
+    return "sd"
+
+
+def pipeline_class_for(class_name: str) -> type["DiffusionPipeline"]:
+    name = normalize_class_name(class_name)
+    target = PIPELINES.get(name)
+    if target is None:
+        raise PackageError(f"pipeline class {class_name!r} is not supported; supported: {', '.join(sorted(PIPELINES))}")
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def pipeline_class_for_task(task: str, class_name: str) -> type["DiffusionPipeline"]:
+    family = family_of(class_name)
+    name = TASKS[task].get(family)
+    if name is None:
+        raise PackageError(f"no {task} pipeline for a {normalize_class_name(class_name)} package")
+    return pipeline_class_for(name)

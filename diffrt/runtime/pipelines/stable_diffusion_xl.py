@@ -1,0 +1,295 @@
+"""Stable Diffusion XL pipelines: base text-to-image and image-to-image (the refiner)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from diffrt.runtime.pipelines import checks
+from diffrt.runtime.pipelines.base import DenoiseState, PipelineOutput, randn_tensor, to_generator
+from diffrt.runtime.pipelines.prompts import (
+    SdxlEmbeddings,
+    as_prompt_list,
+    encode_sdxl,
+    negative_list,
+    repeat_per_prompt,
+)
+from diffrt.runtime.pipelines.stable_diffusion import (
+    _StableDiffusionBase,
+    image_or_latents,
+    requested_steps,
+    strength_timesteps,
+    tile_batch,
+)
+
+
+def denoising_fraction(value: Any) -> float | None:
+    """Diffusers only honours denoising_start/end when they are floats strictly inside (0, 1)."""
+    return value if isinstance(value, float) and 0.0 < value < 1.0 else None
+
+
+def cut_denoising_end(timesteps: np.ndarray, denoising_end: float | None, num_train_timesteps: int) -> np.ndarray:
+    if denoising_end is None:
+        return timesteps
+    cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
+    return timesteps[: int(np.sum(timesteps >= cutoff))]
+
+
+class _StableDiffusionXLBase(_StableDiffusionBase):
+    required_components = ("text_encoder_2", "unet", "vae_decoder")
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
+
+    @property
+    def _force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.package.index.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def _requires_aesthetics_score(self) -> bool:
+        return bool(self.package.index.get("requires_aesthetics_score", False))
+
+    def _encoders(self) -> list:
+        encoders = []
+        if self.has_component("text_encoder"):
+            encoders.append(self.text_encoder("text_encoder", "tokenizer"))
+        encoders.append(self.text_encoder("text_encoder_2", "tokenizer_2"))
+        return encoders
+
+    def _encode_xl(self, prompts: list[str] | None, batch_size: int, kw: dict[str, Any], do_cfg: bool) -> SdxlEmbeddings:
+        given = SdxlEmbeddings(
+            checks.check_embeds("prompt_embeds", kw["prompt_embeds"]),
+            checks.check_embeds("pooled_prompt_embeds", kw["pooled_prompt_embeds"]),
+            checks.check_embeds("negative_prompt_embeds", kw["negative_prompt_embeds"], batch_size),
+            checks.check_embeds("negative_pooled_prompt_embeds", kw["negative_pooled_prompt_embeds"], batch_size),
+        )
+        if given.prompt_embeds is not None and given.pooled is None:
+            raise checks.InputError("`pooled_prompt_embeds` is required together with `prompt_embeds`")
+        need_negative = do_cfg and given.negative_prompt_embeds is None
+        zero_negative = need_negative and kw["negative_prompt"] is None and self._force_zeros_for_empty_prompt
+        if given.prompt_embeds is not None and not (need_negative and not zero_negative):
+            result = given
+            if zero_negative:
+                result.negative_prompt_embeds = np.zeros_like(given.prompt_embeds)
+                result.negative_pooled = np.zeros_like(given.pooled)
+            return result
+        encoders = self._encoders()
+        prompts_2 = as_prompt_list(kw["prompt_2"], "prompt_2") or prompts
+        per_encoder = [prompts, prompts_2][-len(encoders):]
+        negatives = None
+        if need_negative and not zero_negative:
+            negative = negative_list(kw["negative_prompt"], batch_size, "negative_prompt")
+            negative_2 = negative_list(kw["negative_prompt_2"] or kw["negative_prompt"], batch_size, "negative_prompt_2")
+            negatives = [negative, negative_2][-len(encoders):]
+        if given.prompt_embeds is None:
+            result = encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
+        else:  # user embeds with an explicit negative prompt to encode
+            result = encode_sdxl(encoders, per_encoder, negatives, None, False)
+            result.prompt_embeds, result.pooled = given.prompt_embeds, given.pooled
+        return result
+
+    def _time_ids(self, kw: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        original = tuple(kw.get("original_size") or (height, width))
+        target = tuple(kw.get("target_size") or (height, width))
+        crops = tuple(kw.get("crops_coords_top_left", (0, 0)))
+        neg_original = tuple(kw.get("negative_original_size") or original)
+        neg_target = tuple(kw.get("negative_target_size") or target)
+        if self._requires_aesthetics_score:
+            neg_crops = tuple(kw.get("negative_crops_coords_top_left", (0, 0)))
+            ids = original + crops + (kw.get("aesthetic_score", 6.0),)
+            neg = neg_original + neg_crops + (kw.get("negative_aesthetic_score", 2.5),)
+        else:
+            ids = original + crops + target
+            # Diffusers uses the positive crop coordinates for the negative ids here; we match it.
+            neg = neg_original + crops + neg_target
+        return np.asarray([ids], np.float32), np.asarray([neg], np.float32)
+
+    def _conditioning(
+        self, emb: SdxlEmbeddings, time_ids: tuple[np.ndarray, np.ndarray], n: int, batch: int, do_cfg: bool
+    ) -> dict[str, np.ndarray]:
+        embeds = repeat_per_prompt(emb.prompt_embeds, n)
+        pooled = repeat_per_prompt(emb.pooled, n)
+        ids, neg_ids = time_ids
+        if do_cfg:
+            embeds = np.concatenate([repeat_per_prompt(emb.negative_prompt_embeds, n), embeds])
+            pooled = np.concatenate([repeat_per_prompt(emb.negative_pooled, n), pooled])
+            ids = np.concatenate([neg_ids, ids])
+        ids = np.tile(ids, (batch, 1))
+        return {"encoder_hidden_states": embeds.astype(np.float32), "text_embeds": pooled.astype(np.float32),
+                "time_ids": ids}
+
+    def _prepare(self, prompt: Any, kw: dict[str, Any], height: int, width: int) -> tuple[Any, ...]:
+        self._check_common(height, width, kw)
+        prompts, batch_size = self._batch_size(prompt, kw["prompt_embeds"])
+        batch = batch_size * kw["num_images_per_prompt"]
+        checks.check_generator_count(kw["generator"], batch)
+        do_cfg = kw["guidance_scale"] > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
+        return prompts, batch_size, batch, do_cfg
+
+
+class StableDiffusionXLPipeline(_StableDiffusionXLBase):
+    """SDXL text-to-image with Diffusers' arguments (prompt_2, size/crop conditioning, denoising_end)."""
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: Sequence[int] | None = None,
+        sigmas: Sequence[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Any = None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> PipelineOutput:
+        timings: dict[str, float] = {}
+        kw = dict(locals())
+        # 1. Check inputs.
+        height = height or self.default_size()
+        width = width or self.default_size()
+        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width)
+        shape = (batch, self.unet_config.get("out_channels", 4), height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        checks.check_latents(latents, shape)
+        generator = to_generator(generator)
+        # 2. Encode prompts (both encoders) and the size conditioning.
+        with self._stage(timings, "text_encoder"):
+            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
+        feeds = self._conditioning(emb, self._time_ids(kw, height, width), num_images_per_prompt, batch, do_cfg)
+        # 3. Timesteps, optionally cut at denoising_end (the base half of a base + refiner ensemble).
+        scheduler = self.fresh_scheduler()
+        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
+        # 4. Initial latents.
+        latents = self.prepare_latents(shape, generator, latents, scheduler)
+        # 5. Denoise.
+        feeds.update(self._timestep_cond(guidance_scale, batch))
+        state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
+                             self.step_kwargs(scheduler, generator, eta))
+        latents, _ = self.denoise(scheduler, latents, steps, state, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs, timings)
+        # 6. Decode.
+        return self._finish(latents, output_type, return_dict, timings)
+
+
+class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
+    """SDXL image-to-image and the refiner (aesthetic-score conditioning, denoising_start)."""
+
+    required_components = ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        timesteps: Sequence[int] | None = None,
+        sigmas: Sequence[float] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Any = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> PipelineOutput:
+        timings: dict[str, float] = {}
+        kw = dict(locals(), latents=None)
+        # 1. Check inputs.
+        checks.check_range("strength", strength, 0.0, 1.0)
+        if image is None:
+            raise checks.InputError("`image` is required for image-to-image")
+        pixels = image_or_latents(image)
+        scale = self.vae_scale_factor if pixels.shape[1] == 4 else 1
+        height, width = pixels.shape[-2] * scale, pixels.shape[-1] * scale
+        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width)
+        generator = to_generator(generator)
+        # 2. Encode prompts.
+        with self._stage(timings, "text_encoder"):
+            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
+        # 3. Timesteps: from denoising_start (refiner half of an ensemble) or cut to `strength`.
+        scheduler = self.fresh_scheduler()
+        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        start = denoising_fraction(denoising_start)
+        if start is None:
+            custom = timesteps is not None or sigmas is not None
+            steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
+        else:
+            steps = _start_at(scheduler, steps, start)
+        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
+        if len(steps) == 0:
+            raise checks.InputError(f"`strength`={strength} leaves no denoising step; raise it or the step count")
+        # 4. Latents: encode the image, noise it unless it continues a base model's partial denoise.
+        with self._stage(timings, "vae_encode"):
+            latents = self._image_latents(pixels, batch, generator)
+        if start is None:
+            latents = scheduler.add_noise(latents, randn_tensor(latents.shape, generator), np.repeat(steps[:1], batch))
+        feeds = self._conditioning(emb, self._time_ids(kw, height, width), num_images_per_prompt, batch, do_cfg)
+        feeds.update(self._timestep_cond(guidance_scale, batch))
+        # 5. Denoise.
+        state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
+                             self.step_kwargs(scheduler, generator, eta))
+        latents, _ = self.denoise(scheduler, latents.astype(np.float32), steps, state, callback_on_step_end,
+                                  callback_on_step_end_tensor_inputs, timings)
+        # 6. Decode.
+        return self._finish(latents, output_type, return_dict, timings)
+
+    def _image_latents(self, pixels: np.ndarray, batch: int, generator: Any) -> np.ndarray:
+        if pixels.shape[1] == 4:
+            return tile_batch(pixels, batch, "image")
+        if isinstance(generator, list) and pixels.shape[0] < batch:
+            pixels = tile_batch(pixels, batch, "image")
+        return tile_batch(self.scale_latents(self.encode_image(pixels, generator)), batch, "image")
+
+
+def _start_at(scheduler: Any, timesteps: np.ndarray, denoising_start: float) -> np.ndarray:
+    """Diffusers' `get_timesteps` with denoising_start: continue where the base model stopped."""
+    train = scheduler.config.num_train_timesteps
+    cutoff = int(round(train - (denoising_start * train)))
+    num_steps = int(np.sum(timesteps < cutoff))
+    if scheduler.order == 2 and num_steps % 2 == 0:
+        # A second-order scheduler's step pairs must not be split: start one earlier (Diffusers' rule).
+        num_steps += 1
+    t_start = len(timesteps) - num_steps
+    scheduler.set_begin_index(t_start)
+    return timesteps[t_start:]
