@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, default=None, help="input image: image-to-image (or inpainting)")
     parser.add_argument("--strength", type=float, default=None)
     parser.add_argument("--mask", type=Path, default=None, help="mask image: inpainting (white = repaint)")
-    parser.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt (ONNX Runtime providers)")
+    parser.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto")
     parser.add_argument("-o", "--output", type=Path, default=Path("image.png"))
 
 

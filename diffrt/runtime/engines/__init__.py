@@ -1,13 +1,17 @@
 """Inference engines behind one protocol; `create_engine` builds one for a package component.
 
-`onnxruntime` is imported only when an ONNX Runtime engine is built or a provider checked, so code that needs only
-the protocol (a TensorRT deployment) never loads it.
+`onnxruntime` and `openvino` are imported only when such an engine is built or its provider checked, so code that
+needs only the protocol (a TensorRT deployment) never loads them.
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffrt.errors import ConfigError
 from diffrt.runtime.engines.base import (
     Engine,
     TensorSpec,
@@ -19,11 +23,16 @@ from diffrt.runtime.engines.base import (
 
 if TYPE_CHECKING:
     from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
+    "OpenVINOEngine",
     "TensorSpec",
+    "auto_provider",
     "adapt_feeds",
     "check_provider",
     "create_engine",
@@ -36,21 +45,86 @@ __all__ = [
 def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engine:
     """An engine for `component`: a `ComponentInfo` (its manifest's dimension ranges apply) or a model path.
 
-    `options` go to `OnnxRuntimeEngine` (threads, graph_optimization_level, optimized_model_cache, ...).
+    `provider` "openvino" builds an `OpenVINOEngine` (options: inference_precision, threads, optimized_model_cache,
+    static_shapes, ...); "auto" the fastest engine installed here (`auto_provider`); anything else an
+    `OnnxRuntimeEngine` (options: threads, graph_optimization_level, optimized_model_cache, ...).
     """
-    from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+    if _named(provider, "auto"):
+        provider = auto_provider()
+        options = _auto_options(provider, options)
+    path = component if isinstance(component, (str, Path)) else component.path
+    if _named(provider, "openvino"):
+        from diffrt.runtime.engines.openvino import OpenVINOEngine
 
-    if isinstance(component, (str, Path)):
-        return OnnxRuntimeEngine(component, provider=provider, **options)
-    options.setdefault("dim_ranges", getattr(component, "dim_ranges", None))
-    return OnnxRuntimeEngine(component.path, provider=provider, **options)
+        if not isinstance(component, (str, Path)):
+            options.setdefault("input_specs", component.inputs)
+            options.setdefault("output_specs", component.outputs)
+        engine_class, fixed = OpenVINOEngine, {}
+    else:
+        from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+        engine_class, fixed = OnnxRuntimeEngine, {"provider": provider}
+    if not isinstance(component, (str, Path)):
+        options.setdefault("dim_ranges", getattr(component, "dim_ranges", None))
+    _check_options(engine_class, provider, options)
+    return engine_class(path, **fixed, **options)
+
+
+def auto_provider() -> str:
+    """`provider="auto"`: "openvino" where installed (faster than ONNX Runtime on CPUs, issue #8), else "cpu"."""
+    from diffrt.runtime.engines.openvino import openvino_available
+
+    if openvino_available():
+        choice = "openvino"
+    elif importlib.util.find_spec("onnxruntime") is not None:
+        choice = "cpu"
+    else:
+        raise ConfigError(
+            "`provider` 'auto' found no engine: install `diffrt[openvino]` or `diffrt[cpu]` (ONNX Runtime)"
+        )
+    logger.info("provider 'auto' chose %s", "OpenVINO" if choice == "openvino" else "ONNX Runtime CPU")
+    return choice
+
+
+def _auto_options(provider: str, options: dict[str, Any]) -> dict[str, Any]:
+    """OpenVINO: bf16 where the CPU has it, and per-shape compiled models (faster than dynamic shapes; a pipeline's
+    sizes are fixed per call). ONNX Runtime's CPU provider is fp32, so inference_precision fp32 / auto are no-ops."""
+    options = dict(options)
+    if provider == "openvino":
+        options.setdefault("inference_precision", "auto")
+        options.setdefault("static_shapes", True)
+    elif options.get("inference_precision") in ("fp32", "auto"):
+        del options["inference_precision"]
+    return options
+
+
+def _named(provider: Any, name: str) -> bool:
+    return isinstance(provider, str) and provider.lower() == name
+
+
+def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -> None:
+    """An option the chosen engine does not take is a `ConfigError` naming it, not a TypeError from deep inside."""
+    accepted = [n for n in inspect.signature(engine_class.__init__).parameters if n not in ("self", "path", "provider")]
+    unknown = [name for name in options if name not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"`{unknown[0]}` is not an option of provider {provider!r} ({engine_class.__name__}); "
+            f"its options are: {', '.join(accepted)}"
+        )
 
 
 def check_provider(provider: Any) -> None:
-    """Raise `EngineError` naming `provider` when it cannot run here (before any engine is built)."""
-    from diffrt.runtime.engines.onnxruntime import check_provider as _check
+    """Raise a `DiffrtError` naming `provider` when it cannot run here (before any engine is built)."""
+    if _named(provider, "auto"):
+        auto_provider()
+    elif _named(provider, "openvino"):
+        from diffrt.runtime.engines.openvino import import_openvino
 
-    _check(provider)
+        import_openvino()
+    else:
+        from diffrt.runtime.engines.onnxruntime import check_provider as _check
+
+        _check(provider)
 
 
 def __getattr__(name: str) -> Any:
@@ -58,4 +132,8 @@ def __getattr__(name: str) -> Any:
         from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine
+    if name == "OpenVINOEngine":
+        from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+        return OpenVINOEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,307 @@
+"""OpenVINO engine and `provider="auto"`: real OpenVINO compilations, checked against ONNX Runtime fp32.
+
+Oracle: ONNX Runtime's CPU provider on the same ONNX files (itself checked against torch / Diffusers elsewhere).
+Tolerances: fp32 outputs within 1e-4 (absolute and relative) of ONNX Runtime; bf16 images >= 30 dB PSNR against
+the fp32 image. The tiny sd15 package is the shared session fixture; small graphs are built here.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffrt.errors import ConfigError, EngineError, InputError
+from diffrt.runtime.engines import TensorSpec, check_provider, create_engine
+from diffrt.runtime.engines.openvino import bf16_support, openvino_available
+from diffrt.runtime.package import ModelPackage
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+needs_openvino = pytest.mark.skipif(
+    not openvino_available(), reason="openvino is not installed (pip install 'diffrt[openvino]')"
+)
+FP32_TOL = 1e-4
+MIN_BF16_PSNR_DB = 30.0
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+HIDDEN = 16
+PIPE_ARGS = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64, output_type="np")
+
+
+def _bf16_here() -> bool:
+    return openvino_available() and bf16_support()[0]
+
+
+def build_model(path: Path) -> Path:
+    """out = relu(x @ W) with x [batch, n, 16] float32: compiles in milliseconds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["out"])],
+        "matmul_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", HIDDEN])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "n", HIDDEN])],
+        [numpy_helper.from_array(weight(), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def weight() -> np.ndarray:
+    return ((np.arange(HIDDEN * HIDDEN, dtype=np.float32).reshape(HIDDEN, HIDDEN) % 5) - 2) / 4
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ weight(), 0)
+
+
+def component_feeds(name: str, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if name == "text_encoder":
+        return {"input_ids": rng.integers(0, 300, (batch, 77)).astype(np.int32)}
+    if name == "unet":
+        return {
+            "sample": rng.standard_normal((batch, 4, 8, 8), dtype=np.float32),
+            "timestep": np.full((batch,), 500 + seed, np.float32),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
+        }
+    if name == "vae_decoder":
+        return {"latent_sample": rng.standard_normal((batch, 4, 8, 8), dtype=np.float32)}
+    return {"sample": rng.uniform(-1, 1, (batch, 3, 64, 64)).astype(np.float32)}
+
+
+def psnr_db(image: np.ndarray, reference_image: np.ndarray) -> float:
+    mse = float(np.mean((image.astype(np.float64) - reference_image.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)  # images in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def package(tiny_package) -> ModelPackage:
+    return ModelPackage.open(tiny_package("sd15"))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("openvino") / "small" / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def ort_image(package: ModelPackage) -> np.ndarray:
+    from diffrt.runtime import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(package.root, provider="cpu")
+    return pipe(generator=0, **PIPE_ARGS).images
+
+
+# ----- parity with ONNX Runtime -----
+@needs_openvino
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_fp32_components_match_onnxruntime(package: ModelPackage, name: str, static_shapes: bool) -> None:
+    component = package.component(name)
+    feeds = component_feeds(name)
+    expected = create_engine(component, "cpu").run(feeds)
+    got = create_engine(component, "openvino", static_shapes=static_shapes).run(feeds)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, atol=FP32_TOL, rtol=FP32_TOL, err_msg=f"{name}.{key}")
+
+
+@needs_openvino
+def test_engine_specs_are_the_manifest_specs(package: ModelPackage) -> None:
+    component = package.component("unet")
+    engine = create_engine(component, "openvino")
+    # OpenVINO drops the ONNX dim names; the engine takes them from the manifest so named dims are checked together
+    assert engine.inputs == component.inputs
+    assert engine.outputs == component.outputs
+
+
+@needs_openvino
+def test_fp32_pipeline_image_matches_onnxruntime(package: ModelPackage, ort_image: np.ndarray) -> None:
+    from diffrt.runtime import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(package.root, provider="openvino")
+    image = pipe(generator=0, **PIPE_ARGS).images
+    assert image.shape == ort_image.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(image, ort_image, atol=FP32_TOL, rtol=0)
+
+
+@needs_openvino
+@pytest.mark.skipif(not _bf16_here(), reason="this CPU has no avx512_bf16 / AMX, so OpenVINO cannot run bf16 here")
+def test_bf16_pipeline_image_is_within_30_db_of_fp32(package: ModelPackage, ort_image: np.ndarray,
+                                                     record_property) -> None:
+    from diffrt.runtime import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(package.root, provider="openvino", inference_precision="bf16")
+    image = pipe(generator=0, **PIPE_ARGS).images
+    db = psnr_db(image, ort_image)
+    record_property("bf16_psnr_db", db)
+    logging.getLogger(__name__).warning("bf16 image PSNR vs fp32: %.1f dB", db)
+    assert db >= MIN_BF16_PSNR_DB
+
+
+# ----- provider="auto" -----
+@needs_openvino
+def test_auto_picks_openvino_with_the_cpus_precision_and_static_shapes(package: ModelPackage) -> None:
+    engine = create_engine(package.component("unet"), "auto")
+    assert type(engine).__name__ == "OpenVINOEngine"
+    assert engine.inference_precision == ("bf16" if bf16_support()[0] else "fp32")
+    assert engine.static_shapes
+    check_provider("auto")
+
+
+def test_auto_falls_back_to_onnxruntime_without_openvino(small_model: Path) -> None:
+    # A child process where `import openvino` fails, as on a machine without the extra.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["openvino"] = None
+        import numpy as np
+        from diffrt.runtime.engines import create_engine, check_provider
+        engine = create_engine({str(small_model)!r}, "auto", inference_precision="auto")
+        print(type(engine).__name__)
+        print(engine.run({{"x": np.ones((1, 2, {HIDDEN}), np.float32)}})["out"].shape)
+        try:
+            check_provider("openvino")
+        except ValueError as error:
+            print(type(error).__name__, error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "OnnxRuntimeEngine"
+    assert lines[1] == f"(1, 2, {HIDDEN})"
+    assert lines[2].startswith("ConfigError `provider` 'openvino' needs the openvino package")
+    assert "pip install 'diffrt[openvino]'" in lines[2]
+
+
+# ----- static shapes -----
+@needs_openvino
+def test_static_shapes_compile_once_per_shape_and_keep_the_most_recent(small_model: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    engine = OpenVINOEngine(small_model, static_shapes=True, static_cache_size=2, threads=1)
+    rng = np.random.default_rng(0)
+    shapes = [(1, 3), (1, 3), (2, 5), (1, 3), (4, 1), (2, 5), (1, 3)]
+    # (1,3) new; hit; (2,5) new; hit; (4,1) new, drops (2,5); (2,5) new, drops (1,3); (1,3) new
+    expected_compilations = [1, 1, 2, 2, 3, 4, 5]
+    for shape, count in zip(shapes, expected_compilations):
+        x = rng.standard_normal((*shape, HIDDEN), dtype=np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["out"], reference(x), rtol=1e-5, atol=1e-5)
+        assert engine.compilations == count, f"after shape {shape}"
+
+
+@needs_openvino
+def test_dynamic_shapes_compile_once_for_all_shapes(small_model: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    engine = OpenVINOEngine(small_model, threads=1)
+    for batch, n in [(1, 3), (2, 5), (4, 1)]:
+        x = np.full((batch, n, HIDDEN), 0.5, np.float32)
+        np.testing.assert_allclose(engine.run({"x": x})["out"], reference(x), rtol=1e-5, atol=1e-5)
+    assert engine.compilations == 1
+
+
+@needs_openvino
+def test_compiled_models_are_cached_on_disk(small_model: Path, tmp_path: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    x = np.linspace(-1, 1, 3 * HIDDEN, dtype=np.float32).reshape(1, 3, HIDDEN)
+    first = OpenVINOEngine(small_model, optimized_model_cache=tmp_path / "cache").run({"x": x})["out"]
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached, "OpenVINO wrote nothing into CACHE_DIR"
+    second = OpenVINOEngine(small_model, optimized_model_cache=tmp_path / "cache").run({"x": x})["out"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached  # reused, not compiled anew
+    np.testing.assert_array_equal(first, second)
+
+
+# ----- threads -----
+@needs_openvino
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["dynamic", "static"])
+def test_four_threads_give_the_sequential_results(package: ModelPackage, static_shapes: bool) -> None:
+    engine = create_engine(package.component("unet"), "openvino", static_shapes=static_shapes)
+    feeds = [component_feeds("unet", seed=seed, batch=1 + seed % 2) for seed in range(12)]
+    sequential = [engine.run(f)["out_sample"] for f in feeds]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda f: engine.run(f)["out_sample"], feeds))
+    for seq, con in zip(sequential, concurrent):
+        np.testing.assert_array_equal(con, seq)
+
+
+# ----- errors -----
+@needs_openvino
+def test_unknown_precision_is_a_value_error_naming_the_option(small_model: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    with pytest.raises(ConfigError, match=r"`inference_precision` must be one of 'fp32', 'bf16', 'auto'; got 'fp16'"):
+        OpenVINOEngine(small_model, inference_precision="fp16")
+    assert issubclass(ConfigError, ValueError)
+
+
+@needs_openvino
+@pytest.mark.skipif(_bf16_here(), reason="this CPU supports bf16, so asking for it is no error")
+def test_bf16_on_a_cpu_without_it_is_a_clear_error(small_model: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    with pytest.raises(ConfigError, match=r"`inference_precision` 'bf16' needs a CPU with avx512_bf16 or amx_bf16"):
+        OpenVINOEngine(small_model, inference_precision="bf16")
+    # The pipeline layer hands the option to every engine; the first engine built reports it.
+    with pytest.raises(ValueError, match="inference_precision"):
+        create_engine(small_model, "openvino", inference_precision="bf16")
+
+
+@needs_openvino
+def test_options_of_another_engine_are_rejected_by_name(small_model: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`graph_optimization_level` is not an option of provider 'openvino'"):
+        create_engine(small_model, "openvino", graph_optimization_level="all")
+    with pytest.raises(ConfigError, match=r"`static_shapes` is not an option of provider 'cpu'"):
+        create_engine(small_model, "cpu", static_shapes=True)
+
+
+@needs_openvino
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"threads": 0}, r"`threads` must be None or an integer >= 1; got 0"),
+        ({"static_shapes": "yes"}, r"`static_shapes` must be True or False; got 'yes'"),
+        ({"static_cache_size": 0}, r"`static_cache_size` must be an integer >= 1; got 0"),
+    ],
+)
+def test_bad_engine_options_are_value_errors(small_model: Path, options: dict, pattern: str) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    with pytest.raises(ValueError, match=pattern):
+        OpenVINOEngine(small_model, **options)
+
+
+@needs_openvino
+def test_a_manifest_that_disagrees_with_the_model_is_an_engine_error(small_model: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    wrong = [TensorSpec("x", np.float16, ("batch", "n", HIDDEN))]
+    with pytest.raises(EngineError, match=r"the manifest declares `x` as float16 \[batch, n, 16\] but the model has "
+                                          r"float32 \[\?, \?, 16\]"):
+        _ = OpenVINOEngine(small_model, input_specs=wrong).inputs
+    renamed = [TensorSpec("y", np.float32, ("batch", "n", HIDDEN))]
+    with pytest.raises(EngineError, match=r"the manifest's inputs \['y'\] differ from the model's \['x'\]"):
+        _ = OpenVINOEngine(small_model, input_specs=renamed).inputs
+
+
+@needs_openvino
+def test_feeds_are_checked_against_the_manifest_before_running(package: ModelPackage) -> None:
+    engine = create_engine(package.component("unet"), "openvino", static_shapes=True)
+    feeds = component_feeds("unet")
+    short = dict(feeds, encoder_hidden_states=feeds["encoder_hidden_states"][:, :10])
+    with pytest.raises(InputError, match=r"`encoder_hidden_states` dimension 1 \('sequence'\) must be in \[77, 308\]"):
+        engine.run(short)
+    with pytest.raises(InputError, match=r"`timestep` dimension 0 \('batch'\) must equal 2 as in `sample`"):
+        engine.run(dict(feeds, timestep=feeds["timestep"][:1]))
+    assert engine.compilations == 0  # rejected before any compilation
