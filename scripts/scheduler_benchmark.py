@@ -33,7 +33,8 @@ def time_loop(scheduler: Any, latent: Any, model_output: Any, generator: Callabl
         kwargs = {"generator": generator()} if generator and _takes_generator(scheduler) else {}
         sample = to_array(latent)
         for t in scheduler.timesteps:
-            scheduler.scale_model_input(sample, t)
+            if hasattr(scheduler, "scale_model_input"):  # Diffusers' flow-matching class has none
+                scheduler.scale_model_input(sample, t)
             start = time.perf_counter()
             sample = scheduler.step(model_output, t, sample, **kwargs).prev_sample
             times.append(time.perf_counter() - start)
