@@ -199,6 +199,10 @@ class SchedulerBase:
         scheduler._config = FrozenConfig({**scheduler._config, **hidden}, scheduler._config.defaulted)
         return scheduler
 
+    def _update_config(self, **changes: Any) -> None:
+        """Rewrite config values at construction (deprecated aliases mapped to their current names)."""
+        self._config = FrozenConfig({**self._config, **changes}, self._config.defaulted)
+
     def save_config(self, save_directory: str | os.PathLike) -> Path:
         """Write ``scheduler_config.json`` into ``save_directory`` atomically; returns the file path."""
         folder = Path(save_directory)

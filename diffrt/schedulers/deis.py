@@ -15,7 +15,6 @@ from ..errors import ConfigError, invalid
 from .base import (
     BETA_SCHEDULES,
     TIMESTEP_SPACINGS,
-    FrozenConfig,
     SchedulerBase,
     SchedulerOutput,
     alphas_cumprod_from_config,
@@ -130,7 +129,7 @@ class DEISMultistepScheduler(SchedulerBase):
         if solver_type in _SOLVER_ALIASES:
             changes["solver_type"] = _SOLVER_ALIASES[solver_type]
         if changes:
-            self._config = FrozenConfig({**self._config, **changes})
+            self._update_config(**changes)
 
     def _check_config(self) -> None:
         cfg = self.config

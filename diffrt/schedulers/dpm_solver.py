@@ -17,7 +17,6 @@ import numpy as np
 from ..errors import ConfigError, invalid
 from .base import (
     TIMESTEP_SPACINGS,
-    FrozenConfig,
     SchedulerBase,
     SchedulerOutput,
     alphas_cumprod_from_config,
@@ -290,7 +289,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         if solver_type in _SOLVER_ALIASES:
             changes["solver_type"] = _SOLVER_ALIASES[solver_type]
         if changes:
-            self._config = FrozenConfig({**self._config, **changes})
+            self._update_config(**changes)
 
     def _check_config(self) -> None:
         cfg = self.config

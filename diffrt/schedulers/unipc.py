@@ -24,7 +24,6 @@ import numpy as np
 from ..errors import ConfigError, InputError, invalid
 from .base import (
     TIMESTEP_SPACINGS,
-    FrozenConfig,
     SchedulerBase,
     SchedulerOutput,
     alphas_cumprod_from_config,
@@ -199,7 +198,7 @@ class UniPCMultistepScheduler(SchedulerBase):
     ) -> None:
         self._check_config()
         if solver_type in LEGACY_SOLVER_TYPES:
-            self._config = FrozenConfig({**self._config, "solver_type": "bh2"})
+            self._update_config(solver_type="bh2")
         self._disabled = frozenset(int(i) for i in disable_corrector)
         self._init_tables()
         # before set_timesteps: every training step, descending, each with its own sigma (Diffusers pairs the
