@@ -68,10 +68,11 @@ def _ays(pipe: Any, steps: int | None) -> dict[str, Any]:
     from diffrt.schedulers import ays_schedule
 
     family = "StableDiffusionXL" if family_of(pipe.package.pipeline_class) == "sdxl" else "StableDiffusion"
-    uses_sigmas = hasattr(pipe.scheduler, "sigmas") and "Euler" in type(pipe.scheduler).__name__
-    kind = "Sigmas" if uses_sigmas else "Timesteps"
-    schedule = ays_schedule(f"{family}{kind}", steps or 10)
-    return {"sigmas": list(schedule)} if uses_sigmas else {"timesteps": [int(t) for t in schedule]}
+    schedule = ays_schedule(family, steps or 10)
+    # Sigma-space schedulers take the AYS sigmas (as in the Diffusers docs); the others its timesteps.
+    if hasattr(pipe.scheduler, "sigmas") and "Euler" in type(pipe.scheduler).__name__:
+        return {"sigmas": [float(s) for s in schedule.sigmas]}
+    return {"timesteps": [int(t) for t in schedule.timesteps]}
 
 
 def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
@@ -111,7 +112,6 @@ def _save(images: list, output: Path, metadata: dict[str, Any]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffrt.runtime.builtin import resolve_builtin
     from diffrt.runtime.pipelines.auto import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
             "inpainting": AutoPipelineForInpainting}[task]
     start = time.perf_counter()
-    pipe = auto.from_pretrained(resolve_builtin(args.package), provider=args.provider)
+    pipe = auto.from_pretrained(args.package, provider=args.provider)
     if args.scheduler:
         pipe.scheduler = _scheduler(pipe, args.scheduler)
     load_seconds = time.perf_counter() - start

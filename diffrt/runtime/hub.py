@@ -50,7 +50,9 @@ def resolve_package(
     Hub downloads keep only package files (ONNX, external data, JSON, text, TensorRT plans). With HF_HUB_OFFLINE=1
     (or `local_files_only=True`) only the local cache is used. Raises PackageError when neither exists.
     """
-    name = os.fspath(name_or_path)
+    from diffrt.runtime.builtin import resolve_builtin
+
+    name = os.fspath(resolve_builtin(os.fspath(name_or_path)))
     if os.path.isdir(name):
         return Path(name)
     if _looks_like_path(name) or not _valid_repo_id(name):
