@@ -1,0 +1,136 @@
+"""Reduced-precision export: fp16 / bf16 weights and arithmetic, with float32 islands where reduced precision fails.
+
+The islands, and why:
+- GroupNorm runs in float32 (`Float32GroupNorm`). Its variance is a mean of squares over (C/G)*H*W values
+  (81,920 per group in SD 1.5's UNet at 512 px, about 1M in the VAE decoder); in float16 the partial sums pass
+  65504 and give inf/NaN, and neither ONNX's GroupNormalization nor TensorRT promises float32 accumulation.
+- Softmax runs in float32 (`upcast_softmax`): the ONNX `Attention` op gets `softmax_precision = FLOAT`, a bare
+  `Softmax` (the MatMul-Softmax-MatMul form TensorRT gets) is wrapped in Casts. The exp-sum over 4096+ tokens
+  loses most of float16's 11 mantissa bits otherwise.
+- LayerNormalization needs nothing: ONNX computes its statistics in float32 (`stash_type` = 1 by default).
+- The SDXL VAE stays float32 when its config says `force_upcast: true` (diffusers' SDXL pipelines upcast it for
+  the same reason: the original SDXL VAE overflows float16 inside the decoder). The fp16-fix VAE says false.
+- Timesteps and SDXL `time_ids` stay float32 inputs: float16 cannot hold fractional timesteps near 1000
+  (spacing 0.5) and the sinusoidal embedding is computed in float32 by our UNet anyway.
+
+Inputs and outputs of every component stay float32 (or int64) whatever the precision: the NumPy runtime has no
+bfloat16 and refuses lossy float32 -> float16 casts, so the graph converts at its boundary instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffrt.errors import invalid
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Validation bound on max |onnx - torch float32| / max(1, max |torch float32|). fp32 only differs by kernel
+# arithmetic order; the reduced precisions are compared with the float32 module, so their bound is the format's
+# rounding grown through the network: measured about 1e-3 (fp16) and 8e-3 (bf16) on the tiny test models.
+DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# Pipelines that honour the VAE's `force_upcast` (diffusers upcasts the VAE to float32 only in the SDXL family).
+FORCE_UPCAST_PIPELINE_MARKER = "XL"
+# ONNX TensorProto.FLOAT, for the Attention op's softmax_precision attribute and Cast's `to`.
+ONNX_FLOAT = 1
+REDUCED_ONNX_TYPES = {"FLOAT16", "BFLOAT16"}
+
+
+def check_precision(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name; InputError naming the allowed values otherwise."""
+    if precision not in PRECISIONS:
+        raise invalid("precision", f"one of {', '.join(PRECISIONS)}", precision)
+    return PRECISIONS[precision]
+
+
+def component_precision(name: str, precision: str, pipeline_class: str, config: Mapping[str, Any]) -> str:
+    """The precision one component is exported in: `precision`, except the float32 islands named above."""
+    is_vae = name in ("vae_encoder", "vae_decoder")
+    if precision != "fp32" and is_vae and FORCE_UPCAST_PIPELINE_MARKER in pipeline_class and config.get("force_upcast"):
+        return "fp32"
+    return precision
+
+
+class Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics and affine transform run in float32, returning the input's dtype."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.group_norm(hidden_states.float(), self.num_groups, weight, bias, self.eps)
+        return out.to(hidden_states.dtype)
+
+
+def _float32_group_norm(norm: nn.GroupNorm) -> Float32GroupNorm:
+    upcast = Float32GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
+    if norm.affine:
+        upcast.load_state_dict({key: value.float() for key, value in norm.state_dict().items()})
+    return upcast
+
+
+def convert_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` in `dtype` (in place), every GroupNorm replaced by a float32 one; float32 leaves it unchanged."""
+    if dtype == torch.float32:
+        return module
+    module.to(dtype)
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                setattr(parent, child_name, _float32_group_norm(child))
+    return module
+
+
+class BoundaryCast(nn.Module):
+    """Runs `module` in `dtype` behind float32 inputs and outputs; inputs named in `keep_float32` are not cast."""
+
+    def __init__(self, module: nn.Module, input_names: Sequence[str], dtype: torch.dtype, keep_float32: Sequence[str]):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+        self.cast = [name not in keep_float32 for name in input_names]
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        cast = [x.to(self.dtype) if c and x.is_floating_point() else x for x, c in zip(inputs, self.cast)]
+        outputs = self.module(*cast)
+        if isinstance(outputs, tuple):
+            return tuple(o.float() if o.is_floating_point() else o for o in outputs)
+        return outputs.float() if outputs.is_floating_point() else outputs
+
+
+def _is_reduced(value: Any) -> bool:
+    return value is not None and value.dtype is not None and value.dtype.name in REDUCED_ONNX_TYPES
+
+
+def upcast_softmax(model: Any) -> int:
+    """Make every reduced-precision softmax of an `onnx_ir.Model` run in float32; returns how many were changed."""
+    import onnx_ir as ir
+
+    changed = 0
+    for node in list(model.graph.all_nodes()):
+        if node.domain not in ("", "ai.onnx") or not node.inputs or not _is_reduced(node.inputs[0]):
+            continue
+        if node.op_type == "Attention":
+            node.attributes["softmax_precision"] = ir.AttrInt64("softmax_precision", ONNX_FLOAT)
+            changed += 1
+        elif node.op_type == "Softmax":
+            _wrap_in_float32(node, ir)
+            changed += 1
+    return changed
+
+
+def _wrap_in_float32(node: Any, ir: Any) -> None:
+    """Replace `Softmax(x)` by `Cast(Softmax(Cast(x, float32)), original type)`, keeping the output's name."""
+    source, output = node.inputs[0], node.outputs[0]
+    up = ir.Node("", "Cast", [source], [ir.AttrInt64("to", ONNX_FLOAT)], name=f"{node.name}_upcast")
+    softmax = ir.Node("", "Softmax", up.outputs, list(node.attributes.values()), name=f"{node.name}_float32")
+    down = ir.Node("", "Cast", softmax.outputs, [ir.AttrInt64("to", int(source.dtype))], name=f"{node.name}_downcast")
+    for value, dtype in ((up.outputs[0], ir.DataType.FLOAT), (softmax.outputs[0], ir.DataType.FLOAT)):
+        value.dtype, value.shape = dtype, output.shape
+    down.outputs[0].dtype, down.outputs[0].shape = output.dtype, output.shape
+    node.graph.insert_after(node, [up, softmax, down])
+    name = output.name
+    output.replace_all_uses_with(down.outputs[0], replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
+    down.outputs[0].name = name

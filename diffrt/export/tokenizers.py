@@ -1,0 +1,78 @@
+"""Tokenizer folders of a package: the checkpoint's files as they are, plus a complete `tokenizer.json`.
+
+The original vocab.json / merges.txt / tokenizer_config.json / special_tokens_map.json are copied unchanged (the
+pad token lives there: "!" for SD 2.x and SDXL's tokenizer_2, "<|endoftext|>" otherwise). `tokenizer.json` is
+the checkpoint's own when it has one, else the one transformers' CLIP tokenizer writes for these files; in both
+it gains the padding and truncation every SD pipeline applies (`padding="max_length", max_length=77,
+truncation=True`, with the checkpoint's pad token), so `tokenizers.Tokenizer.from_file(...).encode(prompt).ids`
+alone gives the 77 ids the text encoder expects. vocab.json / merges.txt are derived from it when the checkpoint
+lacks them (transformers 5 saves only tokenizer.json), for readers that build the BPE from those two files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from diffrt.errors import ExportError
+from diffrt.export.package import copy_file, default_mode
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def write_tokenizer(source: Path, target: Path) -> None:
+    """Copy the tokenizer folder `source` to `target`, completing tokenizer.json as described above."""
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
+
+    try:
+        reference = CLIPTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError) as error:
+        raise ExportError(f"cannot read the CLIP tokenizer in {source}: {error}") from error
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ORIGINAL_FILES:
+        if (source / name).is_file():
+            copy_file(source / name, target / name)
+    original = source / TOKENIZER_JSON
+    backend = Tokenizer.from_file(str(original)) if original.is_file() else _backend_of(reference)
+    length = int(reference.model_max_length)
+    backend.enable_truncation(max_length=length)
+    backend.enable_padding(length=length, pad_id=int(reference.pad_token_id), pad_token=str(reference.pad_token))
+    _save_atomic(backend, target / TOKENIZER_JSON)
+    if not (target / "vocab.json").is_file() or not (target / "merges.txt").is_file():
+        _save_bpe_files(backend, target)
+
+
+def _backend_of(reference: object) -> "object":
+    """The `tokenizers.Tokenizer` behind a transformers CLIP tokenizer (a copy, so settings stay local)."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(reference, "backend_tokenizer", None) or getattr(reference, "_tokenizer", None)
+    if backend is None:
+        raise ExportError("transformers' CLIPTokenizer has no `tokenizers` backend to write tokenizer.json from")
+    return Tokenizer.from_str(backend.to_str())
+
+
+def _save_atomic(backend: object, path: Path) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        backend.save(temp)  # type: ignore[attr-defined]
+        os.chmod(temp, default_mode())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _save_bpe_files(backend: object, target: Path) -> None:
+    """vocab.json + merges.txt from the BPE model of tokenizer.json (written only where missing)."""
+    with tempfile.TemporaryDirectory(prefix=".bpe-", dir=target) as scratch:
+        written = [Path(p) for p in backend.model.save(scratch)]  # type: ignore[attr-defined]
+        for path in written:
+            if not (target / path.name).is_file():
+                copy_file(path, target / path.name)
