@@ -98,7 +98,8 @@ def test_text_encoders_match_transformers_with_every_hidden_state(tiny_package, 
         names = [o.name for o in model.get_outputs()]
         layers = oracle.config.num_hidden_layers
         pooled = "text_embeds" if class_name.endswith("Projection") else "pooler_output"
-        assert names == ["last_hidden_state", pooled] + [f"hidden_states.{i}" for i in range(layers + 1)]
+        normed = [] if class_name.endswith("Projection") else [f"normed_hidden_states.{i}" for i in range(1, layers)]
+        assert names == ["last_hidden_state", pooled] + [f"hidden_states.{i}" for i in range(layers + 1)] + normed
         for prompts in (PROMPTS[:1], PROMPTS):  # batch 1 and batch 2
             ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
             outputs = dict(zip(names, model.run(names, {"input_ids": ids.input_ids.astype(np.int64)})))
@@ -106,6 +107,9 @@ def test_text_encoders_match_transformers_with_every_hidden_state(tiny_package, 
                 reference = oracle(torch.from_numpy(ids.input_ids), output_hidden_states=True)
             expected = {"last_hidden_state": reference.last_hidden_state, pooled: getattr(reference, pooled)}
             expected |= {f"hidden_states.{i}": state for i, state in enumerate(reference.hidden_states)}
+            norm = getattr(oracle, "text_model", oracle).final_layer_norm if normed else None
+            with torch.no_grad():  # clip-skip outputs: final_layer_norm of each earlier layer
+                expected |= {name: norm(reference.hidden_states[int(name.split(".")[1])]) for name in normed}
             for key, value in expected.items():
                 assert_close(outputs[key], value.numpy(), 1e-4, f"{kind} {name} {key}")
 

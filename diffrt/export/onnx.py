@@ -98,6 +98,10 @@ class _OutputsByName(nn.Module):
         for name in self.output_names:
             if name.startswith("hidden_states."):
                 picked.append(result.hidden_states[int(name.split(".")[1])])
+            elif name.startswith("normed_hidden_states."):
+                # SD clip skip: final_layer_norm of an earlier layer, as Diffusers' encode_prompt computes it.
+                norm = getattr(self.model, "text_model", self.model).final_layer_norm
+                picked.append(norm(result.hidden_states[int(name.split(".")[1])]))
             else:
                 picked.append(getattr(result, name))
         return tuple(picked)
@@ -148,6 +152,9 @@ def text_encoder_graph(name: str, folder: Path, class_name: str, variant: str | 
     outputs = [IOSpec("last_hidden_state", "float32", ("batch", TEXT_LENGTH, hidden))]
     outputs += [IOSpec(pooled[0], "float32", ("batch", pooled[1]))]
     outputs += [IOSpec(state, "float32", ("batch", TEXT_LENGTH, hidden)) for state in states]
+    if not class_name.endswith("Projection"):  # SD 1.x / 2.x encoders: clip skip needs the normed layers
+        normed = [f"normed_hidden_states.{i}" for i in range(1, config.num_hidden_layers)]
+        outputs += [IOSpec(state, "float32", ("batch", TEXT_LENGTH, hidden)) for state in normed]
     module = _OutputsByName(model, ["input_ids"], [o.name for o in outputs])
     trace, checks = _batch_sizes()
     return ComponentGraph(name, module, inputs, outputs, {"batch": BATCH_RANGE}, trace, checks,
