@@ -43,9 +43,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                          "add_export_arguments", "run_export"),
     "info": Subcommand("print a model package's manifest", __name__, "add_info_arguments", "run_info"),
     "generate": Subcommand("generate images from a model package", "diffrt.runtime.generate_cli"),
-    # Registered by their owners when they land, e.g.:
-    # "bench": Subcommand("benchmark a model package against diffusers", "diffrt.bench"),
-    # "build-engines": Subcommand("build TensorRT engines for a package", "diffrt.export.tensorrt"),
+    "bench": Subcommand("benchmark a model package or preset against diffusers", "diffrt.bench.cli"),
+    # TensorRT engine builds ("build-engines") join here with the TensorRT issue.
 }
 
 

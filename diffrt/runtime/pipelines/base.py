@@ -75,6 +75,9 @@ class DiffusionPipeline:
     required_components: tuple[str, ...] = ()
     #: callback tensor names this pipeline can hand to `callback_on_step_end`
     _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds")
+    #: optional `step_hook(step_index, seconds_by_stage)`, called after each denoising step with that step's
+    #: stage times (the per-step samples of `diffrt bench`); None costs nothing
+    step_hook: Callable[[int, dict[str, float]], None] | None = None
 
     def __init__(
         self,
@@ -207,6 +210,7 @@ class DiffusionPipeline:
         """The loop of every pipeline; returns the final latents and the last predicted x0 (LCM decodes it)."""
         denoised = None
         for i, t in enumerate(self._progress_bar(timesteps)):
+            before = dict(timings) if self.step_hook is not None else None
             with self._stage(timings, "host"):
                 model_input = np.concatenate([latents, latents]) if state.do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
@@ -226,6 +230,8 @@ class DiffusionPipeline:
                 latents = state.blend(latents, i)
             if callback_on_step_end is not None:
                 latents = self._callback(callback_on_step_end, i, t, latents, state, callback_inputs)
+            if before is not None:
+                self.step_hook(i, {k: v - before.get(k, 0.0) for k, v in timings.items() if v != before.get(k)})
         return latents, denoised
 
     def _callback(

@@ -1,0 +1,55 @@
+"""`diffrt bench PACKAGE_OR_PRESET ...`: latency per stage, side by side with Diffusers (see docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from diffrt.bench.presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+
+def _sides(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list such as diffusers,optimum; got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="PACKAGE_OR_PRESET",
+                        help=f"model package folder, or a preset built on first use: {', '.join(PRESETS)}")
+    parser.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | an ONNX Runtime provider name")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
+    parser.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale; > 1 runs CFG (default 7.5)")
+    parser.add_argument("--scheduler", default=None, help="Diffusers scheduler class (default: the package's)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="warm-up images, the cold-start image included (default 1; 0: it is measured)")
+    parser.add_argument("--runs", type=int, default=3, help="measured images per side (default 3)")
+    parser.add_argument("--compare", type=_sides, default=(), help="diffusers and/or optimum, comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for every side (default: usable CPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None,
+                        help="diffusers checkpoint for --compare diffusers (default: the package's source)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the full record here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffrt.bench.report import format_table, write_json
+    from diffrt.bench.runner import BenchOptions, run_benchmark
+
+    opts = BenchOptions(
+        target=args.target, provider=args.provider, steps=args.steps, height=args.height, width=args.width,
+        batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
+        compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
+    )
+    record = run_benchmark(opts)
+    if args.json_path:
+        write_json(args.json_path, record)
+        logger.info("wrote %s", args.json_path)
+    sys.stdout.write(format_table(record) + "\n")
+    return 0

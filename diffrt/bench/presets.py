@@ -1,0 +1,189 @@
+"""Benchmark presets: random-weight diffusers checkpoints built from the published configs, exported once, cached.
+
+`tiny`, `sd15`, `sd21` and `sdxl` need no download: each `configs/<preset>.json` holds the published UNet and VAE
+configs, the published CLIP text-encoder config(s) and the scheduler config of that architecture. Random weights
+have the real shapes, so the measured compute is the real model's. The checkpoint and the exported package live
+under `$DIFFRT_CACHE/presets/<preset>-<spec hash>/` (default `~/.cache/diffrt`), so a changed spec never reuses a
+stale build. Building needs torch/diffusers (the `export` extra) and runs in its own process (`python -m
+diffrt.bench.presets PRESET`), so the diffrt side of a benchmark stays torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from diffrt.errors import InputError, invalid
+
+__all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "build_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "sd15", "sd21", "sdxl")
+SEED = 0
+# The benchmark is text-to-image: the VAE encoder would only add export time (minutes for real sizes).
+BENCH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    spec: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """The preset name and a hash of its spec: what a cached build depends on."""
+        digest = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()
+        return f"{self.name}-{digest[:10]}"
+
+    @property
+    def folder(self) -> Path:
+        return cache_root() / "presets" / self.key
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint"
+
+    def package(self, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+        return self.folder / f"package-{precision}-{target}"
+
+    @property
+    def default_size(self) -> int:
+        return int(self.spec["default_size"])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt")
+
+
+def load_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise invalid("preset", f"a package folder or one of {', '.join(PRESETS)}", name)
+    text = resources.files("diffrt.bench").joinpath("configs", f"{name}.json").read_text()
+    return Preset(name, json.loads(text))
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS and not Path(name).exists()
+
+
+def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+    """The cached package of preset `name`, built (in a child process with torch) on first use."""
+    preset = load_preset(name)
+    package = preset.package(precision, target)
+    if (package / "diffrt.json").exists():
+        return package
+    logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
+                "(minutes for real-size models; cached afterwards)", name, package)
+    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
+    if subprocess.run(command).returncode != 0 or not (package / "diffrt.json").exists():
+        raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
+                         "(torch, diffusers, transformers)")
+    return package
+
+
+def _tokenizer(folder: Path, pad: str):
+    from transformers import CLIPTokenizer
+
+    from diffrt.bench.tokenizer_files import write_clip_tokenizer_files
+
+    vocab, merges = write_clip_tokenizer_files(folder)
+    return CLIPTokenizer(str(vocab), str(merges), pad_token=pad, model_max_length=77)
+
+
+def _text_encoder(config: dict[str, Any], tokenizer):
+    import transformers
+
+    config = dict(config)
+    cls = getattr(transformers, config.pop("architectures")[0])
+    # Special-token ids follow our tokenizer; the vocabulary size stays the published one (the embedding's size).
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    return cls(transformers.CLIPTextConfig(**{**config, **ids})).eval()
+
+
+def _components(preset: Preset, work: Path) -> dict[str, Any]:
+    import diffusers
+
+    spec = preset.spec
+    tokenizer = _tokenizer(work / "bpe", spec["tokenizer_pad"])
+    parts: dict[str, Any] = {"tokenizer": tokenizer, "text_encoder": _text_encoder(spec["text_encoder"], tokenizer)}
+    if "text_encoder_2" in spec:
+        tokenizer_2 = _tokenizer(work / "bpe_2", spec["tokenizer_2_pad"])
+        parts.update(tokenizer_2=tokenizer_2, text_encoder_2=_text_encoder(spec["text_encoder_2"], tokenizer_2))
+    parts["unet"] = diffusers.UNet2DConditionModel.from_config(spec["unet"]).eval()
+    parts["vae"] = diffusers.AutoencoderKL.from_config(spec["vae"]).eval()
+    scheduler = dict(spec["scheduler"])
+    parts["scheduler"] = getattr(diffusers, scheduler.pop("_class_name")).from_config(scheduler)
+    if spec["pipeline"] == "StableDiffusionPipeline":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return parts
+
+
+def build_checkpoint(preset: Preset) -> Path:
+    """Write the random-weight diffusers checkpoint of `preset` (atomically: temp folder, then rename)."""
+    import diffusers
+    import torch
+
+    if (preset.checkpoint / "model_index.json").exists():
+        return preset.checkpoint
+    preset.folder.mkdir(parents=True, exist_ok=True)
+    tmp = preset.folder / f".checkpoint-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    torch.manual_seed(SEED)
+    pipe = getattr(diffusers, preset.spec["pipeline"])(**_components(preset, tmp / ".work"))
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    logger.info("preset %s: random weights ready (UNet %.0fM parameters, %.0f s); writing checkpoint",
+                preset.name, params / 1e6, time.perf_counter() - start)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / ".work", ignore_errors=True)
+    os.replace(tmp, preset.checkpoint)
+    del pipe
+    gc.collect()
+    return preset.checkpoint
+
+
+def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+    """Build the checkpoint if needed, then export it to the cached package (the exporter writes atomically)."""
+    from diffrt.export import export_pipeline
+
+    package = preset.package(precision, target)
+    if (package / "diffrt.json").exists():
+        return package
+    checkpoint = build_checkpoint(preset)
+    start = time.perf_counter()
+    logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
+    components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
+    export_pipeline(checkpoint, package, precision=precision, target=target, components=components, overwrite=True)
+    logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
+    return package
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build a benchmark preset (random weights) into the cache.")
+    parser.add_argument("preset", choices=PRESETS)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--target", default="onnxruntime")
+    parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    preset = load_preset(args.preset)
+    path = build_checkpoint(preset) if args.checkpoint_only else build_package(preset, args.precision, args.target)
+    print(path)  # the one line of stdout a caller reads
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The benchmark record (JSON: machine, versions, config, every sample) and the table printed from it.
+
+Per stage and side: min / median / p90 over the measured runs. Per-step stages are a run's stage time divided by
+its number of steps. `host_per_step` is everything in the call outside the timed model and scheduler stages
+(prompt and latent preparation, the CFG combine, post-processing), divided by the steps, so it means the same for
+every side; diffrt also times its in-loop host work itself (`host_in_loop_per_step`), and `unaccounted` is the
+part of its total that no stage timer covered. Ratios are other side's median / diffrt's median (> 1: diffrt is
+faster), always from the same run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+SCHEMA = "diffrt-bench/1"
+TIMED = ("text_encoder", "unet", "scheduler", "host", "vae_decode")
+METRICS = {  # key -> (table label, per step)
+    "text_encoder": ("text encoding", False),
+    "unet_per_step": ("UNet / step", True),
+    "scheduler_per_step": ("scheduler / step", True),
+    "host_per_step": ("CFG + host / step", True),
+    "vae_decode": ("VAE decode", False),
+    "total": ("total", False),
+}
+LIBRARIES = ("diffrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers", "transformers",
+             "optimum", "tokenizers")
+
+
+def derived(sample: Mapping[str, Any]) -> dict[str, float]:
+    """The reported metrics of one run, from its total, its stage times and its step count."""
+    stages, total = sample["stages"], float(sample["total"])
+    steps = max(len(sample.get("steps") or []), 1)
+    timed_models = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "unet", "scheduler", "vae_decode"))
+    out = {
+        "text_encoder": float(stages.get("text_encoder", 0.0)),
+        "unet_per_step": float(stages.get("unet", 0.0)) / steps,
+        "scheduler_per_step": float(stages.get("scheduler", 0.0)) / steps,
+        "host_per_step": (total - timed_models) / steps,
+        "host_in_loop_per_step": float(stages.get("host", 0.0)) / steps,
+        "vae_decode": float(stages.get("vae_decode", 0.0)),
+        "total": total,
+    }
+    out["unaccounted"] = total - sum(float(stages.get(k, 0.0)) for k in TIMED)
+    return out
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"min": float(array.min()), "median": float(np.median(array)), "p90": float(np.percentile(array, 90)),
+            "n": int(array.size)}
+
+
+def summarize(samples: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    rows = [derived(s) for s in samples]
+    return {key: stats([row[key] for row in rows]) for key in rows[0]}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": _gpus(),
+        "versions": {},
+    }
+    for name in LIBRARIES:
+        try:
+            info["versions"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return info
+
+
+def _gpus() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    from diffrt.bench.flops import unet_flops
+    from diffrt.runtime.package import ModelPackage
+
+    unet_config = ModelPackage.open(config.package).unet_config
+    cfg_batch = config.batch * (2 if config.guidance > 1.0 and unet_config.get("time_cond_proj_dim") is None else 1)
+    flops = unet_flops(unet_config, config.height // 8, config.width // 8, batch=cfg_batch)
+    sides: dict[str, Any] = {}
+    for side, data in raw.items():
+        summary = summarize(data["samples"])
+        peak = max(s.get("peak_rss_mb", 0.0) for s in data["warmup"] + data["samples"])
+        device = [s["peak_device_mb"] for s in data["warmup"] + data["samples"] if "peak_device_mb" in s]
+        sides[side] = {**data, "summary": summary, "peak_rss_mb": peak,
+                       "peak_device_mb": max(device) if device else None,
+                       "unet_tflops": flops / summary["unet_per_step"]["median"] / 1e12}
+    ratios = {side: {key: sides[side]["summary"][key]["median"] / sides["diffrt"]["summary"][key]["median"]
+                     for key in METRICS if sides["diffrt"]["summary"][key]["median"] > 0}
+              for side in sides if side != "diffrt"}
+    return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": machine_info(), "preset": preset, "options": asdict(opts), "config": asdict(config),
+            "interleaved": len(sides) > 1, "unet_flops_per_step": flops, "sides": sides, "ratios": ratios}
+
+
+def _cell(value: float | None, unit: str = "s") -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+    return f"{value:.2f}{unit}"
+
+
+def format_table(record: Mapping[str, Any]) -> str:
+    """A fixed-width table: diffrt min/median/p90, then each compared side's median and ratio."""
+    sides, cfg = record["sides"], record["config"]
+    others = [s for s in sides if s != "diffrt"]
+    head = ["stage", "min", "median", "p90"] + [h for s in others for h in (f"{s} median", "ratio")]
+    rows = [head]
+    for key, (label, _) in METRICS.items():
+        mine = sides["diffrt"]["summary"][key]
+        row = [label, _cell(mine["min"]), _cell(mine["median"]), _cell(mine["p90"])]
+        for side in others:
+            ratio = record["ratios"][side].get(key)
+            row += [_cell(sides[side]["summary"][key]["median"]), "-" if ratio is None else f"{ratio:.2f}x"]
+        rows.append(row)
+    rows += _extra_rows(record, others)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    title = (f"{record['preset'] or cfg['package']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, "
+             f"guidance {cfg['guidance']}, batch {cfg['batch']}, {cfg['provider']}, {cfg['threads']} threads, "
+             f"{sides['diffrt']['summary']['total']['n']} measured run(s)")
+    note = "ratio = other side's median / diffrt's median (> 1: diffrt faster), interleaved in the same run"
+    return "\n".join([title] + lines + ([note] if others else []))
+
+
+def _extra_rows(record: Mapping[str, Any], others: list[str]) -> list[list[str]]:
+    sides = record["sides"]
+
+    def row(label: str, get: Any, unit: str = "s") -> list[str]:
+        mine = get(sides["diffrt"])
+        cells = [label, "", _cell(mine, unit), ""]
+        for side in others:
+            theirs = get(sides[side])
+            ratio = f"{theirs / mine:.2f}x" if mine and theirs is not None and unit == "s" else ""
+            cells += [_cell(theirs, unit), ratio]
+        return cells
+
+    return [
+        row("cold: load", lambda s: s["cold_start"]["load_s"]),
+        row("cold: first image", lambda s: s["cold_start"]["first_image_s"]),
+        row("peak RSS", lambda s: s["peak_rss_mb"] / 1024, " GiB"),
+        row("peak device mem", lambda s: None if s["peak_device_mb"] is None else s["peak_device_mb"] / 1024, " GiB"),
+        row("UNet TFLOP/s", lambda s: s["unet_tflops"], ""),
+    ]
+
+
+def write_json(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Atomic: a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    os.replace(tmp, path)

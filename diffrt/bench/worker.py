@@ -1,0 +1,186 @@
+"""One side of a benchmark, in its own process: load, make the first image, then answer `run` requests.
+
+Protocol (JSON lines): the worker writes `{"event": "ready", "cold_start": ..., "info": ...}` after loading and
+making its first image, then one sample per `{"cmd": "run"}` line read on stdin, and exits on `{"cmd": "quit"}` or
+end of input. Everything else a library prints goes to stderr, so stdout carries the protocol only.
+`python -m diffrt.bench.worker SIDE CONFIG_JSON`; SIDE is `diffrt` (this module, torch-free), `diffusers` or
+`optimum`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol, TextIO
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What both sides run: the same prompt, seed, size, scheduler, steps and thread count."""
+
+    package: str
+    checkpoint: str | None
+    provider: str = "cpu"
+    steps: int = 20
+    height: int = 512
+    width: int = 512
+    batch: int = 1
+    guidance: float = 7.5
+    scheduler: str | None = None
+    threads: int = 1
+    seed: int = 0
+    prompt: str = PROMPT
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider.lower() not in ("cpu", "cpuexecutionprovider")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class Side(Protocol):
+    def load(self) -> None: ...
+    def run_once(self) -> dict[str, Any]: ...
+    def info(self) -> dict[str, Any]: ...
+
+
+class DiffrtSide:
+    """diffrt's runtime pipeline; its stage times come from the pipeline itself (`PipelineOutput.timings`)."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.pipe: Any = None
+        self._steps: list[dict[str, float]] = []
+
+    def load(self) -> None:
+        from diffrt.runtime.pipelines.base import DiffusionPipeline
+        from diffrt.schedulers import get_scheduler_class
+
+        cfg = self.config
+        options: dict[str, Any] = {"threads": cfg.threads}
+        pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
+        if cfg.scheduler:
+            pipe.scheduler = get_scheduler_class(cfg.scheduler).from_config(pipe.package.scheduler_config)
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+            if pipe.has_component(name):
+                # Engines create their sessions lazily; touch them here so session creation (graph
+                # optimisation: a minute for a real-size UNet) counts as package load, not as the first UNet step.
+                getattr(pipe.engine(name), "session", None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.step_hook = lambda i, seconds: self._steps.append(seconds)
+        self.pipe = pipe
+
+    def run_once(self) -> dict[str, Any]:
+        cfg = self.config
+        self._steps = []
+        start = time.perf_counter()
+        out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
+                        guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=cfg.seed)
+        total = time.perf_counter() - start
+        return {"total": total, "stages": dict(out.timings), "steps": self._steps}
+
+    def memory(self) -> dict[str, float]:
+        """Peak RSS; on a GPU also this process's device memory as nvidia-smi reports it (ONNX Runtime's arenas
+        only grow, so the value after a run is its peak)."""
+        out = {"peak_rss_mb": peak_rss_mb()}
+        if self.config.on_gpu:
+            used = _nvidia_smi_process_mb(os.getpid())
+            if used is not None:
+                out["peak_device_mb"] = used
+        return out
+
+    def info(self) -> dict[str, Any]:
+        import onnxruntime
+
+        engine = self.pipe.engine("unet")
+        return {"library": "diffrt", "onnxruntime": onnxruntime.__version__, "provider": self.config.provider,
+                "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
+                "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,
+                "torch_imported": "torch" in sys.modules}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _nvidia_smi_process_mb(pid: int) -> float | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(",") for line in out.splitlines() if "," in line]
+    used = [float(mb) for p, mb in rows if p.strip() == str(pid)]
+    return sum(used) if used else None
+
+
+def make_side(name: str, config: RunConfig) -> Side:
+    if name == "diffrt":
+        return DiffrtSide(config)
+    if name == "diffusers":
+        from diffrt.bench.diffusers_side import DiffusersSide
+
+        return DiffusersSide(config)
+    if name == "optimum":
+        from diffrt.bench.diffusers_side import OptimumSide
+
+        return OptimumSide(config)
+    raise ValueError(f"unknown side {name!r}")
+
+
+def serve(side: Side, out: TextIO, read_line: Callable[[], str], memory: Callable[[], dict[str, float]]) -> None:
+    """Load, first image (the cold start), then one sample per `run` command."""
+    def send(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    start = time.perf_counter()
+    side.load()
+    load_s = time.perf_counter() - start
+    first = side.run_once()
+    first.update(memory())
+    send({"event": "ready", "cold_start": {"load_s": load_s, "first_image_s": first["total"]},
+          "first": first, "info": side.info()})
+    while True:
+        line = read_line()
+        if not line or json.loads(line).get("cmd") == "quit":
+            return
+        sample = side.run_once()
+        sample.update(memory())
+        send({"event": "sample", **sample})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    name, config = argv[0], RunConfig(**json.loads(argv[1]))
+    out, sys.stdout = sys.stdout, sys.stderr  # keep library prints off the protocol stream
+    side = make_side(name, config)
+    memory: Callable[[], dict[str, float]] = lambda: {"peak_rss_mb": peak_rss_mb()}
+    if hasattr(side, "memory"):
+        memory = side.memory  # type: ignore[attr-defined]
+    try:
+        serve(side, out, sys.stdin.readline, memory)
+    except Exception as error:  # reported to the parent, which raises it as a typed error
+        out.write(json.dumps({"event": "error", "type": type(error).__name__, "message": str(error)}) + "\n")
+        out.flush()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

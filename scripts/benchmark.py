@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Latency benchmark; the same as `diffrt bench`.
+
+    python scripts/benchmark.py sd15 --steps 20 --runs 3 --compare diffusers --json sd15.json
+
+PACKAGE_OR_PRESET is a model package folder or a preset (tiny, sd15, sd21, sdxl) built on first use; see `--help`
+and docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# Run from a source checkout without installing: the repository root holds the `diffrt` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffrt.bench import cli  # noqa: E402
+from diffrt.errors import DiffrtError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
+    cli.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return cli.run(args)
+    except DiffrtError as error:
+        sys.stderr.write(f"benchmark.py: error: {error}\n")
+        return 2 if isinstance(error, ValueError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`diffrt bench`: the record it writes, its stage accounting, its FLOP count and its errors.
+
+The end-to-end tests run `scripts/benchmark.py` on the `tiny` preset (built once into a pytest cache folder, or
+`$DIFFRT_CACHE`; keyed by the preset's spec hash, so a stale build is never reused), two measured runs: diffrt
+alone, and (slow: the Diffusers process imports torch) interleaved with Diffusers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffrt.bench.flops import unet_flops
+from diffrt.bench.presets import load_preset
+from diffrt.bench.report import METRICS, SCHEMA, TIMED
+from diffrt.bench.runner import BenchOptions, check_options, resolve
+from diffrt.errors import InputError, PackageError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+RUNS = 2
+STEPS = 8
+
+
+def _bench(args: list[str], cache: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DIFFRT_CACHE=str(cache))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def preset_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where presets are cached for tests: $DIFFRT_CACHE, else a pytest cache folder kept between sessions (the
+    tiny preset's export takes about a minute), else (cache plugin off) a temporary folder."""
+    if os.environ.get("DIFFRT_CACHE"):
+        return Path(os.environ["DIFFRT_CACHE"])
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("diffrt-cache") if cache is not None else tmp_path_factory.mktemp("diffrt-cache")
+
+
+def _run_tiny(cache: Path, out: Path, *extra: str) -> tuple[dict, str]:
+    result = _bench(["tiny", "--runs", str(RUNS), "--warmup", "1", "--steps", str(STEPS), "--height", "128",
+                     "--width", "128", "--json", str(out), *extra], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(preset_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """diffrt alone: seconds once the preset is cached."""
+    return _run_tiny(preset_cache, tmp_path_factory.mktemp("bench") / "tiny.json")
+
+
+@pytest.fixture(scope="module")
+def compared_run(preset_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """diffrt and Diffusers interleaved (the Diffusers process imports torch: tens of seconds on a busy machine)."""
+    return _run_tiny(preset_cache, tmp_path_factory.mktemp("bench") / "tiny_vs_diffusers.json",
+                     "--compare", "diffusers")
+
+
+def test_record_has_machine_versions_config_and_every_sample(tiny_run):
+    record, _ = tiny_run
+    assert record["schema"] == SCHEMA and record["preset"] == "tiny" and record["interleaved"] is False
+    machine = record["machine"]
+    assert machine["cpu"] and machine["usable_cpus"] >= 1
+    assert {"numpy", "onnxruntime"} <= set(machine["versions"])
+    config = record["config"]
+    assert (config["height"], config["width"], config["steps"], config["batch"]) == (128, 128, STEPS, 1)
+    assert set(record["sides"]) == {"diffrt"} and record["ratios"] == {}
+    for side in record["sides"].values():
+        assert len(side["samples"]) == RUNS and len(side["warmup"]) == 1
+        assert side["info"]["threads"] == config["threads"]
+        assert side["cold_start"]["load_s"] > 0 and side["cold_start"]["first_image_s"] > 0
+        assert side["peak_rss_mb"] > 0 and side["unet_tflops"] > 0
+        for key in METRICS:
+            summary = side["summary"][key]
+            assert summary["n"] == RUNS and 0 < summary["min"] <= summary["median"] <= summary["p90"]
+
+
+def test_every_stage_is_positive_and_stages_add_up_to_the_total(tiny_run):
+    record, _ = tiny_run
+    for sample in record["sides"]["diffrt"]["samples"]:
+        stages = sample["stages"]
+        assert all(stages[name] > 0 for name in TIMED), stages
+        assert sum(stages[name] for name in TIMED) == pytest.approx(sample["total"], rel=0.05)
+        # PNDM (the SD 1.5 scheduler) calls the UNet steps + 1 times; each call is one per-step sample.
+        assert len(sample["steps"]) == STEPS + 1
+        assert sum(step["unet"] for step in sample["steps"]) == pytest.approx(stages["unet"], rel=1e-6)
+
+
+def test_diffrt_side_never_imports_torch(tiny_run):
+    record, _ = tiny_run
+    assert record["sides"]["diffrt"]["info"]["torch_imported"] is False
+
+
+@pytest.mark.slow
+def test_compare_diffusers_runs_interleaved_with_every_stage_and_ratio(compared_run):
+    record, stdout = compared_run
+    assert record["interleaved"] is True and set(record["sides"]) == {"diffrt", "diffusers"}
+    assert {"torch", "diffusers"} <= set(record["machine"]["versions"])
+    rounds = {name: [s["round"] for s in side["warmup"] + side["samples"]] for name, side in record["sides"].items()}
+    assert rounds["diffrt"] == rounds["diffusers"] == list(range(RUNS + 1))
+    theirs = record["sides"]["diffusers"]
+    assert theirs["info"]["threads"] == record["config"]["threads"] and theirs["info"]["dtype"] == "torch.float32"
+    for sample in theirs["samples"]:
+        assert all(sample["stages"][name] > 0 for name in TIMED), sample["stages"]
+        assert sum(sample["stages"].values()) == pytest.approx(sample["total"], rel=0.05)
+        assert len(sample["steps"]) == STEPS + 1
+    assert set(record["ratios"]["diffusers"]) == set(METRICS)
+    mine = record["sides"]["diffrt"]["summary"]["unet_per_step"]["median"]
+    expected = theirs["summary"]["unet_per_step"]["median"] / mine
+    assert record["ratios"]["diffusers"]["unet_per_step"] == pytest.approx(expected)
+    for label, _ in METRICS.values():
+        line = next(line for line in stdout.splitlines() if line.startswith(label))
+        assert line.rstrip().endswith("x"), line
+
+
+def test_table_shows_each_stage(tiny_run):
+    record, stdout = tiny_run
+    for label, _ in METRICS.values():
+        assert any(line.startswith(label) for line in stdout.splitlines()), label
+    assert "UNet TFLOP/s" in stdout
+
+
+@pytest.mark.parametrize("preset, latent", [
+    ("tiny", 16), ("sd15", 64),
+    pytest.param("sd21", 96, marks=pytest.mark.slow), pytest.param("sdxl", 128, marks=pytest.mark.slow),
+])
+def test_unet_flops_match_torch_flop_counter(preset: str, latent: int):
+    """Oracle: torch's FlopCounterMode on the diffusers UNet (meta tensors for the real sizes), math SDPA so the
+    attention products are counted too."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = load_preset(preset).spec["unet"]
+    device = "cpu" if preset == "tiny" else "meta"
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config)
+        sample, timestep = torch.zeros(2, 4, latent, latent), torch.zeros(2)
+        text = torch.zeros(2, 77, config["cross_attention_dim"])
+        extra = {}
+        if config.get("addition_embed_type") == "text_time":
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280), "time_ids": torch.zeros(2, 6)}}
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        unet(sample, timestep, text, **extra)
+    assert unet_flops(config, latent, latent, batch=2) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_unknown_preset_is_an_error_naming_the_choices(tmp_path: Path):
+    result = _bench(["sd99"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "`package` must be a model package folder or a preset (tiny, sd15, sd21, sdxl); got 'sd99'" in result.stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"provider": "nosuchprovider"}, "nosuchprovider"),
+    ({"compare": ("diffusers", "comfy")},
+     "`compare` must be a comma-separated list of diffusers, optimum; got 'comfy'"),
+    ({"steps": 0}, "`steps` must be an integer >= 1; got 0"),
+    ({"runs": 0}, "`runs` must be an integer >= 1; got 0"),
+    ({"height": 100}, "`height` must be a multiple of 8, at least 8; got 100"),
+    ({"scheduler": "NoSuchScheduler"}, "`scheduler` must be a Diffusers scheduler class name"),
+])
+def test_bad_options_fail_before_any_work(changes: dict, message: str):
+    with pytest.raises(InputError) as info:
+        check_options(BenchOptions(target="tiny", **changes))
+    assert message in str(info.value)
+
+
+def test_package_without_a_needed_component_is_a_package_error(tiny_run, tmp_path: Path):
+    record, _ = tiny_run
+    package = tmp_path / "package"
+    shutil.copytree(record["config"]["package"], package, ignore=shutil.ignore_patterns("unet"))
+    for name in ("model_index.json", "diffrt.json"):
+        data = json.loads((package / name).read_text())
+        data.pop("unet", None)
+        data.get("components", {}).pop("unet", None)
+        (package / name).write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="has no unet component"):
+        resolve(BenchOptions(target=str(package)))
