@@ -38,11 +38,12 @@ def reference(folder, cls_name=None, overrides=None, **pipe_kwargs):
     if key not in _reference_cache:
         pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
-        _reference_cache[key] = pipe
-    pipe = _reference_cache[key]
-    base_config = pipe.scheduler.config
+        _reference_cache[key] = (pipe, pipe.scheduler)
+    pipe, original = _reference_cache[key]
+    # Always start from the checkpoint's own scheduler: a previous test's swap must not leak its options.
+    pipe.scheduler = original
     if cls_name is not None:
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **(overrides or {}))
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **(overrides or {}))
     return pipe
 
 
