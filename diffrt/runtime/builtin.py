@@ -14,7 +14,8 @@ def builtin_names() -> list[str]:
 
 def resolve_builtin(name_or_path: str | Path) -> str | Path:
     """A built-in package's folder for its short name; anything else is returned unchanged."""
-    if isinstance(name_or_path, str) and "/" not in name_or_path and not Path(name_or_path).exists():
+    local_package = (Path(name_or_path) / "model_index.json").is_file()
+    if isinstance(name_or_path, str) and "/" not in name_or_path and not local_package:
         candidate = BUILTIN_ROOT / name_or_path
         if (candidate / "model_index.json").is_file():
             return candidate
