@@ -208,9 +208,19 @@ def unet_graph(folder: Path, variant: str | None, pooled_dim: int | None, aesthe
 
 def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
     """vae_encoder: sample -> latent_parameters; vae_decoder: latent_sample -> sample (unscaled latents)."""
-    from diffrt.export.models import AutoencoderKL, VaeDecoderForExport, VaeEncoderForExport
+    from diffrt.export.models import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=variant, dtype=torch.float32)
+    return autoencoder_graph(name, vae, folder / "vae" / "config.json")
+
+
+def autoencoder_graph(name: str, vae: nn.Module, config_file: Path | None) -> ComponentGraph:
+    """A loaded AutoencoderKL or AutoencoderTiny as `name` (vae_encoder[_tiny] / vae_decoder[_tiny]).
+
+    The tiny encoder (TAESD) outputs the latents themselves, named `latents`: there is no distribution to sample.
+    """
+    from diffrt.export.models import VaeDecoderForExport, VaeEncoderForExport
+
     config = vae.config
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     latent, image = config["latent_channels"], config["in_channels"]
@@ -218,10 +228,11 @@ def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
     dims = {"batch": BATCH_RANGE, "latent_height": LATENT_RANGE, "latent_width": LATENT_RANGE,
             "height": (factor * LATENT_RANGE[0], factor * LATENT_RANGE[1]),
             "width": (factor * LATENT_RANGE[0], factor * LATENT_RANGE[1])}
-    if name == "vae_encoder":
+    if name.startswith("vae_encoder"):
         module: nn.Module = VaeEncoderForExport(vae)
         inputs = [IOSpec("sample", "float32", pixels, ("uniform", -1.0, 1.0))]
-        outputs = [IOSpec("latent_parameters", "float32", ("batch", 2 * latent, "latent_height", "latent_width"))]
+        output = ("latents", latent) if name.endswith("_tiny") else ("latent_parameters", 2 * latent)
+        outputs = [IOSpec(output[0], "float32", ("batch", output[1], "latent_height", "latent_width"))]
         keys = ("height", "width")
         scale = factor
     else:
@@ -238,7 +249,7 @@ def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
     checks = [{"batch": 1, keys[0]: 8 * scale, keys[1]: 8 * scale},
               {"batch": 2, keys[0]: 4 * scale, keys[1]: 12 * scale}]
     module = _Positional(module, [spec.name for spec in inputs])
-    return ComponentGraph(name, module, inputs, outputs, dims, trace, checks, folder / "vae" / "config.json")
+    return ComponentGraph(name, module, inputs, outputs, dims, trace, checks, config_file)
 
 
 def make_inputs(specs: list[IOSpec], sizes: Mapping[str, int], seed: int = 0) -> list[torch.Tensor]:

@@ -36,7 +36,8 @@ class _AutoPipeline:
     def from_pipe(cls, pipeline: DiffusionPipeline, **overrides: Any) -> DiffusionPipeline:
         """Reuse another pipeline's package, engines and scheduler for this task (no reload)."""
         target = pipeline_class_for_task(cls.task, pipeline.package.pipeline_class)
-        options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, **pipeline.engine_options}
+        options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae,
+                   **pipeline.engine_options}
         options.update(overrides)
         new = target(pipeline.package, **options)
         new._engines = pipeline._engines  # engines are thread-safe and shared

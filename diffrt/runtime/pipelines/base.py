@@ -21,6 +21,7 @@ from diffrt.runtime.hub import resolve_package
 from diffrt.runtime.package import ModelPackage
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
+from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
 
@@ -84,9 +85,13 @@ class DiffusionPipeline:
         package: ModelPackage,
         provider: str | Sequence[Any] = "cpu",
         scheduler: Any = None,
+        vae: str = "full",
         **engine_options: Any,
     ) -> None:
-        package.require(*self.required_components)
+        """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD)."""
+        self.vae_components = vae_components(package, vae, self.required_components)
+        package.require(*(self.vae_components.get(name, name) for name in self.required_components))
+        self.vae = vae
         self.package = package
         self.provider = provider
         self.engine_options = engine_options
@@ -94,7 +99,7 @@ class DiffusionPipeline:
         self._lock = threading.Lock()
         self._progress: dict[str, Any] = {}
         self.scheduler = scheduler if scheduler is not None else scheduler_from_config(package.scheduler_config)
-        self.vae_config: dict[str, Any] = package.vae_config
+        self.vae_config: dict[str, Any] = vae_config(package, self.vae_components)
         self.unet_config: dict[str, Any] = package.unet_config
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         check_provider(provider)
@@ -109,14 +114,19 @@ class DiffusionPipeline:
         revision: str | None = None,
         token: str | bool | None = None,
         scheduler: Any = None,
+        vae: str = "full",
         **engine_options: Any,
     ) -> "DiffusionPipeline":
-        """Open a package folder or Hub repo id; generic classes dispatch on the package's pipeline class."""
+        """Open a package folder or Hub repo id; generic classes dispatch on the package's pipeline class.
+
+        `vae="tiny"` decodes and encodes with the package's tiny autoencoder (exported with `--tiny-vae`).
+        """
         check_provider(provider)
+        check_vae(vae)
         path = resolve_package(pretrained_model_name_or_path, revision=revision, token=token)
         package = ModelPackage.open(path)
         target = cls._resolve_class(package.pipeline_class)
-        return target(package, provider=provider, scheduler=scheduler, **engine_options)
+        return target(package, provider=provider, scheduler=scheduler, vae=vae, **engine_options)
 
     @classmethod
     def _resolve_class(cls, pipeline_class: str) -> type["DiffusionPipeline"]:
@@ -271,15 +281,17 @@ class DiffusionPipeline:
         return (latents - (np.float32(shift) if shift is not None else np.float32(0))) * scaling
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        engine = self.engine("vae_decoder")
+        engine = self.engine(self.vae_components["vae_decoder"])
         dtype = next(s.dtype for s in engine.inputs if s.name == "latent_sample")
         image = engine.run({"latent_sample": self.unscale_latents(latents).astype(dtype, copy=False)})["sample"]
         return np.asarray(image, dtype=np.float32)
 
     def encode_image(self, image: np.ndarray, generator: Any, sample: bool = True) -> np.ndarray:
         """VAE-encode a [-1, 1] NCHW batch and draw from the latent distribution (Diffusers' `retrieve_latents`)."""
-        engine = self.engine("vae_encoder")
+        engine = self.engine(self.vae_components["vae_encoder"])
         dtype = next(s.dtype for s in engine.inputs if s.name == "sample")
+        if self.vae == "tiny":  # the tiny encoder gives the latents themselves: nothing to sample
+            return np.asarray(engine.run({"sample": image.astype(dtype, copy=False)})["latents"], np.float32)
         if isinstance(generator, list):
             rows = [self.encode_image(image[i : i + 1], generator[i], sample) for i in range(image.shape[0])]
             return np.concatenate(rows, axis=0)
