@@ -1,6 +1,6 @@
-"""Export stage: a diffusers checkpoint (folder, Hub id or single file) -> a model package (ONNX + manifest).
+"""`export_pipeline`: a diffusers checkpoint (folder, Hub id or single file) -> a model package (ONNX + manifest).
 
-`export_pipeline` checks every argument first (nothing is loaded or written for a bad one), resolves the source,
+It checks every argument first (nothing is loaded or written for a bad one), resolves the source,
 then exports each component in turn (load our torch module -> torch.onnx -> ONNX Runtime check), writing into a
 temporary folder beside the output that is renamed into place only when everything succeeded.
 """
@@ -88,23 +88,36 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
                     variant: str | None = None, precision: str = "fp32", target: str = "onnxruntime",
                     opset: int | None = None, components: Sequence[str] | None = None, overwrite: bool = False,
                     validate: bool = True, tolerance: float | None = None, token: str | bool | None = None,
-                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                    tiny_vae: str | Path | None = None) -> Path:
     """Export the checkpoint `source` to the model package folder `output`; returns `output`.
 
     `precision` fp32 | fp16 | bf16 (float32 islands kept, see `diffrt.export.precision`); `target` onnxruntime
     (opset 23, fused Attention) | tensorrt (opset 18); `components` a subset of text_encoder, text_encoder_2, unet,
     vae_encoder, vae_decoder (default: all the checkpoint has); `tolerance` overrides the validation bound
-    (relative to the output scale; defaults per precision in `DEFAULT_TOLERANCE`).
+    (relative to the output scale; defaults per precision in `DEFAULT_TOLERANCE`). `tiny_vae`, an AutoencoderTiny
+    (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
+    `diffrt.export.tiny_vae`.
     """
+    # tiny_vae builds on this module (Options, export_component): imported here, not at the top (a cycle).
+    from diffrt.export.tiny_vae import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
+
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
     output = Path(output)
     check_output(output, overwrite)
+    # The tiny VAE first: its files are small, so a wrong one fails before a large checkpoint download.
+    tiny = resolve_tiny_vae(tiny_vae, token=token) if tiny_vae is not None else None
     src = _resolve(source, revision, variant, token)
     names = plan_components(src, options.components)
+    tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
+    if tiny is not None:
+        check_fits(tiny, _read_json(src.path / "unet" / "config.json"), _read_json(src.path / "vae" / "config.json"))
     rows: list[tuple[str, int, float, float | None]] = []
     with PackageWriter(output, overwrite) as folder:
         entries = _export_components(src, names, folder, options, rows)
-        _write_support_files(src, names, folder)
+        if tiny is not None:
+            entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
+        _write_support_files(src, names + tiny_components, folder)
         write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries))
     logger.info("exported %s to %s\n%s", src.id, output, summary_table(rows))
     return output
@@ -180,7 +193,13 @@ def _export_component(src: Any, name: str, folder: Path, options: Options,
     """Load, export and validate one component; its manifest entry."""
     vae_config = _read_json(src.path / "vae" / "config.json") if name.startswith("vae") else {}
     precision = component_precision(name, options.precision, src.pipeline_class, vae_config)
-    graph = _load_graph(src, name)
+    return export_component(_load_graph(src, name), precision, folder, options, rows)
+
+
+def export_component(graph: ComponentGraph, precision: str, folder: Path, options: Options,
+                     rows: list[tuple[str, int, float, float | None]]) -> dict[str, Any]:
+    """Export and validate a loaded component into `folder / graph.name`; appends its summary row."""
+    name = graph.name
     cases = reference_cases(graph) if options.validate else []
     prepare_for_export(graph, precision)
     exported = export_graph(graph, folder / name, options.opset, options.external_data_threshold)
@@ -238,3 +257,4 @@ def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, A
     return build_manifest(pipeline=src.pipeline_class, source=source, precision=options.precision,
                           target=options.target, opset=options.opset, exporter=_exporter_versions(),
                           components=entries)
+
