@@ -45,7 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, default=None, help="input image: image-to-image (or inpainting)")
     parser.add_argument("--strength", type=float, default=None)
     parser.add_argument("--mask", type=Path, default=None, help="mask image: inpainting (white = repaint)")
-    parser.add_argument("--provider", default="cpu", help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto")
+    parser.add_argument("--provider", default="cpu",
+                        help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
+                             "built with `diffrt build-engines`)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="with --provider trt: replay each static shape's TensorRT work as a CUDA graph")
+    parser.add_argument("--vae", default="full", choices=("full", "tiny"),
+                        help="full: the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
     parser.add_argument("-o", "--output", type=Path, default=Path("image.png"))
 
 
@@ -122,14 +128,18 @@ def run(args: argparse.Namespace) -> int:
     auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
             "inpainting": AutoPipelineForInpainting}[task]
     start = time.perf_counter()
-    pipe = auto.from_pretrained(args.package, provider=args.provider)
+    if args.cuda_graph and args.provider != "trt":
+        raise InputError(f"`--cuda-graph` needs `--provider trt`; got --provider {args.provider!r}")
+    options = {"cuda_graph": True} if args.cuda_graph else {}
+    pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
     if args.scheduler:
         pipe.scheduler = _scheduler(pipe, args.scheduler)
     load_seconds = time.perf_counter() - start
     kwargs = _call_kwargs(args, pipe)
     result = pipe(**kwargs)
     metadata = {k: v for k, v in kwargs.items() if k not in ("image", "mask_image")}
-    metadata.update(package=str(args.package), scheduler=type(pipe.scheduler).__name__, provider=args.provider)
+    metadata.update(package=str(args.package), scheduler=type(pipe.scheduler).__name__, provider=args.provider,
+                    vae=args.vae)
     paths = _save(result.images, args.output, metadata)
     for path in paths:
         print(f"wrote {path}")

@@ -1,7 +1,8 @@
 """Inference engines behind one protocol; `create_engine` builds one for a package component.
 
-`onnxruntime` and `openvino` are imported only when such an engine is built or its provider checked, so code that
-needs only the protocol (a TensorRT deployment) never loads them.
+`onnxruntime`, `openvino` and `tensorrt` are imported only when such an engine is built or its provider checked, so
+code that needs only the protocol never loads them. Provider "trt" is native TensorRT (prebuilt plans, see
+docs/tensorrt.md); "tensorrt" stays ONNX Runtime's TensorRT execution provider.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from diffrt.runtime.engines.base import (
 if TYPE_CHECKING:
     from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
     from diffrt.runtime.engines.openvino import OpenVINOEngine
+    from diffrt.runtime.engines.tensorrt import TensorRTEngine
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "OpenVINOEngine",
+    "TensorRTEngine",
     "TensorSpec",
     "auto_provider",
     "adapt_feeds",
@@ -46,8 +49,10 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     """An engine for `component`: a `ComponentInfo` (its manifest's dimension ranges apply) or a model path.
 
     `provider` "openvino" builds an `OpenVINOEngine` (options: inference_precision, threads, optimized_model_cache,
-    static_shapes, ...); "auto" the fastest engine installed here (`auto_provider`); anything else an
-    `OnnxRuntimeEngine` (options: threads, graph_optimization_level, optimized_model_cache, ...).
+    static_shapes, ...); "trt" a `TensorRTEngine` from the component's prebuilt plans (options: device_id,
+    cuda_graph, max_contexts; threads is accepted and ignored); "auto" the fastest engine installed here
+    (`auto_provider`); anything else an `OnnxRuntimeEngine` (options: threads, graph_optimization_level,
+    optimized_model_cache, ...).
     """
     if _named(provider, "auto"):
         provider = auto_provider()
@@ -60,6 +65,13 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
             options.setdefault("input_specs", component.inputs)
             options.setdefault("output_specs", component.outputs)
         engine_class, fixed = OpenVINOEngine, {}
+    elif _named(provider, "trt"):
+        from diffrt.runtime.engines.tensorrt import TensorRTEngine
+
+        if not isinstance(component, (str, Path)):
+            options.setdefault("input_specs", component.inputs)
+            options.setdefault("output_specs", component.outputs)
+        engine_class, fixed = TensorRTEngine, {}
     else:
         from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
@@ -121,6 +133,10 @@ def check_provider(provider: Any) -> None:
         from diffrt.runtime.engines.openvino import import_openvino
 
         import_openvino()
+    elif _named(provider, "trt"):
+        from diffrt.runtime.engines.tensorrt import check_trt_provider
+
+        check_trt_provider()
     else:
         from diffrt.runtime.engines.onnxruntime import check_provider as _check
 
@@ -136,4 +152,8 @@ def __getattr__(name: str) -> Any:
         from diffrt.runtime.engines.openvino import OpenVINOEngine
 
         return OpenVINOEngine
+    if name == "TensorRTEngine":
+        from diffrt.runtime.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
