@@ -13,12 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffrt.bench.flops import unet_flops
 from diffrt.bench.presets import load_preset
 from diffrt.bench.report import METRICS, SCHEMA, TIMED
-from diffrt.bench.runner import BenchOptions, check_options, resolve
+from diffrt.bench.report import psnr
+from diffrt.bench.runner import BenchOptions, check_options, resolve, side_names, variants
 from diffrt.errors import InputError, PackageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,7 @@ def _run_tiny(cache: Path, out: Path, *extra: str) -> tuple[dict, str]:
     result = _bench(["tiny", "--runs", str(RUNS), "--warmup", "1", "--steps", str(STEPS), "--height", "128",
                      "--width", "128", "--json", str(out), *extra], cache)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not Path(f"{out}.partial").exists()  # the journal is removed once the record is written
     return json.loads(out.read_text()), result.stdout
 
 
@@ -101,6 +104,9 @@ def test_diffrt_side_never_imports_torch(tiny_run):
 @pytest.mark.slow
 def test_compare_diffusers_runs_interleaved_with_every_stage_and_ratio(compared_run):
     record, stdout = compared_run
+    # Same weights, seed and scheduler: the images agree to within uint8 rounding of ~1e-5 differences.
+    quality = record["quality"]["diffrt"]["psnr_vs_diffusers_db"]
+    assert quality == "inf" or quality >= 45, quality
     assert record["interleaved"] is True and set(record["sides"]) == {"diffrt", "diffusers"}
     assert {"torch", "diffusers"} <= set(record["machine"]["versions"])
     rounds = {name: [s["round"] for s in side["warmup"] + side["samples"]] for name, side in record["sides"].items()}
@@ -185,3 +191,103 @@ def test_package_without_a_needed_component_is_a_package_error(tiny_run, tmp_pat
         (package / name).write_text(json.dumps(data))
     with pytest.raises(PackageError, match="has no unet component"):
         resolve(BenchOptions(target=str(package)))
+
+
+@pytest.fixture(scope="module")
+def providers_run(preset_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """Two diffrt sides (ONNX Runtime and OpenVINO, both fp32) interleaved in one run."""
+    return _run_tiny(preset_cache, tmp_path_factory.mktemp("bench") / "tiny_providers.json",
+                     "--provider", "cpu,openvino")
+
+
+def test_several_providers_are_sides_of_one_interleaved_run(providers_run):
+    record, stdout = providers_run
+    names = ["diffrt[cpu]", "diffrt[openvino]"]
+    assert list(record["sides"]) == names and record["reference"] == "diffrt[cpu]"
+    assert record["sides"]["diffrt[openvino]"]["info"]["engine"] == "OpenVINOEngine"
+    assert record["sides"]["diffrt[cpu]"]["info"]["engine"] == "OnnxRuntimeEngine"
+    assert [s["round"] for s in record["sides"]["diffrt[openvino]"]["samples"]] == list(range(1, RUNS + 1))
+    expected = (record["sides"]["diffrt[openvino]"]["summary"]["total"]["median"]
+                / record["sides"]["diffrt[cpu]"]["summary"]["total"]["median"])
+    assert record["ratios"]["diffrt[openvino]"]["total"] == pytest.approx(expected)
+    # Both fp32: the same image to within float rounding.
+    quality = record["quality"]["diffrt[openvino]"]["psnr_vs_first_db"]
+    assert quality == "inf" or quality >= 40, quality
+    assert "diffrt[openvino] median" in stdout
+
+
+def test_host_share_and_cold_overhead_are_reported(tiny_run):
+    record, stdout = tiny_run
+    side = record["sides"]["diffrt"]
+    share = side["summary"]["host_share"]["median"]
+    sample = side["samples"][0]
+    engines = sum(sample["stages"][k] for k in ("text_encoder", "unet", "vae_decode"))
+    assert 0 < share < 1
+    assert side["summary"]["host_share"]["min"] <= (sample["total"] - engines) / sample["total"]
+    assert any(line.startswith("host share") for line in stdout.splitlines())
+    assert any(line.startswith("cold: overhead") for line in stdout.splitlines())
+
+
+@pytest.mark.parametrize("provider, vae, labels", [
+    ("cpu", "full", ["diffrt"]),
+    ("cpu,openvino:fp32", "full,tiny", ["diffrt[cpu]", "diffrt[cpu+tiny-vae]", "diffrt[openvino:fp32]",
+                                         "diffrt[openvino:fp32+tiny-vae]"]),
+])
+def test_variants_are_each_provider_with_each_vae(provider: str, vae: str, labels: list[str]):
+    opts = BenchOptions(target="tiny", provider=provider, vae=vae)
+    assert side_names(opts) == labels
+    assert [v.provider for v in variants(opts)][:1] == ["cpu"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vae": "huge"}, "`vae` must be a comma-separated list of full, tiny; got 'huge'"),
+    ({"provider": "cpu:bf16"}, "`provider` must be a precision suffix only on openvino, auto"),
+    ({"provider": "openvino:fp8"}, "`inference_precision` must be one of 'fp32', 'bf16', 'auto'; got 'fp8'"),
+    ({"provider": "cpu,cpu"}, "`provider` must be a list without repeats"),
+])
+def test_bad_variants_fail_before_any_work(changes: dict, message: str):
+    with pytest.raises(InputError) as info:
+        check_options(BenchOptions(target="tiny", **changes))
+    assert message in str(info.value)
+
+
+def test_bf16_is_refused_exactly_where_the_cpu_lacks_it():
+    from diffrt.runtime.engines.openvino import bf16_support
+
+    opts = BenchOptions(target="tiny", provider="openvino:bf16")
+    if bf16_support()[0]:
+        check_options(opts)
+    else:
+        with pytest.raises(InputError, match="needs a CPU with avx512_bf16 or amx_bf16"):
+            check_options(opts)
+
+
+def test_psnr():
+    image = np.zeros((4, 4, 3), np.uint8)
+    other = image.copy()
+    other[0, 0, 0] = 255  # mse = 255^2 / 48
+    assert psnr(image, image) == float("inf")
+    assert psnr(other, image) == pytest.approx(10 * np.log10(48))
+
+
+def test_journal_keeps_each_sample_as_it_arrives(tmp_path: Path):
+    from diffrt.bench.runner import Journal
+
+    journal = Journal(tmp_path / "out.json.partial")
+    journal.write("diffrt", "sample", {"total": 1.5, "round": 1})
+    journal.write("diffusers", "sample", {"total": 2.5, "round": 1})
+    lines = [json.loads(line) for line in (tmp_path / "out.json.partial").read_text().splitlines()]
+    assert lines == [{"side": "diffrt", "kind": "sample", "total": 1.5, "round": 1},
+                     {"side": "diffusers", "kind": "sample", "total": 2.5, "round": 1}]
+    Journal(None).write("diffrt", "sample", {})  # no file: a no-op
+
+
+@pytest.mark.slow
+def test_tiny_vae_side_adds_the_taesd_decoder_once_and_reports_its_decode(preset_cache: Path, tmp_path: Path):
+    record, stdout = _run_tiny(preset_cache, tmp_path / "tiny_vae.json", "--vae", "full,tiny")
+    assert list(record["sides"]) == ["diffrt[cpu]", "diffrt[cpu+tiny-vae]"]
+    tiny = record["sides"]["diffrt[cpu+tiny-vae]"]
+    assert tiny["info"]["vae"] == "tiny" and all(s["stages"]["vae_decode"] > 0 for s in tiny["samples"])
+    assert (Path(record["config"]["package"]) / "vae_decoder_tiny" / "model.onnx").is_file()
+    # A different decoder (random weights): a different image, so its PSNR is finite.
+    assert record["quality"]["diffrt[cpu+tiny-vae]"]["psnr_vs_first_db"] not in (None, "inf")

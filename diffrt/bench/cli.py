@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from diffrt.bench.presets import PRESETS
@@ -20,7 +21,13 @@ def _sides(text: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="PACKAGE_OR_PRESET",
                         help=f"model package folder, or a preset built on first use: {', '.join(PRESETS)}")
-    parser.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | an ONNX Runtime provider name")
+    parser.add_argument("--provider", default="cpu",
+                        help="comma-separated providers, each a diffrt side run in the same interleaved benchmark: "
+                             "cpu | openvino[:fp32|bf16|auto] | auto | cuda | tensorrt | trt | an ONNX Runtime "
+                             "provider name (default cpu)")
+    parser.add_argument("--vae", default="full",
+                        help="full | tiny | full,tiny: the package's VAE and/or its tiny autoencoder (TAESD); "
+                             "each value is a side per provider (default full)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
@@ -35,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None,
                         help="diffusers checkpoint for --compare diffusers (default: the package's source)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the full record here")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="write the full record here (and each sample to JSON.partial while running)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from diffrt.bench.runner import BenchOptions, run_benchmark
 
     opts = BenchOptions(
-        target=args.target, provider=args.provider, steps=args.steps, height=args.height, width=args.width,
+        target=args.target, provider=args.provider, vae=args.vae, steps=args.steps, height=args.height, width=args.width,
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
     )
-    record = run_benchmark(opts)
+    journal = f"{args.json_path}.partial" if args.json_path else None
+    record = run_benchmark(opts, journal=journal)
     if args.json_path:
         write_json(args.json_path, record)
+        os.unlink(journal)  # the record holds every sample now
         logger.info("wrote %s", args.json_path)
     sys.stdout.write(format_table(record) + "\n")
     return 0

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from diffrt.bench.worker import RunConfig, peak_rss_mb
+from diffrt.bench.worker import RunConfig, peak_rss_mb, save_image
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,11 @@ class DiffusersSide:
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         start = time.perf_counter()
         with torch.inference_mode():
-            self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
-                      guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=generator)
+            out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
+                            guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=generator)
         self.clock.sync()
         total = time.perf_counter() - start
+        save_image(cfg, out.images[0])
         stages = dict(self.clock.stages)
         stages["host"] = max(total - sum(stages.values()), 0.0)
         return {"total": total, "stages": stages, "steps": self.clock.steps}

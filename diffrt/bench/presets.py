@@ -26,7 +26,7 @@ from typing import Any
 
 from diffrt.errors import InputError, invalid
 
-__all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "build_checkpoint"]
+__all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ class Preset:
 
     def package(self, precision: str = "fp32", target: str = "onnxruntime") -> Path:
         return self.folder / f"package-{precision}-{target}"
+
+    @property
+    def tiny_vae(self) -> Path:
+        """The random-weight TAESD checkpoint (diffusers `AutoencoderTiny` folder) for `--vae tiny`."""
+        return self.folder / "tiny_vae"
 
     @property
     def default_size(self) -> int:
@@ -91,6 +96,34 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
                          "(torch, diffusers, transformers)")
     return package
+
+
+def ensure_tiny_vae(name: str, package: Path) -> Path:
+    """Add the tiny autoencoder (random TAESD weights) to preset `name`'s cached package, once (child process)."""
+    if (package / "vae_decoder_tiny").is_dir():
+        return package
+    logger.info("preset %s: adding a random-weight tiny autoencoder (TAESD) to %s", name, package)
+    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--tiny-vae-into", str(package)]
+    if subprocess.run(command).returncode != 0 or not (package / "vae_decoder_tiny").is_dir():
+        raise InputError(f"adding the tiny VAE to preset {name!r} failed (see the log above); it needs the `export` "
+                         "extra (torch, diffusers)")
+    return package
+
+
+def build_tiny_vae(preset: Preset) -> Path:
+    """diffusers' `AutoencoderTiny()` defaults are the published madebyollin/taesd (and taesdxl) config."""
+    import diffusers
+    import torch
+
+    if (preset.tiny_vae / "config.json").exists():
+        return preset.tiny_vae
+    preset.folder.mkdir(parents=True, exist_ok=True)
+    tmp = preset.folder / f".tiny_vae-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(SEED)
+    diffusers.AutoencoderTiny().eval().save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, preset.tiny_vae)
+    return preset.tiny_vae
 
 
 def _tokenizer(folder: Path, pad: str):
@@ -177,9 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--target", default="onnxruntime")
     parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
+    parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
+                        help="add a random-weight tiny VAE to this package of the preset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
+    if args.tiny_vae_into is not None:
+        from diffrt.export import add_tiny_vae
+
+        add_tiny_vae(args.tiny_vae_into, build_tiny_vae(preset))
+        print(args.tiny_vae_into)
+        return 0
     path = build_checkpoint(preset) if args.checkpoint_only else build_package(preset, args.precision, args.target)
     print(path)  # the one line of stdout a caller reads
     return 0

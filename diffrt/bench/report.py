@@ -5,7 +5,10 @@ its number of steps. `host_per_step` is everything in the call outside the timed
 (prompt and latent preparation, the CFG combine, post-processing), divided by the steps, so it means the same for
 every side; diffrt also times its in-loop host work itself (`host_in_loop_per_step`), and `unaccounted` is the
 part of its total that no stage timer covered. Ratios are other side's median / diffrt's median (> 1: diffrt is
-faster), always from the same run.
+faster), always from the same run. With several diffrt sides (`--provider cpu,openvino`), the first is the
+reference of `ratios`, and `vs_diffusers` gives each diffrt side's median / Diffusers' median (< 1: diffrt faster),
+the figure the CPU-speed goals are stated in. `quality` holds each side's image PSNR against the first diffrt
+side's and against Diffusers' (same seed), so a faster precision is never reported without its error.
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ def derived(sample: Mapping[str, Any]) -> dict[str, float]:
         "total": total,
     }
     out["unaccounted"] = total - sum(float(stages.get(k, 0.0)) for k in TIMED)
+    # Everything outside the three engines (scheduler, CFG combine, conversions, Python), as a share of the total.
+    engines = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "unet", "vae_decode"))
+    out["host_share"] = (total - engines) / total if total > 0 else 0.0
     return out
 
 
@@ -102,7 +108,34 @@ def _gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None) -> dict[str, Any]:
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when they are equal)."""
+    diff = image.astype(np.float64) - reference.astype(np.float64)
+    mse = float(np.mean(diff * diff))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+def image_quality(folder: Path, sides: list[str]) -> dict[str, dict[str, Any]]:
+    """Each side's PSNR (dB) against the first side's image and against Diffusers' (same seed); None if missing."""
+    images = {side: np.load(folder / f"{side}.npy") for side in sides if (folder / f"{side}.npy").is_file()}
+    references = {"first": sides[0], "diffusers": "diffusers" if "diffusers" in sides else None}
+    out: dict[str, dict[str, Any]] = {}
+    for side in sides:
+        row: dict[str, float | None] = {}
+        for label, ref in references.items():
+            if ref is None or ref == side:
+                continue
+            ok = side in images and ref in images and images[side].shape == images[ref].shape
+            value = psnr(images[side], images[ref]) if ok else None
+            # JSON has no infinity: equal images are recorded as the string "inf".
+            row[f"psnr_vs_{label}_db"] = "inf" if value == float("inf") else value
+        out[side] = row
+    return out
+
+
+def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None,
+                 sides_config: dict[str, Any] | None = None,
+                 quality: dict[str, Any] | None = None) -> dict[str, Any]:
     from diffrt.bench.flops import unet_flops
     from diffrt.runtime.package import ModelPackage
 
@@ -117,12 +150,21 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
         sides[side] = {**data, "summary": summary, "peak_rss_mb": peak,
                        "peak_device_mb": max(device) if device else None,
                        "unet_tflops": flops / summary["unet_per_step"]["median"] / 1e12}
-    ratios = {side: {key: sides[side]["summary"][key]["median"] / sides["diffrt"]["summary"][key]["median"]
-                     for key in METRICS if sides["diffrt"]["summary"][key]["median"] > 0}
-              for side in sides if side != "diffrt"}
+    first = next(iter(sides))
+    ratios = {side: _ratios(sides[side], sides[first]) for side in sides if side != first}
+    vs_diffusers = ({side: _ratios(sides[side], sides["diffusers"]) for side in sides if side.startswith("diffrt")}
+                    if "diffusers" in sides else {})
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": machine_info(), "preset": preset, "options": asdict(opts), "config": asdict(config),
-            "interleaved": len(sides) > 1, "unet_flops_per_step": flops, "sides": sides, "ratios": ratios}
+            "sides_config": sides_config or {}, "interleaved": len(sides) > 1, "unet_flops_per_step": flops,
+            "sides": sides, "reference": first, "ratios": ratios, "vs_diffusers": vs_diffusers,
+            "quality": quality or {}}
+
+
+def _ratios(side: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
+    """side median / reference median per reported metric."""
+    mine, theirs = side["summary"], reference["summary"]
+    return {key: mine[key]["median"] / theirs[key]["median"] for key in METRICS if theirs[key]["median"] > 0}
 
 
 def _cell(value: float | None, unit: str = "s") -> str:
@@ -134,34 +176,63 @@ def _cell(value: float | None, unit: str = "s") -> str:
 
 
 def format_table(record: Mapping[str, Any]) -> str:
-    """A fixed-width table: diffrt min/median/p90, then each compared side's median and ratio."""
+    """A fixed-width table: the reference side's min/median/p90, then each other side's median and ratio; with
+    Diffusers compared and several diffrt sides, a second table of each diffrt side relative to Diffusers."""
     sides, cfg = record["sides"], record["config"]
-    others = [s for s in sides if s != "diffrt"]
+    first = record.get("reference", "diffrt")
+    others = [s for s in sides if s != first]
     head = ["stage", "min", "median", "p90"] + [h for s in others for h in (f"{s} median", "ratio")]
     rows = [head]
     for key, (label, _) in METRICS.items():
-        mine = sides["diffrt"]["summary"][key]
+        mine = sides[first]["summary"][key]
         row = [label, _cell(mine["min"]), _cell(mine["median"]), _cell(mine["p90"])]
         for side in others:
             ratio = record["ratios"][side].get(key)
             row += [_cell(sides[side]["summary"][key]["median"]), "-" if ratio is None else f"{ratio:.2f}x"]
         rows.append(row)
-    rows += _extra_rows(record, others)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    rows += _extra_rows(record, first, others)
+    providers = ", ".join(s["provider"] for s in record.get("sides_config", {}).values() if "provider" in s)
+    title = (f"{record['preset'] or cfg['package']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, "
+             f"guidance {cfg['guidance']}, batch {cfg['batch']}, {providers or cfg['provider']}, "
+             f"{cfg['threads']} threads, {sides[first]['summary']['total']['n']} measured run(s); "
+             f"first column: {first}")
+    note = f"ratio = that side's median / {first}'s median (> 1: {first} faster), interleaved in the same run"
+    parts = [title, _layout(rows)] + ([note] if others else [])
+    if len(record.get("vs_diffusers", {})) > 1:
+        parts += ["", "each diffrt side relative to Diffusers (its median / Diffusers' median; < 1: faster)",
+                  _layout(_diffusers_rows(record))]
+    return "\n".join(parts)
+
+
+def _layout(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    title = (f"{record['preset'] or cfg['package']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, "
-             f"guidance {cfg['guidance']}, batch {cfg['batch']}, {cfg['provider']}, {cfg['threads']} threads, "
-             f"{sides['diffrt']['summary']['total']['n']} measured run(s)")
-    note = "ratio = other side's median / diffrt's median (> 1: diffrt faster), interleaved in the same run"
-    return "\n".join([title] + lines + ([note] if others else []))
+    return "\n".join(lines)
 
 
-def _extra_rows(record: Mapping[str, Any], others: list[str]) -> list[list[str]]:
+def _diffusers_rows(record: Mapping[str, Any]) -> list[list[str]]:
+    names = list(record["vs_diffusers"])
+    rows = [["stage"] + names]
+    for key, (label, _) in METRICS.items():
+        rows.append([label] + [f"{record['vs_diffusers'][n].get(key, float('nan')):.2f}" for n in names])
+    for label, key in (("PSNR vs first side", "psnr_vs_first_db"), ("PSNR vs Diffusers", "psnr_vs_diffusers_db")):
+        cells = [record.get("quality", {}).get(n, {}).get(key) for n in names]
+        rows.append([label] + [_db(c) for c in cells])
+    return rows
+
+
+def cold_overhead(side: Mapping[str, Any]) -> float:
+    """Cold start less the image's own compute: package load + (first image - the median warm image)."""
+    cold = side["cold_start"]
+    return cold["load_s"] + max(cold["first_image_s"] - side["summary"]["total"]["median"], 0.0)
+
+
+def _extra_rows(record: Mapping[str, Any], first: str, others: list[str]) -> list[list[str]]:
     sides = record["sides"]
 
     def row(label: str, get: Any, unit: str = "s") -> list[str]:
-        mine = get(sides["diffrt"])
+        mine = get(sides[first])
         cells = [label, "", _cell(mine, unit), ""]
         for side in others:
             theirs = get(sides[side])
@@ -169,13 +240,23 @@ def _extra_rows(record: Mapping[str, Any], others: list[str]) -> list[list[str]]
             cells += [_cell(theirs, unit), ratio]
         return cells
 
-    return [
+    quality = record.get("quality", {})
+    rows = [
+        row("host share", lambda s: 100 * s["summary"]["host_share"]["median"], " %"),
         row("cold: load", lambda s: s["cold_start"]["load_s"]),
         row("cold: first image", lambda s: s["cold_start"]["first_image_s"]),
+        row("cold: overhead", cold_overhead),
         row("peak RSS", lambda s: s["peak_rss_mb"] / 1024, " GiB"),
         row("peak device mem", lambda s: None if s["peak_device_mb"] is None else s["peak_device_mb"] / 1024, " GiB"),
         row("UNet TFLOP/s", lambda s: s["unet_tflops"], ""),
     ]
+    rows.append(["PSNR vs Diffusers", "", _db(quality.get(first, {}).get("psnr_vs_diffusers_db")), ""]
+                + [c for side in others for c in (_db(quality.get(side, {}).get("psnr_vs_diffusers_db")), "")])
+    return rows
+
+
+def _db(value: float | str | None) -> str:
+    return "-" if value is None else "identical" if value == "inf" else f"{value:.1f} dB"
 
 
 def write_json(path: str | Path, record: Mapping[str, Any]) -> None:

@@ -13,27 +13,34 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffrt.bench.presets import PRESETS, ensure_package, is_preset, load_preset
-from diffrt.bench.worker import RunConfig
+from diffrt.bench.presets import PRESETS, cache_root, ensure_package, ensure_tiny_vae, is_preset, load_preset
+from diffrt.bench.worker import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
 
-__all__ = ["BenchOptions", "run_benchmark", "COMPARE_SIDES"]
+__all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
 
 logger = logging.getLogger(__name__)
 
 COMPARE_SIDES = ("diffusers", "optimum")
 NEEDED = ("unet", "vae_decoder")
+VAES = ("full", "tiny")
+#: providers whose engine takes an inference precision (`openvino:bf16`)
+PRECISION_PROVIDERS = ("openvino", "auto")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
+    """`provider` and `vae` are comma-separated lists: each provider x vae pair is one diffrt side."""
+
     target: str
     provider: str = "cpu"
+    vae: str = "full"
     steps: int = 20
     height: int | None = None
     width: int | None = None
@@ -76,9 +83,67 @@ def check_options(opts: BenchOptions) -> None:
         if opts.scheduler not in registered_names():
             raise invalid("scheduler", f"a Diffusers scheduler class name ({', '.join(registered_names())})",
                           opts.scheduler)
+    for variant in variants(opts):
+        check_variant(variant)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One diffrt side: a provider (with an optional inference precision) and a VAE choice."""
+
+    provider: str
+    precision: str | None = None
+    vae: str = "full"
+
+    @property
+    def label(self) -> str:
+        name = self.provider + (f":{self.precision}" if self.precision else "")
+        return name + ("+tiny-vae" if self.vae == "tiny" else "")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def variants(opts: BenchOptions) -> list[Variant]:
+    """The diffrt sides, in the order given: `--provider cpu,openvino:bf16 --vae full,tiny` gives four."""
+    providers, vaes = _split(opts.provider), _split(opts.vae)
+    if not providers:
+        raise invalid("provider", "a comma-separated list of providers (cpu, openvino[:fp32|bf16|auto], ...)",
+                      opts.provider)
+    if not vaes or any(vae not in VAES for vae in vaes):
+        raise invalid("vae", f"a comma-separated list of {', '.join(VAES)}", opts.vae)
+    out = []
+    for spec in providers:
+        provider, _, precision = spec.partition(":")
+        out += [Variant(provider, precision or None, vae) for vae in vaes]
+    if len(set(out)) != len(out):
+        raise invalid("provider", "a list without repeats", opts.provider)
+    return out
+
+
+def check_variant(variant: Variant) -> None:
+    """The provider can run here and its precision is one this CPU runs natively (before anything is loaded)."""
     from diffrt.runtime.pipelines.base import check_provider
 
-    check_provider(opts.provider)
+    check_provider(variant.provider)
+    if variant.precision is None:
+        return
+    if variant.provider.lower() not in PRECISION_PROVIDERS:
+        raise invalid("provider", f"a precision suffix only on {', '.join(PRECISION_PROVIDERS)} "
+                      "(ONNX Runtime runs the package's own precision)", f"{variant.provider}:{variant.precision}")
+    from diffrt.runtime.engines.openvino import resolve_precision
+
+    try:
+        resolve_precision(variant.precision)
+    except ValueError as error:
+        raise InputError(f"`provider` {variant.label}: {error}") from error
+
+
+def side_names(opts: BenchOptions) -> list[str]:
+    """`diffrt` for a single diffrt side, else `diffrt[<variant>]` each."""
+    found = variants(opts)
+    return ["diffrt"] if len(found) == 1 else [f"diffrt[{variant.label}]" for variant in found]
 
 
 def _source_checkpoint(package: Path) -> str | None:
@@ -99,9 +164,21 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
     """(package folder, source checkpoint or None, default image size); builds a preset on first use."""
     if is_preset(opts.target):
         preset = load_preset(opts.target)
-        precision = "fp16" if opts.provider.lower() not in ("cpu", "cpuexecutionprovider") else "fp32"
-        package = ensure_package(opts.target, precision=precision)
-        return package, opts.checkpoint or str(preset.checkpoint), preset.default_size
+        providers = {variant.provider.lower() for variant in variants(opts)}
+        if "trt" in providers and len(providers) > 1:
+            raise invalid("provider", "'trt' alone (its package is exported for TensorRT)", opts.provider)
+        on_cpu = providers <= set(CPU_PROVIDERS)
+        target = "tensorrt" if providers == {"trt"} else "onnxruntime"
+        package = ensure_package(opts.target, precision="fp32" if on_cpu else "fp16", target=target)
+        if any(variant.vae == "tiny" for variant in variants(opts)):
+            ensure_tiny_vae(opts.target, package)
+        size = preset.default_size
+        if target == "tensorrt":  # static engines for exactly the benchmarked shape: TensorRT's fastest case
+            from diffrt.export.tensorrt import build_engines
+
+            build_engines(package, static=(opts.batch, opts.height or size, opts.width or size),
+                          cfg=opts.guidance > 1.0)
+        return package, opts.checkpoint or str(preset.checkpoint), size
     from diffrt.runtime.package import ModelPackage
 
     package = Path(opts.target)
@@ -109,7 +186,8 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         opened = ModelPackage.open(package)
     except Exception as error:
         raise PackageError(f"`package` {str(package)!r} is not a model package: {error}") from error
-    missing = [name for name in NEEDED if not opened.has(name)]
+    needed = NEEDED + (("vae_decoder_tiny",) if any(v.vae == "tiny" for v in variants(opts)) else ())
+    missing = [name for name in needed if not opened.has(name)]
     if not (opened.has("text_encoder") or opened.has("text_encoder_2")):
         missing.append("text_encoder")
     if missing:
@@ -123,10 +201,10 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
 class Worker:
     """One side's process; `request()` runs one image there and returns its sample."""
 
-    def __init__(self, side: str, config: RunConfig):
-        self.side = side
+    def __init__(self, kind: str, config: RunConfig, side: str | None = None):
+        self.side = side or kind
         env = dict(os.environ, OMP_NUM_THREADS=str(config.threads), TOKENIZERS_PARALLELISM="false")
-        command = [sys.executable, "-m", "diffrt.bench.worker", side, config.to_json()]
+        command = [sys.executable, "-m", "diffrt.bench.worker", kind, config.to_json()]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def read(self) -> dict[str, Any]:
@@ -159,40 +237,83 @@ class Worker:
 
 
 def run_config(opts: BenchOptions, package: Path, checkpoint: str | None, size: int) -> RunConfig:
+    """The shared configuration; the first diffrt variant's provider decides CPU vs GPU for the compared sides."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = opts.threads or available
-    return RunConfig(package=str(package), checkpoint=checkpoint, provider=opts.provider, steps=opts.steps,
+    first = variants(opts)[0]
+    return RunConfig(package=str(package), checkpoint=checkpoint, provider=first.provider, steps=opts.steps,
                      height=opts.height or size, width=opts.width or size, batch=opts.batch,
-                     guidance=opts.guidance, scheduler=opts.scheduler, threads=int(threads or 1), seed=opts.seed)
+                     guidance=opts.guidance, scheduler=opts.scheduler, threads=int(threads or 1), seed=opts.seed,
+                     cache_dir=str(cache_root() / "optimized"))
 
 
-def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
-    """Run the benchmark and return its full record (see `diffrt.bench.report.build_record`)."""
-    from diffrt.bench.report import build_record
+def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[str, tuple[str, RunConfig]]:
+    """side name -> (worker kind, its RunConfig): the diffrt variants first, then the compared libraries."""
+    out = {}
+    for name, variant in zip(side_names(opts), variants(opts)):
+        out[name] = ("diffrt", replace(config, provider=variant.provider, precision=variant.precision,
+                                       vae=variant.vae, side=name, image_dir=image_dir))
+    for name in opts.compare:
+        out[name] = (name, replace(config, side=name, image_dir=image_dir))
+    return out
+
+
+def run_benchmark(opts: BenchOptions, journal: str | Path | None = None) -> dict[str, Any]:
+    """Run the benchmark and return its full record (see `diffrt.bench.report.build_record`).
+
+    `journal`: a file that gets one JSON line per sample as it arrives, so an interrupted long benchmark (an SD
+    image takes minutes on a small CPU) keeps what it measured.
+    """
+    from diffrt.bench.report import build_record, image_quality
 
     check_options(opts)
     package, checkpoint, size = resolve(opts)
     config = run_config(opts, package, checkpoint, size)
-    sides = ("diffrt",) + tuple(opts.compare)
-    raw = {side: {"warmup": [], "samples": []} for side in sides}
+    with tempfile.TemporaryDirectory(prefix="diffrt-bench-") as image_dir:
+        configs = side_configs(opts, config, image_dir)
+        raw = _run_sides(opts, configs, Journal(journal))
+        quality = image_quality(Path(image_dir), list(configs))
+    return build_record(opts, config, raw, load_preset(opts.target).name if is_preset(opts.target) else None,
+                        sides_config={name: asdict(cfg) for name, (_, cfg) in configs.items()}, quality=quality)
+
+
+class Journal:
+    """Appends `{"side", "kind", ...}` JSON lines to a file (nothing when the path is None)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, side: str, kind: str, data: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"side": side, "kind": kind, **data}) + "\n")
+
+
+def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], journal: Journal) -> dict[str, Any]:
+    sides = tuple(configs)
+    raw: dict[str, Any] = {side: {"warmup": [], "samples": []} for side in sides}
     workers: dict[str, Worker] = {}
     try:
-        for side in sides:
+        for side, (kind, side_config) in configs.items():
             logger.info("%s: loading and making the first image (cold start)", side)
-            workers[side] = Worker(side, config)
+            workers[side] = Worker(kind, side_config, side)
             ready = workers[side].read()
             raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
             first = dict(ready["first"], round=0)
             raw[side]["warmup" if opts.warmup else "samples"].append(first)
-        _interleave(workers, raw, sides, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1))
+            journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
+        _interleave(workers, raw, sides, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1), journal)
     finally:
         for worker in workers.values():
             worker.close()
-    return build_record(opts, config, raw, load_preset(opts.target).name if is_preset(opts.target) else None)
+    return raw
 
 
 def _interleave(workers: dict[str, Worker], raw: dict[str, Any], sides: Sequence[str], warmup: int,
-                runs: int) -> None:
+                runs: int, journal: Journal) -> None:
     for round_ in range(1, warmup + runs + 1):
         order = list(sides) if round_ % 2 else list(reversed(sides))
         for side in order:
@@ -200,6 +321,7 @@ def _interleave(workers: dict[str, Worker], raw: dict[str, Any], sides: Sequence
             sample = dict(workers[side].request(), round=round_)
             sample.pop("event", None)
             raw[side]["warmup" if round_ <= warmup else "samples"].append(sample)
+            journal.write(side, "warmup" if round_ <= warmup else "sample", sample)
             logger.info("%s: %s %d done in %.2f s", side, "warm-up" if round_ <= warmup else "run",
                         round_ if round_ <= warmup else round_ - warmup, time.perf_counter() - start)
 

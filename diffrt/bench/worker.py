@@ -20,6 +20,8 @@ from typing import Any, Callable, Protocol, TextIO
 logger = logging.getLogger(__name__)
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
+#: providers that run on the CPU (everything else is a GPU provider: fp16 packages, Diffusers on CUDA)
+CPU_PROVIDERS = ("cpu", "cpuexecutionprovider", "openvino", "auto")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class RunConfig:
     package: str
     checkpoint: str | None
     provider: str = "cpu"
+    #: the engine's inference precision (OpenVINO: fp32 / bf16 / auto); None: the engine's default
+    precision: str | None = None
+    #: "full" (the package's VAE) or "tiny" (its TAESD components)
+    vae: str = "full"
     steps: int = 20
     height: int = 512
     width: int = 512
@@ -38,10 +44,16 @@ class RunConfig:
     threads: int = 1
     seed: int = 0
     prompt: str = PROMPT
+    #: this side's name in the record (also the file name of its saved image)
+    side: str = "diffrt"
+    #: where each side saves its image (uint8 .npy) for the quality comparison; None: not saved
+    image_dir: str | None = None
+    #: compiled/optimised-model cache of the diffrt engines (start-up without re-optimising); None: no cache
+    cache_dir: str | None = None
 
     @property
     def on_gpu(self) -> bool:
-        return self.provider.lower() not in ("cpu", "cpuexecutionprovider")
+        return self.provider.lower() not in CPU_PROVIDERS
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,10 +79,20 @@ class DiffrtSide:
 
         cfg = self.config
         options: dict[str, Any] = {"threads": cfg.threads}
+        if cfg.precision is not None:
+            options["inference_precision"] = cfg.precision
+        if cfg.cache_dir is not None and cfg.provider.lower() != "trt":  # TensorRT plans are compiled already
+            options["optimized_model_cache"] = cfg.cache_dir
+        if cfg.provider.lower() == "openvino":
+            # The benchmarked size is fixed, as in a fixed-size service: one compiled model for that shape is
+            # OpenVINO's fastest setup (what provider "auto" picks too).
+            options["static_shapes"] = True
+        if cfg.vae != "full":
+            options["vae"] = cfg.vae
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
         if cfg.scheduler:
             pipe.scheduler = get_scheduler_class(cfg.scheduler).from_config(pipe.package.scheduler_config)
-        for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        for name in ("text_encoder", "text_encoder_2", "unet", pipe.vae_components["vae_decoder"]):
             if pipe.has_component(name):
                 # Engines create their sessions lazily; touch them here so session creation (graph
                 # optimisation: a minute for a real-size UNet) counts as package load, not as the first UNet step.
@@ -86,6 +108,7 @@ class DiffrtSide:
         out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
                         guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=cfg.seed)
         total = time.perf_counter() - start
+        save_image(cfg, out.images[0])
         return {"total": total, "stages": dict(out.timings), "steps": self._steps}
 
     def memory(self) -> dict[str, float]:
@@ -99,13 +122,34 @@ class DiffrtSide:
         return out
 
     def info(self) -> dict[str, Any]:
-        import onnxruntime
+        from importlib import metadata
 
         engine = self.pipe.engine("unet")
-        return {"library": "diffrt", "onnxruntime": onnxruntime.__version__, "provider": self.config.provider,
+        versions = {}
+        for name in ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-cu12"):
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return {"library": "diffrt", **versions, "provider": self.config.provider,
+                "engine": type(engine).__name__, "precision": getattr(engine, "inference_precision", "fp32"),
+                "vae": self.config.vae,
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
                 "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,
                 "torch_imported": "torch" in sys.modules}
+
+
+def save_image(config: RunConfig, image: Any) -> None:
+    """Save a side's image once (every run of a side makes the same image: same seed) for the PSNR comparison."""
+    if config.image_dir is None:
+        return
+    import numpy as np
+
+    path = os.path.join(config.image_dir, f"{config.side}.npy")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, np.asarray(image, dtype=np.uint8))
+        os.replace(tmp, path)
 
 
 def peak_rss_mb() -> float:
