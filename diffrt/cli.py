@@ -136,6 +136,10 @@ def run_export(args: argparse.Namespace) -> int:
                              f"no {', '.join(extra)}")
         add_tiny_vae(args.into, args.tiny_vae, revision=args.revision, token=args.token, overwrite=args.overwrite,
                      validate=args.validate, tolerance=args.tolerance)
+        if args.tensorrt:  # engines for the new components; existing engines are kept (their records match)
+            from diffrt.export.tensorrt import build_engines
+
+            build_engines(args.into)
         return 0
     if args.source is None or args.output is None:
         raise InputError("`source` and `output` are required (or `--tiny-vae TAESD --into PACKAGE` to add the tiny "

@@ -191,7 +191,8 @@ def format_table(record: Mapping[str, Any]) -> str:
             row += [_cell(sides[side]["summary"][key]["median"]), "-" if ratio is None else f"{ratio:.2f}x"]
         rows.append(row)
     rows += _extra_rows(record, first, others)
-    providers = ", ".join(s["provider"] for s in record.get("sides_config", {}).values() if "provider" in s)
+    providers = ", ".join(c["provider"] for name, c in record.get("sides_config", {}).items()
+                          if name.startswith("diffrt"))
     title = (f"{record['preset'] or cfg['package']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, "
              f"guidance {cfg['guidance']}, batch {cfg['batch']}, {providers or cfg['provider']}, "
              f"{cfg['threads']} threads, {sides[first]['summary']['total']['n']} measured run(s); "
