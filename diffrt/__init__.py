@@ -4,8 +4,7 @@ Public names are imported lazily so that ``import diffrt`` stays fast and never 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from diffrt._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -30,14 +29,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffrt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, extra=("__version__",))

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from diffrt.errors import InputError, invalid
 
@@ -115,15 +115,27 @@ def build_tiny_vae(preset: Preset) -> Path:
     import diffusers
     import torch
 
-    if (preset.tiny_vae / "config.json").exists():
-        return preset.tiny_vae
-    preset.folder.mkdir(parents=True, exist_ok=True)
-    tmp = preset.folder / f".tiny_vae-{os.getpid()}"
+    def write(folder: Path) -> None:
+        torch.manual_seed(SEED)
+        diffusers.AutoencoderTiny().eval().save_pretrained(folder, safe_serialization=True)
+
+    return _build_folder(preset.tiny_vae, "config.json", write)
+
+
+def _build_folder(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """`target`, written by `write(folder)` into a temp folder beside it and renamed into place; kept if it exists
+    (`target / marker` marks a finished build)."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(SEED)
-    diffusers.AutoencoderTiny().eval().save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, preset.tiny_vae)
-    return preset.tiny_vae
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _tokenizer(folder: Path, pad: str):
@@ -169,23 +181,19 @@ def build_checkpoint(preset: Preset) -> Path:
     import diffusers
     import torch
 
-    if (preset.checkpoint / "model_index.json").exists():
-        return preset.checkpoint
-    preset.folder.mkdir(parents=True, exist_ok=True)
-    tmp = preset.folder / f".checkpoint-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    start = time.perf_counter()
-    torch.manual_seed(SEED)
-    pipe = getattr(diffusers, preset.spec["pipeline"])(**_components(preset, tmp / ".work"))
-    params = sum(p.numel() for p in pipe.unet.parameters())
-    logger.info("preset %s: random weights ready (UNet %.0fM parameters, %.0f s); writing checkpoint",
-                preset.name, params / 1e6, time.perf_counter() - start)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(tmp / ".work", ignore_errors=True)
-    os.replace(tmp, preset.checkpoint)
-    del pipe
-    gc.collect()
-    return preset.checkpoint
+    def write(folder: Path) -> None:
+        start = time.perf_counter()
+        torch.manual_seed(SEED)
+        pipe = getattr(diffusers, preset.spec["pipeline"])(**_components(preset, folder / ".work"))
+        params = sum(p.numel() for p in pipe.unet.parameters())
+        logger.info("preset %s: random weights ready (UNet %.0fM parameters, %.0f s); writing checkpoint",
+                    preset.name, params / 1e6, time.perf_counter() - start)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        shutil.rmtree(folder / ".work", ignore_errors=True)
+        del pipe
+        gc.collect()
+
+    return _build_folder(preset.checkpoint, "model_index.json", write)
 
 
 def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:

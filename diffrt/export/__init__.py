@@ -5,8 +5,7 @@ The names below are imported on first use: `export_pipeline` needs torch (the `e
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from diffrt._lazy import lazy_names
 
 _LAZY: dict[str, str] = {
     "export_pipeline": "diffrt.export.pipeline",
@@ -20,14 +19,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'diffrt.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

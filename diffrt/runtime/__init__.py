@@ -4,8 +4,7 @@ Names are imported lazily so `import diffrt.runtime` stays fast; engines import 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from diffrt._lazy import lazy_names
 
 _P = "diffrt.runtime.pipelines"
 _LAZY: dict[str, str] = {
@@ -27,14 +26,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diffrt.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
