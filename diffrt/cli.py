@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----- diffrt export -----
-def _component_list(text: str) -> list[str]:
+def component_list(text: str) -> list[str]:
+    """argparse type of `--components`: comma-separated names, at least one."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated component names, got {text!r}")
@@ -108,7 +109,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensorrt", action="store_true",
                         help="with --target tensorrt: then build TensorRT engines on this GPU (build-engines defaults)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: per target)")
-    parser.add_argument("--components", type=_component_list, default=None,
+    parser.add_argument("--components", type=component_list, default=None,
                         help="comma-separated subset of text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-validate", dest="validate", action="store_false",

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from diffrt.cli import component_list
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
-
-
-def component_list(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated component names, got {text!r}")
-    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
