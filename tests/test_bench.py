@@ -251,6 +251,46 @@ def test_bad_variants_fail_before_any_work(changes: dict, message: str):
     assert message in str(info.value)
 
 
+def test_cuda_flags_make_sides_with_engine_options():
+    opts = BenchOptions(target="tiny", provider="cuda,cuda:graph,cuda:graph+nhwc")
+    assert side_names(opts) == ["diffrt[cuda]", "diffrt[cuda:graph]", "diffrt[cuda:graph+nhwc]"]
+    assert [v.flags for v in variants(opts)] == [(), ("graph",), ("graph", "nhwc")]
+    from diffrt.bench.runner import run_config, side_configs
+
+    config = run_config(opts, Path("pkg"), None, 64)
+    flags = [cfg.engine_flags for _, cfg in side_configs(opts, config, "images").values()]
+    assert flags == [(), ("cuda_graph",), ("cuda_graph", "prefer_nhwc")]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"provider": "cuda:fast"}, "`provider` must be CUDA flags from graph, nhwc joined by '+' (cuda:graph+nhwc); "
+                                "got 'cuda:fast'"),
+    ({"provider": "cpu", "export_target": "cuda"}, "`provider` must be cuda sides only with --target cuda"),
+    ({"export_target": "coreml"}, "`target` must be one of onnxruntime, cuda, tensorrt; got 'coreml'"),
+])
+def test_bad_cuda_options_fail_before_any_work(changes: dict, message: str):
+    with pytest.raises(InputError) as info:
+        check_options(BenchOptions(target="tiny", **changes))
+    assert message in str(info.value)
+
+
+def test_a_side_that_fails_is_recorded_and_the_others_measured(tiny_run, preset_cache: Path, tmp_path: Path):
+    record, _ = tiny_run
+    package = tmp_path / "package"  # the tiny package, its source checkpoint gone: Diffusers cannot load it
+    shutil.copytree(record["config"]["package"], package)
+    manifest = json.loads((package / "diffrt.json").read_text())
+    manifest["source"]["id"] = str(tmp_path / "deleted-checkpoint")
+    (package / "diffrt.json").write_text(json.dumps(manifest))
+    out = tmp_path / "failed.json"
+    result = _bench([str(package), "--runs", "1", "--warmup", "0", "--steps", "2", "--compare", "diffusers",
+                     "--json", str(out)], preset_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed = json.loads(out.read_text())
+    assert set(failed["sides"]) == {"diffrt"} and "needs the source checkpoint" in failed["failed"]["diffusers"]
+    assert failed["sides"]["diffrt"]["summary"]["total"]["n"] == 1
+    assert "FAILED diffusers: diffusers side: --compare diffusers needs the source checkpoint" in result.stdout
+
+
 def test_bf16_is_refused_exactly_where_the_cpu_lacks_it():
     from diffrt.runtime.engines.openvino import bf16_support
 

@@ -39,7 +39,8 @@ def check_manifest_schema(package: Path) -> dict:
     assert list(manifest) == ["format", "format_version", "pipeline", "source", "precision", "target", "opset",
                               "exporter", "created", "components"]
     assert manifest["format"] == "diffrt-package" and manifest["format_version"] == 1
-    assert manifest["precision"] in ("fp32", "fp16", "bf16") and manifest["target"] in ("onnxruntime", "tensorrt")
+    assert manifest["precision"] in ("fp32", "fp16", "bf16")
+    assert manifest["target"] in ("onnxruntime", "tensorrt", "cuda")
     assert isinstance(manifest["opset"], int)
     assert set(manifest["source"]) == {"id", "revision", "kind", "weights_sha256"}
     assert manifest["source"]["kind"] in ("hub", "folder", "single_file")
@@ -47,7 +48,9 @@ def check_manifest_schema(package: Path) -> dict:
     assert manifest["created"].endswith("Z")
     for name, entry in manifest["components"].items():
         assert name in ONNX_COMPONENTS
-        assert list(entry) == ["file", "external_data", "precision", "inputs", "outputs", "dims", "validation"]
+        assert list(entry) == ["file", "external_data", "precision", "opset", "inputs", "outputs", "dims",
+                               "validation"]
+        assert isinstance(entry["opset"], int) and (manifest["target"] == "cuda" or entry["opset"] == manifest["opset"])
         assert entry["file"] == f"{name}/model.onnx" and (package / entry["file"]).is_file()
         if entry["external_data"] is not None:
             assert (package / name / entry["external_data"]).is_file()
@@ -236,7 +239,7 @@ def test_existing_output_is_refused_before_loading(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"precision": "fp8"}, "`precision` must be one of fp32, fp16, bf16; got 'fp8'"),
-    ({"target": "coreml"}, "`target` must be one of onnxruntime, tensorrt; got 'coreml'"),
+    ({"target": "coreml"}, "`target` must be one of onnxruntime, tensorrt, cuda; got 'coreml'"),
     ({"opset": 17}, r"`opset` must be None or an int in \[18, 23\]; got 17"),
     ({"precision": "bf16", "target": "tensorrt"}, "`opset` must be >= 22 for precision bf16"),
     ({"components": ["unet", "safety_checker"]}, "`components` must be names from .*; got 'safety_checker'"),
@@ -251,6 +254,7 @@ def test_argument_errors_name_the_parameter(kwargs, message):
 def test_default_opsets_per_target():
     assert check_options().opset == 23
     assert check_options(target="tensorrt").opset == 18
+    assert check_options(target="cuda").opset == 18  # UNet and VAE; its text encoders record 23 per component
     assert check_options(precision="bf16", target="tensorrt", opset=22).opset == 22
 
 

@@ -412,11 +412,12 @@ def test_export_tensorrt_flag_needs_the_tensorrt_target(tiny_checkpoint, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_generate_cuda_graph_needs_the_trt_provider(tmp_path, capsys):
+def test_generate_cuda_graph_needs_a_gpu_provider(tmp_path, capsys):
     code = main(["generate", "digits", "a seven", "--cuda-graph", "-o", str(tmp_path / "x.png")])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "diffrt generate: error: `--cuda-graph` needs `--provider trt`; got --provider 'cpu'", err
+    assert err == ("diffrt generate: error: `--cuda-graph` needs `--provider cuda` or `--provider trt`; got "
+                   "--provider 'cpu'"), err
     assert not (tmp_path / "x.png").exists()
 
 

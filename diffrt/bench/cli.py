@@ -23,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model package folder, or a preset built on first use: {', '.join(PRESETS)}")
     parser.add_argument("--provider", default="cpu",
                         help="comma-separated providers, each a diffrt side run in the same interleaved benchmark: "
-                             "cpu | openvino[:fp32|bf16|auto] | auto | cuda | tensorrt | trt | an ONNX Runtime "
-                             "provider name (default cpu)")
+                             "cpu | openvino[:fp32|bf16|auto] | auto | cuda[:graph|nhwc|graph+nhwc] | tensorrt | "
+                             "trt | an ONNX Runtime provider name (default cpu)")
+    parser.add_argument("--target", dest="export_target", default=None, choices=("onnxruntime", "cuda", "tensorrt"),
+                        help="export target of a preset's package (default: tensorrt for trt, else onnxruntime; "
+                             "cuda: ONNX Runtime's fused CUDA kernels, cuda sides only)")
     parser.add_argument("--vae", default="full",
                         help="full | tiny | full,tiny: the package's VAE and/or its tiny autoencoder (TAESD); "
                              "each value is a side per provider (default full)")
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         target=args.target, provider=args.provider, vae=args.vae, steps=args.steps, height=args.height, width=args.width,
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
+        export_target=args.export_target,
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)

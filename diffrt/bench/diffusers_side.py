@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from diffrt.bench.worker import RunConfig, peak_rss_mb, save_image
+from diffrt.bench.worker import GpuMemoryOnce, RunConfig, peak_rss_mb, save_image
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class DiffusersSide:
         self.config = config
         self.pipe: Any = None
         self.torch: Any = None
+        self._device_memory = GpuMemoryOnce(config.on_gpu)  # before torch creates its CUDA context
 
     def load(self) -> None:
         import diffusers
@@ -115,9 +116,9 @@ class DiffusersSide:
         return {"total": total, "stages": stages, "steps": self.clock.steps}
 
     def memory(self) -> dict[str, float]:
-        out = {"peak_rss_mb": peak_rss_mb()}
-        if self.device == "cuda":
-            out["peak_device_mb"] = self.torch.cuda.max_memory_allocated() / 2**20
+        out = {"peak_rss_mb": peak_rss_mb(), **self._device_memory.read()}
+        if self.device == "cuda":  # PyTorch's own count (tensors only), beside the device-wide figure
+            out["torch_max_allocated_mb"] = self.torch.cuda.max_memory_allocated() / 2**20
         return out
 
     def info(self) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def derived(sample: Mapping[str, Any]) -> dict[str, float]:
         "total": total,
     }
     out["unaccounted"] = total - sum(float(stages.get(k, 0.0)) for k in TIMED)
+    # GPU engines: the host<->device copies inside each UNet call (latents and timestep in, prediction out).
+    out["transfer_per_step"] = sum(float(step.get("unet_transfer", 0.0)) for step in sample.get("steps") or []) / steps
     # Everything outside the three engines (scheduler, CFG combine, conversions, Python), as a share of the total.
     engines = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "unet", "vae_decode"))
     out["host_share"] = (total - engines) / total if total > 0 else 0.0
@@ -72,17 +74,23 @@ def summarize(samples: list[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     return {key: stats([row[key] for row in rows]) for key in rows[0]}
 
 
+# The instruction sets that decide which CPU paths exist (fp32 AVX2 vs AVX-512, bf16, int8 VNNI, AMX).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == platform.processor():
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                present = set(line.split(":", 1)[1].split())
+                flags = [flag for flag in CPU_FLAGS if flag in present]
     except OSError:
         pass
     info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu, "cpu_flags": flags,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -143,7 +151,10 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
     cfg_batch = config.batch * (2 if config.guidance > 1.0 and unet_config.get("time_cond_proj_dim") is None else 1)
     flops = unet_flops(unet_config, config.height // 8, config.width // 8, batch=cfg_batch)
     sides: dict[str, Any] = {}
+    failed = {side: data["error"] for side, data in raw.items() if "error" in data}
     for side, data in raw.items():
+        if side in failed:
+            continue
         summary = summarize(data["samples"])
         peak = max(s.get("peak_rss_mb", 0.0) for s in data["warmup"] + data["samples"])
         device = [s["peak_device_mb"] for s in data["warmup"] + data["samples"] if "peak_device_mb" in s]
@@ -158,7 +169,7 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
             "machine": machine_info(), "preset": preset, "options": asdict(opts), "config": asdict(config),
             "sides_config": sides_config or {}, "interleaved": len(sides) > 1, "unet_flops_per_step": flops,
             "sides": sides, "reference": first, "ratios": ratios, "vs_diffusers": vs_diffusers,
-            "quality": quality or {}}
+            "quality": quality or {}, "failed": failed}
 
 
 def _ratios(side: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
@@ -198,7 +209,11 @@ def format_table(record: Mapping[str, Any]) -> str:
              f"{cfg['threads']} threads, {sides[first]['summary']['total']['n']} measured run(s); "
              f"first column: {first}")
     note = f"ratio = that side's median / {first}'s median (> 1: {first} faster), interleaved in the same run"
-    parts = [title, _layout(rows)] + ([note] if others else [])
+    machine = record.get("machine", {})
+    hardware = f"machine: {machine.get('cpu')} ({', '.join(machine.get('cpu_flags') or []) or 'no AVX2'})"
+    hardware += "".join(f"; GPU {gpu}" for gpu in machine.get("gpu") or [])
+    parts = [title, hardware, _layout(rows)] + ([note] if others else [])
+    parts += [f"FAILED {side}: {error}" for side, error in record.get("failed", {}).items()]
     if len(record.get("vs_diffusers", {})) > 1:
         parts += ["", "each diffrt side relative to Diffusers (its median / Diffusers' median; < 1: faster)",
                   _layout(_diffusers_rows(record))]
@@ -244,6 +259,7 @@ def _extra_rows(record: Mapping[str, Any], first: str, others: list[str]) -> lis
     quality = record.get("quality", {})
     rows = [
         row("host share", lambda s: 100 * s["summary"]["host_share"]["median"], " %"),
+        row("copies in UNet / step", lambda s: s["summary"]["transfer_per_step"]["median"] or None),
         row("cold: load", lambda s: s["cold_start"]["load_s"]),
         row("cold: first image", lambda s: s["cold_start"]["first_image_s"]),
         row("cold: overhead", cold_overhead),

@@ -32,6 +32,11 @@ NEEDED = ("unet", "vae_decoder")
 VAES = ("full", "tiny")
 #: providers whose engine takes an inference precision (`openvino:bf16`)
 PRECISION_PROVIDERS = ("openvino", "auto")
+#: ONNX Runtime CUDA, and its engine flags (`cuda:graph+nhwc`) -> engine options
+CUDA_PROVIDERS = ("cuda", "cudaexecutionprovider")
+CUDA_FLAGS = {"graph": "cuda_graph", "nhwc": "prefer_nhwc"}
+#: package targets of presets: onnxruntime (every provider), cuda (ONNX Runtime CUDA only), tensorrt (provider trt)
+TARGETS = ("onnxruntime", "cuda", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class BenchOptions:
     threads: int | None = None
     seed: int = 0
     checkpoint: str | None = None
+    #: the preset package's export target (None: tensorrt for provider trt, else onnxruntime)
+    export_target: str | None = None
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -85,20 +92,33 @@ def check_options(opts: BenchOptions) -> None:
                           opts.scheduler)
     for variant in variants(opts):
         check_variant(variant)
+    if opts.export_target is not None:
+        if opts.export_target not in TARGETS:
+            raise invalid("target", f"one of {', '.join(TARGETS)}", opts.export_target)
+        if opts.export_target == "cuda" and not all(v.is_cuda for v in variants(opts)):
+            raise invalid("provider", "cuda sides only with --target cuda (its fused kernels run on CUDA alone)",
+                          opts.provider)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One diffrt side: a provider (with an optional inference precision) and a VAE choice."""
+    """One diffrt side: a provider (with an inference precision, or CUDA engine flags) and a VAE choice."""
 
     provider: str
     precision: str | None = None
     vae: str = "full"
+    #: CUDA engine flags (`cuda:graph+nhwc`): graph = cuda_graph=True, nhwc = prefer_nhwc=True
+    flags: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         name = self.provider + (f":{self.precision}" if self.precision else "")
+        name += f":{'+'.join(self.flags)}" if self.flags else ""
         return name + ("+tiny-vae" if self.vae == "tiny" else "")
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.provider.lower() in CUDA_PROVIDERS
 
 
 def _split(text: str) -> list[str]:
@@ -115,8 +135,12 @@ def variants(opts: BenchOptions) -> list[Variant]:
         raise invalid("vae", f"a comma-separated list of {', '.join(VAES)}", opts.vae)
     out = []
     for spec in providers:
-        provider, _, precision = spec.partition(":")
-        out += [Variant(provider, precision or None, vae) for vae in vaes]
+        provider, _, suffix = spec.partition(":")
+        if provider.lower() in CUDA_PROVIDERS:
+            flags = tuple(flag for flag in suffix.split("+") if flag)
+            out += [Variant(provider, None, vae, flags) for vae in vaes]
+        else:
+            out += [Variant(provider, suffix or None, vae) for vae in vaes]
     if len(set(out)) != len(out):
         raise invalid("provider", "a list without repeats", opts.provider)
     return out
@@ -126,6 +150,10 @@ def check_variant(variant: Variant) -> None:
     """The provider can run here and its precision is one this CPU runs natively (before anything is loaded)."""
     from diffrt.runtime.pipelines.base import check_provider
 
+    unknown = [flag for flag in variant.flags if flag not in CUDA_FLAGS]
+    if unknown:
+        raise invalid("provider", f"CUDA flags from {', '.join(CUDA_FLAGS)} joined by '+' (cuda:graph+nhwc)",
+                      variant.label)
     check_provider(variant.provider)
     if variant.precision is None:
         return
@@ -168,7 +196,7 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         if "trt" in providers and len(providers) > 1:
             raise invalid("provider", "'trt' alone (its package is exported for TensorRT)", opts.provider)
         on_cpu = providers <= set(CPU_PROVIDERS)
-        target = "tensorrt" if providers == {"trt"} else "onnxruntime"
+        target = opts.export_target or ("tensorrt" if providers == {"trt"} else "onnxruntime")
         package = ensure_package(opts.target, precision="fp32" if on_cpu else "fp16", target=target)
         if any(variant.vae == "tiny" for variant in variants(opts)):
             ensure_tiny_vae(opts.target, package)
@@ -252,7 +280,8 @@ def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[
     out = {}
     for name, variant in zip(side_names(opts), variants(opts)):
         out[name] = ("diffrt", replace(config, provider=variant.provider, precision=variant.precision,
-                                       vae=variant.vae, side=name, image_dir=image_dir))
+                                       vae=variant.vae, side=name, image_dir=image_dir,
+                                       engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags)))
     for name in opts.compare:
         out[name] = (name, replace(config, side=name, image_dir=image_dir))
     return out
@@ -293,35 +322,58 @@ class Journal:
 
 
 def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], journal: Journal) -> dict[str, Any]:
+    """Each side's samples; a side that fails (its engine cannot load here, a run errors) is recorded with its
+    error and left out of the remaining rounds, so one broken side does not cost the others' measurements."""
     sides = tuple(configs)
     raw: dict[str, Any] = {side: {"warmup": [], "samples": []} for side in sides}
     workers: dict[str, Worker] = {}
     try:
         for side, (kind, side_config) in configs.items():
             logger.info("%s: loading and making the first image (cold start)", side)
-            workers[side] = Worker(kind, side_config, side)
-            ready = workers[side].read()
+            try:
+                workers[side] = Worker(kind, side_config, side)
+                ready = workers[side].read()
+            except (EngineError, InputError) as error:
+                _fail(raw, workers, journal, side, error)
+                continue
             raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
             first = dict(ready["first"], round=0)
             raw[side]["warmup" if opts.warmup else "samples"].append(first)
             journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
-        _interleave(workers, raw, sides, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1), journal)
+        _interleave(workers, raw, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1), journal)
     finally:
         for worker in workers.values():
             worker.close()
+    failed = [side for side in sides if "error" in raw[side]]
+    if len(failed) == len(sides) or any(not raw[side]["samples"] for side in sides if side not in failed):
+        raise EngineError("; ".join(f"{side}: {raw[side].get('error', 'no measured run')}" for side in sides))
     return raw
 
 
-def _interleave(workers: dict[str, Worker], raw: dict[str, Any], sides: Sequence[str], warmup: int,
-                runs: int, journal: Journal) -> None:
+def _fail(raw: dict[str, Any], workers: dict[str, Worker], journal: Journal, side: str, error: Exception) -> None:
+    logger.error("%s failed and is left out of the benchmark: %s", side, error)
+    raw[side]["error"] = str(error)
+    journal.write(side, "error", {"error": str(error)})
+    worker = workers.pop(side, None)
+    if worker is not None:
+        worker.close()
+
+
+def _interleave(workers: dict[str, Worker], raw: dict[str, Any], warmup: int, runs: int, journal: Journal) -> None:
+    sides = list(workers)
     for round_ in range(1, warmup + runs + 1):
-        order = list(sides) if round_ % 2 else list(reversed(sides))
+        order = sides if round_ % 2 else list(reversed(sides))
         for side in order:
+            if side not in workers:
+                continue
             start = time.perf_counter()
-            sample = dict(workers[side].request(), round=round_)
+            try:
+                sample = dict(workers[side].request(), round=round_)
+            except (EngineError, InputError) as error:
+                _fail(raw, workers, journal, side, error)
+                continue
             sample.pop("event", None)
             raw[side]["warmup" if round_ <= warmup else "samples"].append(sample)
             journal.write(side, "warmup" if round_ <= warmup else "sample", sample)
             logger.info("%s: %s %d done in %.2f s", side, "warm-up" if round_ <= warmup else "run",
                         round_ if round_ <= warmup else round_ - warmup, time.perf_counter() - start)
-

@@ -50,6 +50,8 @@ class RunConfig:
     image_dir: str | None = None
     #: compiled/optimised-model cache of the diffrt engines (start-up without re-optimising); None: no cache
     cache_dir: str | None = None
+    #: boolean engine options switched on for this side (`cuda_graph`, `prefer_nhwc`: `--provider cuda:graph+nhwc`)
+    engine_flags: tuple[str, ...] = ()
 
     @property
     def on_gpu(self) -> bool:
@@ -72,6 +74,7 @@ class DiffrtSide:
         self.config = config
         self.pipe: Any = None
         self._steps: list[dict[str, float]] = []
+        self._device_memory = GpuMemoryOnce(config.on_gpu)
 
     def load(self) -> None:
         from diffrt.runtime.pipelines.base import DiffusionPipeline
@@ -89,6 +92,7 @@ class DiffrtSide:
             options["static_shapes"] = True
         if cfg.vae != "full":
             options["vae"] = cfg.vae
+        options.update({flag: True for flag in cfg.engine_flags})
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
         if cfg.scheduler:
             pipe.scheduler = get_scheduler_class(cfg.scheduler).from_config(pipe.package.scheduler_config)
@@ -98,7 +102,15 @@ class DiffrtSide:
                 # optimisation: a minute for a real-size UNet) counts as package load, not as the first UNet step.
                 getattr(pipe.engine(name), "session", None)
         pipe.set_progress_bar_config(disable=True)
-        pipe.step_hook = lambda i, seconds: self._steps.append(seconds)
+        unet = pipe.engine("unet")
+
+        def record_step(index: int, seconds: dict[str, float]) -> None:
+            transfer = getattr(unet, "last_transfer_seconds", None)
+            if transfer is not None:  # GPU engines: the copies inside that UNet call
+                seconds["unet_transfer"] = transfer
+            self._steps.append(seconds)
+
+        pipe.step_hook = record_step
         self.pipe = pipe
 
     def run_once(self) -> dict[str, Any]:
@@ -112,14 +124,8 @@ class DiffrtSide:
         return {"total": total, "stages": dict(out.timings), "steps": self._steps}
 
     def memory(self) -> dict[str, float]:
-        """Peak RSS; on a GPU also this process's device memory as nvidia-smi reports it (ONNX Runtime's arenas
-        only grow, so the value after a run is its peak)."""
-        out = {"peak_rss_mb": peak_rss_mb()}
-        if self.config.on_gpu:
-            used = _nvidia_smi_process_mb(os.getpid())
-            if used is not None:
-                out["peak_device_mb"] = used
-        return out
+        """Peak RSS; on a GPU also the device memory this side holds after its first image (`GpuMemoryOnce`)."""
+        return {"peak_rss_mb": peak_rss_mb(), **self._device_memory.read()}
 
     def info(self) -> dict[str, Any]:
         from importlib import metadata
@@ -135,6 +141,7 @@ class DiffrtSide:
                 "engine": type(engine).__name__, "precision": getattr(engine, "inference_precision", "fp32"),
                 "vae": self.config.vae,
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
+                "cuda_graph": getattr(engine, "cuda_graph_active", None),
                 "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,
                 "torch_imported": "torch" in sys.modules}
 
@@ -158,17 +165,23 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def _nvidia_smi_process_mb(pid: int) -> float | None:
-    import subprocess
+class GpuMemoryOnce:
+    """The device memory a GPU side holds, read once: after its first image, before the next side loads (see
+    `diffrt.bench.gpu_memory`). ONNX Runtime's arenas and PyTorch's caching allocator keep what they took, so for
+    the benchmarked shape that is also the peak."""
 
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [line.split(",") for line in out.splitlines() if "," in line]
-    used = [float(mb) for p, mb in rows if p.strip() == str(pid)]
-    return sum(used) if used else None
+    def __init__(self, on_gpu: bool):
+        self._probe: Any = None
+        if on_gpu:
+            from diffrt.bench.gpu_memory import DeviceMemoryProbe
+
+            self._probe = DeviceMemoryProbe()
+
+    def read(self) -> dict[str, float]:
+        if self._probe is None:
+            return {}
+        used, self._probe = self._probe.used_mb(), None
+        return {} if used is None else {"peak_device_mb": used}
 
 
 def make_side(name: str, config: RunConfig) -> Side:
@@ -212,11 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     name, config = argv[0], RunConfig(**json.loads(argv[1]))
     out, sys.stdout = sys.stdout, sys.stderr  # keep library prints off the protocol stream
-    side = make_side(name, config)
-    memory: Callable[[], dict[str, float]] = lambda: {"peak_rss_mb": peak_rss_mb()}
-    if hasattr(side, "memory"):
-        memory = side.memory  # type: ignore[attr-defined]
     try:
+        side = make_side(name, config)
+        memory: Callable[[], dict[str, float]] = getattr(side, "memory", lambda: {"peak_rss_mb": peak_rss_mb()})
         serve(side, out, sys.stdin.readline, memory)
     except Exception as error:  # reported to the parent, which raises it as a typed error
         out.write(json.dumps({"event": "error", "type": type(error).__name__, "message": str(error)}) + "\n")

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 # version converter) and inside the 9..20 range every TensorRT 10.x parser reads; below 23 attention is exported
 # as MatMul-Softmax-MatMul, the pattern TensorRT's own MHA fusion matches (its parser only learnt `Attention` in
 # 10.14).
-TARGET_OPSETS: dict[str, int] = {"onnxruntime": 23, "tensorrt": 18}
+# cuda: ONNX Runtime's CUDA provider with its fused diffusion kernels (`diffrt.export.cuda_target`): opset 18 for
+# the UNet and VAE (the GroupNorm pattern its fusions match), 23 for text encoders.
+TARGET_OPSETS: dict[str, int] = {"onnxruntime": 23, "tensorrt": 18, "cuda": 18}
 OPSET_RANGE = (18, 23)  # torch.onnx's dynamo exporter: torchlib opset .. ONNX_MAX_OPSET
 # Weights above this go to one external file: a protobuf message cannot exceed 2 GiB, graph included.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -82,6 +84,7 @@ class ExportedFile:
     external_data: str | None
     size_bytes: int
     seconds: float
+    weight_bytes: int = 0
 
 
 class _OutputsByName(nn.Module):
@@ -284,18 +287,24 @@ def _token_ids(shape: list[int], vocab: int, bos: int | None, eos: int, pad: int
     return ids
 
 
-def prepare_for_export(graph: ComponentGraph, precision: str) -> None:
-    """Convert `graph.module` in place to `precision` (float32 islands kept) behind float32 inputs/outputs."""
+def prepare_for_export(graph: ComponentGraph, precision: str, float32_group_norm: bool = True) -> None:
+    """Convert `graph.module` in place to `precision` (float32 islands kept) behind float32 inputs/outputs.
+
+    `float32_group_norm=False` leaves GroupNorm in `precision`: for graphs whose GroupNorms become ONNX Runtime's
+    fused kernel (the cuda target), which keeps its statistics in float32 itself."""
     graph.precision = precision
     dtype = PRECISIONS[precision]
     if dtype != torch.float32:
-        convert_module(graph.module, dtype)
+        convert_module(graph.module, dtype, float32_group_norm)
         graph.module = BoundaryCast(graph.module, [s.name for s in graph.inputs], dtype, graph.keep_float32)
 
 
 def export_graph(graph: ComponentGraph, folder: Path, opset: int,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ExportedFile:
-    """Export `graph` to `folder/model.onnx` (+ `model.onnx_data` when the weights exceed the threshold)."""
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                 translations: Mapping[Any, Any] | None = None) -> ExportedFile:
+    """Export `graph` to `folder/model.onnx` (+ `model.onnx_data` when the weights exceed the threshold).
+
+    `translations`: ONNX translations of our custom torch ops (the cuda target's MultiHeadAttention)."""
     import onnx_ir as ir
 
     start = time.perf_counter()
@@ -306,6 +315,7 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
             graph.module.eval(), args, dynamo=True, opset_version=opset, verbose=False, optimize=True,
             input_names=[s.name for s in graph.inputs], output_names=[s.name for s in graph.outputs],
             dynamic_shapes={"inputs": dynamic},  # every module here takes `*inputs`
+            custom_translation_table=dict(translations) if translations else None,
         )
     model = program.model
     if graph.precision != "fp32":
@@ -319,7 +329,7 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
     # the torch tensors: onnx.save_model first builds a ModelProto holding a second copy of every weight.
     ir.save(model, path, external_data=external)
     size = path.stat().st_size + ((folder / external).stat().st_size if external else 0)
-    return ExportedFile(path, external, size, time.perf_counter() - start)
+    return ExportedFile(path, external, size, time.perf_counter() - start, weights)
 
 
 @contextlib.contextmanager

@@ -142,11 +142,12 @@ def build_manifest(*, pipeline: str, source: Mapping[str, Any], precision: str, 
 
 def component_entry(*, file: str, external_data: str | None, precision: str, inputs: list[dict],
                     outputs: list[dict], dims: Mapping[str, tuple[int, int]],
-                    validation: Mapping[str, float] | None) -> dict[str, Any]:
+                    validation: Mapping[str, float] | None, opset: int | None = None) -> dict[str, Any]:
     return {
         "file": file,
         "external_data": external_data,
         "precision": precision,
+        **({"opset": int(opset)} if opset is not None else {}),
         "inputs": inputs,
         "outputs": outputs,
         "dims": {name: [int(low), int(high)] for name, (low, high) in dims.items()},

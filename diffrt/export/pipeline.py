@@ -10,7 +10,7 @@ import gc
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +23,7 @@ from diffrt.export.package import (
     INDEX_NAME, MANIFEST_NAME, PackageWriter, build_manifest, check_output, component_entry, copy_file, model_index,
     summary_table, write_json,
 )
+from diffrt.export import cuda_target
 from diffrt.export.precision import DEFAULT_TOLERANCE, check_precision, component_precision
 from diffrt.export.tokenizers import write_tokenizer
 from diffrt.export.validate import reference_cases, validate_export
@@ -201,22 +202,48 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
     """Export and validate a loaded component into `folder / graph.name`; appends its summary row."""
     name = graph.name
     cases = reference_cases(graph) if options.validate else []
-    prepare_for_export(graph, precision)
-    exported = export_graph(graph, folder / name, options.opset, options.external_data_threshold)
+    fused = options.target == "cuda" and name in cuda_target.FUSED_COMPONENTS
+    opset, translations = options.opset, None
+    if options.target == "cuda":
+        opset = cuda_target.component_opset(name)
+        cuda_target.prepare_module(name, graph.module)
+        translations = cuda_target.translation_table() if fused else None
+    prepare_for_export(graph, precision, float32_group_norm=not fused)
+    # A graph to fuse is written with every weight external: the fusions then run on the graph alone.
+    threshold = 0 if fused else options.external_data_threshold
+    exported = export_graph(graph, folder / name, opset, threshold, translations)
     graph.module = None  # type: ignore[assignment]  # free the weights before ONNX Runtime loads its copy
     gc.collect()
+    if fused:
+        external = exported.weight_bytes > options.external_data_threshold
+        data = cuda_target.fuse(exported.path, name, external)
+        size = sum(f.stat().st_size for f in (exported.path, folder / name / (data or MODEL_NAME)))
+        exported = replace(exported, external_data=data, size_bytes=size if data else exported.path.stat().st_size)
     if graph.config_file is not None:
         copy_file(graph.config_file, folder / name / "config.json")
     validation = None
-    if options.validate:
+    if options.validate and fused and not cuda_usable_here():
+        logger.warning("%s: not validated: its fused CUDA kernels run on a GPU only, and there is none here "
+                       "(the manifest records validation null)", name)
+    elif options.validate:
         tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[precision]
-        validation = validate_export(graph, exported.path, cases, tolerance)
+        provider = "cuda" if options.target == "cuda" and cuda_usable_here() else "cpu"
+        validation = validate_export(graph, exported.path, cases, tolerance, provider)
     rows.append((name, exported.size_bytes, exported.seconds, validation.max_abs_diff if validation else None))
     return component_entry(
-        file=f"{name}/{MODEL_NAME}", external_data=exported.external_data, precision=precision,
+        file=f"{name}/{MODEL_NAME}", external_data=exported.external_data, precision=precision, opset=opset,
         inputs=[s.manifest() for s in graph.inputs], outputs=[s.manifest() for s in graph.outputs],
         dims=graph.dims, validation=validation.manifest() if validation else None,
     )
+
+
+def cuda_usable_here() -> bool:
+    """ONNX Runtime with the CUDA provider and a GPU: validation of the cuda target can run."""
+    try:
+        from diffrt.runtime.engines.onnxruntime_cuda import cuda_usable
+    except ImportError:  # no onnxruntime at all: validation says so itself
+        return False
+    return cuda_usable()
 
 
 def _write_support_files(src: Any, names: list[str], folder: Path) -> None:

@@ -70,11 +70,14 @@ def _float32_group_norm(norm: nn.GroupNorm) -> Float32GroupNorm:
     return upcast
 
 
-def convert_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`module` in `dtype` (in place), every GroupNorm replaced by a float32 one; float32 leaves it unchanged."""
+def convert_module(module: nn.Module, dtype: torch.dtype, float32_group_norm: bool = True) -> nn.Module:
+    """`module` in `dtype` (in place), every GroupNorm replaced by a float32 one (unless `float32_group_norm` is
+    False); float32 leaves it unchanged."""
     if dtype == torch.float32:
         return module
     module.to(dtype)
+    if not float32_group_norm:
+        return module
     for parent in list(module.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.GroupNorm:

@@ -59,14 +59,23 @@ def reference_cases(graph: ComponentGraph, seed: int = 0) -> list[Case]:
     return cases
 
 
-def run_onnx(path: Path, feeds: list[dict[str, np.ndarray]], label: str = "") -> list[dict[str, np.ndarray]]:
-    """ONNX Runtime CPU runs of the model at `path` (one session), outputs by name for each feed."""
+def run_onnx(path: Path, feeds: list[dict[str, np.ndarray]], label: str = "",
+             provider: str = "cpu") -> list[dict[str, np.ndarray]]:
+    """ONNX Runtime runs of the model at `path` (one session, CPU or CUDA), outputs by name for each feed."""
     try:
         import onnxruntime as ort
     except ImportError as error:
         raise ExportError("validation runs the export in ONNX Runtime: install onnxruntime (the `cpu` extra) or "
                           "pass validate=False (--no-validate)") from error
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if provider == "cuda":
+        from diffrt.runtime.engines.onnxruntime_cuda import preload_cuda_libraries
+
+        preload_cuda_libraries()
+        # TF32 off: the check compares with float32 torch, and TF32 alone would cost ~1e-3 of it.
+        providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": "0"})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), providers=providers)
     names = [output.name for output in session.get_outputs()]
     results = []
     for feed in feeds:
@@ -95,14 +104,16 @@ def compare(cases: list[Case], actual: list[dict[str, np.ndarray]], tolerance: f
     return Validation(diff, tolerance * scale)
 
 
-def validate_export(graph: ComponentGraph, path: Path, cases: list[Case], tolerance: float) -> Validation:
-    """Run the exported model on every case; ExportError when the difference exceeds the bound."""
+def validate_export(graph: ComponentGraph, path: Path, cases: list[Case], tolerance: float,
+                    provider: str = "cpu") -> Validation:
+    """Run the exported model on every case (ONNX Runtime `provider`, "cpu" or "cuda"); ExportError when the
+    difference exceeds the bound."""
     if graph.precision == "bf16":
         with tempfile.TemporaryDirectory(prefix=".validate-", dir=path.parent) as scratch:
             widened = widen_bfloat16(path, Path(scratch))
             actual = run_onnx(widened, [case.inputs for case in cases], graph.name)
     else:
-        actual = run_onnx(path, [case.inputs for case in cases], graph.name)
+        actual = run_onnx(path, [case.inputs for case in cases], graph.name, provider)
     result = compare(cases, actual, tolerance)
     logger.debug("%s: max abs diff %.3g (bound %.3g)", graph.name, result.max_abs_diff, result.tolerance)
     if not result.max_abs_diff <= result.tolerance:

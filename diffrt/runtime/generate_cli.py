@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
                              "built with `diffrt build-engines`)")
     parser.add_argument("--cuda-graph", action="store_true",
-                        help="with --provider trt: replay each static shape's TensorRT work as a CUDA graph")
+                        help="with --provider cuda or trt: replay each shape's GPU work as a CUDA graph")
     parser.add_argument("--vae", default="full", choices=("full", "tiny"),
                         help="full: the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
     parser.add_argument("-o", "--output", type=Path, default=Path("image.png"))
@@ -128,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
             "inpainting": AutoPipelineForInpainting}[task]
     start = time.perf_counter()
-    if args.cuda_graph and args.provider != "trt":
-        raise InputError(f"`--cuda-graph` needs `--provider trt`; got --provider {args.provider!r}")
+    if args.cuda_graph and args.provider not in ("trt", "cuda"):
+        raise InputError(f"`--cuda-graph` needs `--provider cuda` or `--provider trt`; got --provider "
+                         f"{args.provider!r}")
     options = {"cuda_graph": True} if args.cuda_graph else {}
     pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
     if args.scheduler:

@@ -2,6 +2,9 @@
 
 The exporter lowers that single SDPA on [batch, heads, tokens, head_dim] tensors to the ONNX `Attention` op
 (opset 23) for ONNX Runtime and to MatMul-Softmax-MatMul for TensorRT, so nothing here may split, slice or mask it.
+For the CUDA target (`lower_to_multi_head_attention`) the whole attention on [batch, tokens, heads*head_dim]
+projections is one `diffrt::multi_head_attention` op instead, which the exporter writes as ONNX Runtime's
+`com.microsoft.MultiHeadAttention` (flash attention on CUDA, and no head split/merge transposes in the graph).
 Mirrors diffusers' `Attention` + `AttnProcessor2_0`, `BasicTransformerBlock` (layer_norm, GEGLU) and the continuous
 `Transformer2DModel`.
 """
@@ -12,8 +15,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.library.custom_op("diffrt::multi_head_attention", mutates_args=())
+def multi_head_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention on [B, L, heads*d] projections (ONNX Runtime's MultiHeadAttention contract, scale 1/sqrt(d))."""
+    query, key, value = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (query, key, value))
+    return F.scaled_dot_product_attention(query, key, value).transpose(1, 2).flatten(2)
+
+
+@multi_head_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def lower_to_multi_head_attention(module: nn.Module) -> int:
+    """Make every `Attention` in `module` export as one MultiHeadAttention op; returns how many were switched."""
+    switched = 0
+    for child in module.modules():
+        if isinstance(child, Attention):
+            child.fused_op = True
+            switched += 1
+    return switched
+
+
 class Attention(nn.Module):
     """Multi-head attention over token sequences [batch, tokens, channels]; self-attention when `context` is None."""
+
+    #: export the attention as one `diffrt::multi_head_attention` op (the CUDA target)
+    fused_op = False
 
     def __init__(
         self,
@@ -42,6 +70,10 @@ class Attention(nn.Module):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """[B, L, heads*d] projections -> one SDPA on [B, heads, L, d] -> [B, L, heads*d] in the input dtype."""
         dtype = query.dtype
+        if self.fused_op:
+            # ORT's kernels (flash / memory-efficient) accumulate the logits and softmax in float32 for any input
+            # type, which is what upcast_attention asks for.
+            return torch.ops.diffrt.multi_head_attention(query, key, value, self.heads)
         if self.upcast_attention and dtype != torch.float32:
             # SD 2.x 768-v logits overflow float16 (max 65504) in Q.K^T and give NaN/black images; that is why its
             # config sets upcast_attention. PyTorch's fused kernels accumulate in float32 anyway, but the exported

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# A package's components whose engines take `cuda_graph`: CUDA graphs pay off for a model run at every denoising
+# step; the text encoders and the VAE run once per image, and some of their graphs cannot be captured at all (a
+# kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax).
+GRAPHED_COMPONENTS = ("unet",)
+
 __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
@@ -52,11 +57,14 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     static_shapes, ...); "trt" a `TensorRTEngine` from the component's prebuilt plans (options: device_id,
     cuda_graph, max_contexts; threads is accepted and ignored); "auto" the fastest engine installed here
     (`auto_provider`); anything else an `OnnxRuntimeEngine` (options: threads, graph_optimization_level,
-    optimized_model_cache, ...).
+    optimized_model_cache, and on CUDA device_id, cuda_graph, prefer_nhwc, ...). `cuda_graph` applies to the
+    components in `GRAPHED_COMPONENTS` only.
     """
     if _named(provider, "auto"):
         provider = auto_provider()
         options = _auto_options(provider, options)
+    if not isinstance(component, (str, Path)) and component.name not in GRAPHED_COMPONENTS:
+        options.pop("cuda_graph", None)
     path = component if isinstance(component, (str, Path)) else component.path
     if _named(provider, "openvino"):
         from diffrt.runtime.engines.openvino import OpenVINOEngine
@@ -83,10 +91,13 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
 
 
 def auto_provider() -> str:
-    """`provider="auto"`: "openvino" where installed (faster than ONNX Runtime on CPUs, issue #8), else "cpu"."""
+    """`provider="auto"`: ONNX Runtime CUDA where it and a GPU are here (issue #17), else OpenVINO where installed
+    (faster than ONNX Runtime on CPUs, issue #8), else ONNX Runtime CPU."""
     from diffrt.runtime.engines.openvino import openvino_available
 
-    if openvino_available():
+    if importlib.util.find_spec("onnxruntime") is not None and _cuda_usable():
+        choice = "cuda"
+    elif openvino_available():
         choice = "openvino"
     elif importlib.util.find_spec("onnxruntime") is not None:
         choice = "cpu"
@@ -94,15 +105,27 @@ def auto_provider() -> str:
         raise ConfigError(
             "`provider` 'auto' found no engine: install `diffrt[openvino]` or `diffrt[cpu]` (ONNX Runtime)"
         )
-    logger.info("provider 'auto' chose %s", "OpenVINO" if choice == "openvino" else "ONNX Runtime CPU")
+    names = {"cuda": "ONNX Runtime CUDA", "openvino": "OpenVINO", "cpu": "ONNX Runtime CPU"}
+    logger.info("provider 'auto' chose %s", names[choice])
     return choice
 
 
+def _cuda_usable() -> bool:
+    from diffrt.runtime.engines.onnxruntime_cuda import cuda_usable
+
+    return cuda_usable()
+
+
 def _auto_options(provider: str, options: dict[str, Any]) -> dict[str, Any]:
-    """OpenVINO: bf16 where the CPU has it, and per-shape compiled models (faster than dynamic shapes; a pipeline's
+    """CUDA: CUDA graphs where the model allows them (measured fastest on an H200, docs/benchmarks.md).
+    OpenVINO: bf16 where the CPU has it, and per-shape compiled models (faster than dynamic shapes; a pipeline's
     sizes are fixed per call). ONNX Runtime's CPU provider is fp32, so inference_precision fp32 / auto are no-ops."""
     options = dict(options)
-    if provider == "openvino":
+    if provider == "cuda":
+        options.setdefault("cuda_graph", "auto")
+        if options.get("inference_precision") in ("fp32", "auto"):
+            del options["inference_precision"]
+    elif provider == "openvino":
         options.setdefault("inference_precision", "auto")
         options.setdefault("static_shapes", True)
     elif options.get("inference_precision") in ("fp32", "auto"):
@@ -116,7 +139,9 @@ def _named(provider: Any, name: str) -> bool:
 
 def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -> None:
     """An option the chosen engine does not take is a `ConfigError` naming it, not a TypeError from deep inside."""
-    accepted = [n for n in inspect.signature(engine_class.__init__).parameters if n not in ("self", "path", "provider")]
+    parameters = inspect.signature(engine_class.__init__).parameters.values()
+    accepted = [p.name for p in parameters if p.name not in ("self", "path", "provider") and p.kind != p.VAR_KEYWORD]
+    accepted += list(getattr(engine_class, "keyword_options", ()))  # options taken through **kwargs
     unknown = [name for name in options if name not in accepted]
     if unknown:
         raise ConfigError(

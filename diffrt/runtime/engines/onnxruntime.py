@@ -1,5 +1,8 @@
 """ONNX Runtime engine: one lazily created, thread-safe `InferenceSession` per model file.
 
+On CUDA the session runs through `DeviceIO` (device-resident inputs/outputs, optional CUDA graphs; see
+`onnxruntime_cuda`).
+
 Providers are checked up front and again on the created session, so a missing CUDA / TensorRT library is an
 `EngineError` naming the provider instead of ONNX Runtime's silent fall back to the CPU. The optimised graph can be
 cached on disk (keyed by model file, ORT version, providers, optimisation level and CPU) so a second start skips
@@ -24,6 +27,14 @@ import onnxruntime as ort
 
 from diffrt.errors import DiffrtError, EngineError, invalid
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
+from diffrt.runtime.engines.onnxruntime_cuda import (
+    CUDA_OPTION_DEFAULTS,
+    CUDA_PROVIDER,
+    CudaOptions,
+    DeviceIO,
+    check_cuda_only,
+    preload_cuda_libraries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +161,13 @@ class OnnxRuntimeEngine:
         optimized_model_cache: folder for optimised models, reused by later sessions; None disables the cache.
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
         session_options: a base `ort.SessionOptions`; the settings above are applied on top of it.
+        **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
+            gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
+            buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
     """
+
+    #: the CUDA options, taken through **cuda_options
+    keyword_options = tuple(CUDA_OPTION_DEFAULTS)
 
     def __init__(
         self,
@@ -161,6 +178,7 @@ class OnnxRuntimeEngine:
         optimized_model_cache: str | Path | None = None,
         dim_ranges: DimRanges | None = None,
         session_options: ort.SessionOptions | None = None,
+        **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -171,6 +189,7 @@ class OnnxRuntimeEngine:
             raise invalid("graph_optimization_level", f"one of {', '.join(OPTIMIZATION_LEVELS)}",
                           graph_optimization_level, EngineError)
         self.providers = resolve_providers(provider)
+        self.cuda = self._cuda_options(cuda_options)
         self.threads = threads
         self.graph_optimization_level = graph_optimization_level
         self.optimized_model_cache = Path(optimized_model_cache) if optimized_model_cache is not None else None
@@ -182,6 +201,21 @@ class OnnxRuntimeEngine:
         self._outputs: list[TensorSpec] = []
         #: the file the session was loaded from: `path`, or the cached optimised model
         self.session_path: Path | None = None
+        self._device_io: DeviceIO | None = None
+        self._graphs = False
+        #: whether this engine's session replays CUDA graphs (decided when the session is created)
+        self.cuda_graph_active = False
+
+    def _cuda_options(self, given: dict[str, Any]) -> CudaOptions | None:
+        """The CUDA options when the first provider is CUDA (merged into its provider options), else None."""
+        unknown = [name for name in given if name not in CUDA_OPTION_DEFAULTS]
+        if unknown:
+            raise TypeError(f"OnnxRuntimeEngine() got an unexpected keyword argument {unknown[0]!r}")
+        if self.providers[0][0] != CUDA_PROVIDER:
+            check_cuda_only(given, self.providers[0][0])
+            return None
+        preload_cuda_libraries()
+        return CudaOptions(**given)
 
     # ----- session -----
     @property
@@ -209,6 +243,19 @@ class OnnxRuntimeEngine:
         return options
 
     def _create_session(self) -> ort.InferenceSession:
+        if self.cuda is None or self.cuda.cuda_graph is False:
+            return self._create_session_for(graphs=False)
+        try:
+            return self._create_session_for(graphs=True)
+        except EngineError as error:
+            if self.cuda.cuda_graph is True:
+                raise EngineError(f"{error} (`cuda_graph=True`: this model cannot be replayed as a CUDA graph; "
+                                  "use cuda_graph=False or 'auto')") from error
+            logger.warning("%s cannot run as a CUDA graph (%s); running it without", self.path, error)
+            return self._create_session_for(graphs=False)
+
+    def _create_session_for(self, graphs: bool) -> ort.InferenceSession:
+        self._graphs = graphs
         cached = self._cache_path()
         if cached is not None and cached.is_file():
             session = self._load_cached(cached, self._session_options())
@@ -257,9 +304,16 @@ class OnnxRuntimeEngine:
         logger.info("loaded the optimised model of %s from the cache %s", self.path, cached)
         return session
 
+    def _session_providers(self) -> list[tuple[str, dict[str, Any]]]:
+        """The providers with diffrt's CUDA options under the user's own CUDA provider options."""
+        if self.cuda is None:
+            return self.providers
+        (name, explicit), rest = self.providers[0], self.providers[1:]
+        return [(name, {**self.cuda.provider_options(self._graphs), **explicit}), *rest]
+
     def _new_session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            return ort.InferenceSession(str(path), sess_options=options, providers=self._session_providers())
         except Exception as error:  # ORT raises its own pybind exception types
             raise EngineError(f"onnxruntime could not load {path}: {error}") from error
 
@@ -274,6 +328,10 @@ class OnnxRuntimeEngine:
         self._inputs = [_spec(node) for node in session.get_inputs()]
         self._outputs = [_spec(node) for node in session.get_outputs()]
         self.session_path = loaded_from
+        if self.cuda is not None:
+            self._device_io = DeviceIO(session, [spec.name for spec in self._outputs], "cuda", self.cuda.device_id,
+                                       graphs=self._graphs)
+            self.cuda_graph_active = self._graphs
         return session
 
     # ----- optimised-model cache -----
@@ -287,13 +345,16 @@ class OnnxRuntimeEngine:
         if self.optimized_model_cache is None:
             return None
         uncacheable = [name for name, _ in self.providers if name in _UNCACHEABLE]
+        if self.cuda is not None and self.cuda.prefer_nhwc:
+            uncacheable.append("CUDA with prefer_nhwc (its layout pass writes internal NHWC operators)")
         if uncacheable:
             logger.debug("no optimised-model cache with %s (it compiles subgraphs)", uncacheable[0])
             return None
         files = [self.path] + ([self._external_data()] if self._has_external_data() else [])
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         key_source = json.dumps(
-            [stats, ort.__version__, self.providers, self.graph_optimization_level, _hardware_signature()],
+            [stats, ort.__version__, self._session_providers(), self.graph_optimization_level,
+             _hardware_signature()],
             sort_keys=True, default=str,
         )
         key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
@@ -317,31 +378,36 @@ class OnnxRuntimeEngine:
         validate_feeds(self._inputs, feeds, self.dim_ranges)
         names = [spec.name for spec in self._outputs]
         try:
-            if self.providers[0][0] == "CUDAExecutionProvider":
-                values = self._run_with_iobinding(session, feeds, names)
+            if self._device_io is not None:
+                values = self._device_io.run(feeds)
             else:
                 values = session.run(names, feeds)
         except DiffrtError:
             raise
         except Exception as error:
+            if self._graphs and self.cuda is not None and self.cuda.cuda_graph == "auto":
+                # Some graphs load for capture but fail in it (a kernel that synchronises the stream):
+                # `cuda_graph="auto"` runs this model without graphs from now on.
+                logger.warning("%s failed as a CUDA graph (%s); running it without", self.path, error)
+                self._drop_graphs()
+                return self.run(feeds)
             raise EngineError(f"onnxruntime failed to run {self.path}: {error}") from error
         return dict(zip(names, values))
 
-    @staticmethod
-    def _run_with_iobinding(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], names: list[str]) -> list:
-        """CUDA: bind host inputs and host outputs, so ORT copies once each way and allocates no extra staging."""
-        binding = session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name in names:
-            binding.bind_output(name, "cpu")
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+    def _drop_graphs(self) -> None:
+        with self._lock:
+            self._session = self._create_session_for(graphs=False)
+
+    @property
+    def last_transfer_seconds(self) -> float | None:
+        """CUDA: seconds the last run spent on host<->device copies (None on other providers)."""
+        return None if self._device_io is None else self._device_io.last_transfer_seconds
 
     def close(self) -> None:
         """Release the session; a later call creates it again."""
         with self._lock:
             self._session = None
+            self._device_io = None
 
     def __enter__(self) -> "OnnxRuntimeEngine":
         return self

@@ -55,6 +55,12 @@ class DenoiseState:
     blend: Callable[[np.ndarray, int], np.ndarray] | None = None
 
 
+def read_only_copy(array: np.ndarray) -> np.ndarray:
+    copy = np.array(array, copy=True)
+    copy.flags.writeable = False
+    return copy
+
+
 def to_generator(generator: Any) -> Any:
     """An int seed becomes a torch-CPU-compatible generator; lists are converted element-wise."""
     if isinstance(generator, list):
@@ -103,6 +109,7 @@ class DiffusionPipeline:
         self.unet_config: dict[str, Any] = package.unet_config
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         check_provider(provider)
+        check_package_target(package, provider)
 
     # ----- construction -----
     @classmethod
@@ -155,6 +162,20 @@ class DiffusionPipeline:
     def text_encoder(self, name: str, tokenizer_name: str) -> TextEncoder:
         tokenizer = CLIPTokenizer.from_folder(self.package.tokenizer_dir(tokenizer_name))
         return TextEncoder(tokenizer, self.engine(name))
+
+    def warmup(self, **call_arguments: Any) -> float:
+        """One short call with these arguments (size, batch, guidance, ...; a 1-step text-to-image by default) so
+        every engine prepares that shape before real traffic: cuDNN's algorithm search, the CUDA graph capture,
+        OpenVINO's static-shape compile. Returns the seconds it took."""
+        arguments = {"prompt": "", "num_inference_steps": 1, "output_type": "np", **call_arguments}
+        start = time.perf_counter()
+        previous = self._progress
+        self._progress = {**previous, "disable": True}
+        try:
+            self(**arguments)
+        finally:
+            self._progress = previous
+        return time.perf_counter() - start
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         self._progress = dict(kwargs)
@@ -219,6 +240,9 @@ class DiffusionPipeline:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The loop of every pipeline; returns the final latents and the last predicted x0 (LCM decodes it)."""
         denoised = None
+        # The conditioning stays the same through the loop: read-only copies let a GPU engine keep it on the device
+        # without comparing it every step (see DeviceIO).
+        state.feeds = {name: read_only_copy(value) for name, value in state.feeds.items()}
         for i, t in enumerate(self._progress_bar(timesteps)):
             before = dict(timings) if self.step_hook is not None else None
             with self._stage(timings, "host"):
@@ -313,6 +337,27 @@ def check_provider(provider: Any) -> None:
         raise
     except Exception as error:  # EngineError from the engine layer: re-raise as a ValueError for callers
         raise InputError(str(error)) from error
+
+
+CUDA_PROVIDER_NAMES = ("cuda", "cudaexecutionprovider", "tensorrt", "tensorrtexecutionprovider")
+
+
+def check_package_target(package: ModelPackage, provider: Any) -> None:
+    """A `--target cuda` package holds ONNX Runtime kernels that exist on CUDA only: say so before loading."""
+    if (package.manifest or {}).get("target") != "cuda":
+        return
+    first = provider if isinstance(provider, str) else next(iter(provider), "")
+    name = first if isinstance(first, str) else first[0]
+    if name.lower() == "auto":
+        from diffrt.runtime.engines import auto_provider
+
+        name = auto_provider()
+    if name.lower() not in CUDA_PROVIDER_NAMES:
+        raise InputError(
+            f"`provider` {name!r} cannot run this package: it was exported with --target cuda, whose UNet and VAE "
+            "use ONNX Runtime's CUDA-only kernels (GroupNorm, NhwcConv); use provider 'cuda', or export with "
+            "--target onnxruntime for other providers"
+        )
 
 
 def require_component(pipeline: DiffusionPipeline, name: str, reason: str) -> None:
