@@ -11,7 +11,8 @@
 #   summary.txt  one line per stage: name, exit status, seconds since start
 #   log.txt      every stage's output;  build.txt  the end of each preset build's log
 #   rng.json     diffrt.rng's CUDA Philox vs torch.randn on this GPU
-#   sd15-cuda.json, sd15-ort.json, sdxl.json   diffrt bench records (schema diffrt-bench/1);  tiny.json  smoke run
+#   probe.json   scripts/gpu_probe.py: CUDA-vs-CPU parity per component and per image, VAE decode sweep, profiles
+#   sd15-cuda.json, sd15-ort.json, sdxl.json   diffrt bench records (schema diffrt-bench/1)
 # The correctness checks run while the exports build; the benchmarks run once the CPU is quiet, the most important
 # figure (SD 1.5, side by side with Diffusers) first. Each stage has its own time limit inside BUDGET seconds.
 set -uo pipefail
@@ -92,14 +93,17 @@ EOF
 # ----- 2. correctness while the exports build -----
 stage rng 90 python3 scripts/gpu_rng_check.py --json "$OUT/rng.json"
 stage tiny 150 python3 scripts/benchmark.py tiny --provider cuda,cuda:graph --compare diffusers --steps 8 \
-    --warmup 1 --runs 2 --json "$OUT/tiny.json"
+    --warmup 1 --runs 2 --json /tmp/tiny.json
 stage pytest 240 python3 -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_onnxruntime_cuda_gpu.py \
     tests/test_rng.py tests/test_runtime_engines.py tests/test_export_models.py tests/test_tensorrt_gpu.py
 
-# ----- 3. the benchmarks -----
+# ----- 3. the benchmarks, once the SD 1.5 builds are done (host times suffer from a busy CPU) -----
 say "waiting for the SD 1.5 packages"
-wait_for sd15-cuda $(( $(left) - 200 )); wait_for sd15-onnxruntime $(( $(left) - 200 ))
+wait_for sd15-cuda $(( $(left) - 300 )); wait_for sd15-onnxruntime $(( $(left) - 300 ))
 collect_build_logs
+if wait_for sd15-cuda 0 && wait_for sd15-onnxruntime 0; then
+    stage probe 150 python3 scripts/gpu_probe.py --preset sd15 --json "$OUT/probe.json"
+fi
 SD15=(sd15 --steps 50 --warmup 1 --runs 3 --compare diffusers)
 if wait_for sd15-cuda 0; then
     stage sd15-cuda 160 python3 scripts/benchmark.py "${SD15[@]}" --target cuda --provider cuda:graph,cuda \
@@ -107,10 +111,10 @@ if wait_for sd15-cuda 0; then
 else say "no sd15 cuda-target package: see build.txt"; fi
 if wait_for sd15-onnxruntime 0; then
     stage sd15-ort 180 python3 scripts/benchmark.py "${SD15[@]}" --target onnxruntime \
-        --provider cuda:graph,cuda,cuda:graph+nhwc --json "$OUT/sd15-ort.json"
+        --provider cuda:graph,cuda,cuda:nhwc --json "$OUT/sd15-ort.json"
 else say "no sd15 onnxruntime-target package: see build.txt"; fi
-if wait_for sdxl-cuda $(( $(left) - 150 )); then
-    stage sdxl 150 python3 scripts/benchmark.py sdxl --steps 30 --warmup 1 --runs 2 --compare diffusers \
+if wait_for sdxl-cuda $(( $(left) - 170 )); then
+    stage sdxl 170 python3 scripts/benchmark.py sdxl --steps 30 --warmup 1 --runs 2 --compare diffusers \
         --target cuda --provider cuda:graph --json "$OUT/sdxl.json"
 else say "no sdxl package in time: see build.txt"; fi
 collect_build_logs

@@ -47,7 +47,7 @@ def make_text_encoder(tokenizer, with_projection: bool = False, hidden_act: str 
     return cls(config).eval()
 
 
-def make_vae():
+def make_vae(norm_num_groups: int = 8):
     """VAE with the real downsampling factor of 8 (four blocks), tiny channels."""
     import torch
     from diffusers import AutoencoderKL
@@ -60,7 +60,7 @@ def make_vae():
         up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[8, 16, 16, 16],
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
         latent_channels=4,
         sample_size=64,
     ).eval()
@@ -101,6 +101,21 @@ def build_sd15(folder: Path, workdir: Path) -> None:
         vae=make_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer, unet=make_unet(),
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_sd15_cuda(folder: Path, workdir: Path) -> None:
+    """SD 1.x shape with an even number of channels per GroupNorm group (4 in the UNet, 2-4 in the VAE), as every
+    real SD model has (320/32, 128/32, ...): ONNX Runtime's fused CUDA GroupNorm (the cuda export target) runs only
+    those, and the other tiny kinds have one channel per group."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = make_tokenizer(workdir)
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(norm_num_groups=4), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=make_unet(norm_num_groups=8), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
 
@@ -205,7 +220,10 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "sdxl_refiner": build_sdxl_refiner,
     "sd_inpaint": build_sd_inpaint,
     "lcm": build_lcm,
+    "sd15_cuda": build_sd15_cuda,
 }
+# Kinds built on demand only, not part of `any_tiny_checkpoint`'s sweep over the model families.
+EXTRA_KINDS = ("sd15_cuda",)
 
 
 def build_checkpoint(kind: str, root: Path) -> Path:
@@ -227,7 +245,7 @@ def tiny_checkpoint(checkpoints_root: Path) -> Callable[[str], Path]:
     return lambda kind: build_checkpoint(kind, checkpoints_root)
 
 
-@pytest.fixture(scope="session", params=sorted(BUILDERS))
+@pytest.fixture(scope="session", params=sorted(kind for kind in BUILDERS if kind not in EXTRA_KINDS))
 def any_tiny_checkpoint(request: pytest.FixtureRequest, tiny_checkpoint) -> tuple[str, Path]:
     return request.param, tiny_checkpoint(request.param)
 

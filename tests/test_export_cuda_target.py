@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from diffrt.errors import InputError
+from diffrt.errors import ExportError, InputError
 from diffrt.export import cuda_target, export_pipeline
 from diffrt.export.onnx import export_graph, unet_graph, vae_graph
 from diffrt.export.validate import reference_cases
@@ -29,7 +29,7 @@ FUSED_KERNELS = {"MultiHeadAttention", "NhwcConv", "SkipGroupNorm"}
 @pytest.fixture(scope="module")
 def cuda_package(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("cuda_target") / "sd15_cuda"
-    return export_pipeline(tiny_checkpoint("sd15"), output, precision="fp16", target="cuda",
+    return export_pipeline(tiny_checkpoint("sd15_cuda"), output, precision="fp16", target="cuda",
                            components=["text_encoder", "unet", "vae_decoder"])
 
 
@@ -47,15 +47,16 @@ def test_unet_and_vae_are_built_from_ort_cuda_kernels(cuda_package):
     assert {"MultiHeadAttention", "NhwcConv", "GroupNorm"} <= vae["com.microsoft"]
     for standard in (unet["ai.onnx"], vae["ai.onnx"]):  # nothing left of the unfused forms
         assert not standard & {"Softmax", "InstanceNormalization", "GroupNormalization", "Conv", "Attention"}
-    # The text encoder is the portable opset-23 graph (ONNX Attention: flash attention on CUDA too).
-    assert "com.microsoft" not in ops(cuda_package / "text_encoder/model.onnx")
+    # The text encoder uses standard operators only, attention included (MatMul-Softmax-MatMul).
+    text = ops(cuda_package / "text_encoder/model.onnx")
+    assert set(text) == {"ai.onnx"} and {"MatMul", "Softmax"} <= text["ai.onnx"] and "Attention" not in text["ai.onnx"]
 
 
 def test_manifest_records_target_opsets_and_unvalidated_fused_components(cuda_package):
     manifest = json.loads((cuda_package / "diffrt.json").read_text())
     assert manifest["target"] == "cuda" and manifest["precision"] == "fp16"
     entries = manifest["components"]
-    assert (entries["unet"]["opset"], entries["vae_decoder"]["opset"], entries["text_encoder"]["opset"]) == (18, 18, 23)
+    assert (entries["unet"]["opset"], entries["vae_decoder"]["opset"], entries["text_encoder"]["opset"]) == (18, 18, 18)
     # No GPU here: the fused graphs cannot run, and the manifest says they were not checked rather than passing.
     assert entries["unet"]["validation"] is None and entries["vae_decoder"]["validation"] is None
     assert entries["text_encoder"]["validation"]["max_abs_diff"] <= entries["text_encoder"]["validation"]["tolerance"]
@@ -99,7 +100,7 @@ def test_the_package_refuses_a_provider_without_cuda(cuda_package):
 @pytest.mark.parametrize("component", ["unet", "vae_decoder"])
 def test_multi_head_attention_lowering_matches_torch(tiny_checkpoint, tmp_path, component):
     """Before ORT's fusions, the lowered graph runs on the CPU: it must equal the unlowered torch module."""
-    checkpoint = tiny_checkpoint("sd15")
+    checkpoint = tiny_checkpoint("sd15_cuda")
     graph = unet_graph(checkpoint, None, None, False) if component == "unet" else \
         vae_graph("vae_decoder", checkpoint, None)
     cases = reference_cases(graph)  # from the module as it is: one SDPA per attention
@@ -118,3 +119,31 @@ def test_multi_head_attention_lowering_matches_torch(tiny_checkpoint, tmp_path, 
             with torch.no_grad():
                 expected = graph.module(*(torch.from_numpy(v) for v in feeds.values())).numpy()
             assert_close(session.run(None, feeds)[0], expected, 1e-4, f"unet {batch}x{height}x{width}")
+
+
+def test_weights_above_the_threshold_go_to_one_aligned_external_file(cuda_package, tiny_checkpoint, tmp_path):
+    external = export_pipeline(tiny_checkpoint("sd15_cuda"), tmp_path / "external", precision="fp16", target="cuda",
+                               components=["unet"], external_data_threshold=0)
+    entry = json.loads((external / "diffrt.json").read_text())["components"]["unet"]
+    assert entry["external_data"] == "model.onnx_data" and (external / "unet/model.onnx_data").is_file()
+    assert json.loads((cuda_package / "diffrt.json").read_text())["components"]["unet"]["external_data"] is None
+    stored = onnx.load(str(external / "unet/model.onnx"), load_external_data=False)
+    offsets = [int(e.value) for t in stored.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(offset % 4096 == 0 for offset in offsets)
+    # The same fused graph and the same weights as the package that keeps them inline.
+    inline = onnx.load(str(cuda_package / "unet/model.onnx"))
+    loaded = onnx.load(str(external / "unet/model.onnx"))
+    assert [n.op_type for n in loaded.graph.node] == [n.op_type for n in inline.graph.node]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in inline.graph.initializer}
+    assert len(weights) == len(loaded.graph.initializer)
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), weights[tensor.name])
+
+
+def test_group_norms_beyond_ort_cuda_kernel_are_refused(tiny_checkpoint, tmp_path):
+    # The plain tiny SD 1.5 has one channel per group (32 channels, 32 groups); ORT's kernel needs an even count.
+    with pytest.raises(ExportError, match=r"unet: a GroupNorm of 32 channels in 32 groups \(1 per group\) is beyond "
+                                          r"ONNX Runtime's CUDA kernel .* --target onnxruntime"):
+        export_pipeline(tiny_checkpoint("sd15"), tmp_path / "out", precision="fp16", target="cuda",
+                        components=["unet"])
+    assert not (tmp_path / "out").exists()

@@ -241,6 +241,8 @@ def test_existing_output_is_refused_before_loading(tiny_checkpoint, tmp_path):
     ({"precision": "fp8"}, "`precision` must be one of fp32, fp16, bf16; got 'fp8'"),
     ({"target": "coreml"}, "`target` must be one of onnxruntime, tensorrt, cuda; got 'coreml'"),
     ({"opset": 17}, r"`opset` must be None or an int in \[18, 23\]; got 17"),
+    ({"target": "cuda", "opset": 23}, r"`opset` must be 18 \(or None\) with target cuda"),
+    ({"target": "cuda", "precision": "bf16"}, r"`precision` must be fp32 or fp16 with target cuda"),
     ({"precision": "bf16", "target": "tensorrt"}, "`opset` must be >= 22 for precision bf16"),
     ({"components": ["unet", "safety_checker"]}, "`components` must be names from .*; got 'safety_checker'"),
     ({"components": "unet"}, "`components` must be None or a non-empty list"),
@@ -254,7 +256,7 @@ def test_argument_errors_name_the_parameter(kwargs, message):
 def test_default_opsets_per_target():
     assert check_options().opset == 23
     assert check_options(target="tensorrt").opset == 18
-    assert check_options(target="cuda").opset == 18  # UNet and VAE; its text encoders record 23 per component
+    assert check_options(target="cuda").opset == 18
     assert check_options(precision="bf16", target="tensorrt", opset=22).opset == 22
 
 

@@ -5,13 +5,13 @@ The CUDA side itself (device buffers, CUDA graphs, image parity) is tests/test_o
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from concurrency import run_in_threads
 from diffrt.errors import ConfigError
 from diffrt.runtime.engines import OnnxRuntimeEngine, auto_provider, create_engine
 from diffrt.runtime.engines.onnxruntime_cuda import CudaOptions, DeviceIO, cuda_device_count, cuda_usable
@@ -74,23 +74,12 @@ def test_device_io_serves_concurrent_threads_with_their_own_buffers(session):
     io = DeviceIO(session, ["out", "t_out"], device="cpu")
     inputs = [feeds(seed=10 + i) for i in range(4)]
     results: dict[int, list[np.ndarray]] = {i: [] for i in range(4)}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
 
-    def worker(i: int) -> None:
-        try:
-            barrier.wait()
-            for _ in range(20):
-                results[i].append(io.run(inputs[i])[0])
-        except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(error)
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i].append(io.run(inputs[i])[0])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    assert not run_in_threads(work)
     for i in range(4):
         for out in results[i]:
             np.testing.assert_allclose(out, expected(inputs[i]), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from concurrency import run_in_threads
 from diffrt.errors import EngineError, InputError
 from diffrt.runtime.engines import OnnxRuntimeEngine, TensorSpec, check_provider, create_engine, validate_feeds
 from diffrt.runtime.engines.base import lossless_cast
@@ -291,26 +291,15 @@ def test_external_data_models_run_and_cache(tmp_path: Path) -> None:
 def test_concurrent_runs_share_one_session_and_match_sequential(model_path: Path) -> None:
     engine = OnnxRuntimeEngine(model_path, threads=1)  # fresh: the threads race to create the session
     inputs = [feeds(seed=i) for i in range(4)]
-    barrier = threading.Barrier(4)
     results: dict[int, dict[str, np.ndarray]] = {}
     sessions: dict[int, ort.InferenceSession] = {}
-    errors: list[BaseException] = []
 
-    def worker(i: int) -> None:
-        try:
-            barrier.wait()
-            sessions[i] = engine.session  # all four race to create it: the lock must hand out one session
-            for _ in range(5):
-                results[i] = engine.run(inputs[i])
-        except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(error)
+    def work(i: int) -> None:
+        sessions[i] = engine.session  # all four race to create it: the lock must hand out one session
+        for _ in range(5):
+            results[i] = engine.run(inputs[i])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    assert not run_in_threads(work)
     assert len({id(session) for session in sessions.values()}) == 1 and len(sessions) == 4
     for i, f in enumerate(inputs):
         np.testing.assert_allclose(results[i]["out"], (f["x"] + f["y"]) @ weight(), rtol=1e-5, atol=1e-5)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from diffrt.bench.presets import PRESETS, cache_root, ensure_package, ensure_tiny_vae, is_preset, load_preset
 from diffrt.bench.worker import CPU_PROVIDERS, RunConfig

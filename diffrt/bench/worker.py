@@ -138,12 +138,21 @@ class DiffrtSide:
             except metadata.PackageNotFoundError:
                 continue
         return {"library": "diffrt", **versions, "provider": self.config.provider,
-                "engine": type(engine).__name__, "precision": getattr(engine, "inference_precision", "fp32"),
+                "engine": type(engine).__name__, "precision": _package_precision(self.pipe, engine),
                 "vae": self.config.vae,
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
                 "cuda_graph": getattr(engine, "cuda_graph_active", None),
                 "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,
                 "torch_imported": "torch" in sys.modules}
+
+
+def _package_precision(pipe: Any, engine: Any) -> str:
+    """The precision the UNet runs in: the engine's own setting (OpenVINO), else the package's export precision."""
+    own = getattr(engine, "inference_precision", None)
+    if own is not None:
+        return str(own)
+    manifest = pipe.package.component("unet").manifest or {}
+    return str(manifest.get("precision", "fp32"))
 
 
 def save_image(config: RunConfig, image: Any) -> None:

@@ -11,7 +11,10 @@ standard-operator graph does not reach):
 - float16 comes from torch, as for the other targets, except that GroupNorm is not kept in a float32 island: the
   fused kernel takes float16 activations and keeps its statistics in float32 itself (an InstanceNormalization left
   unfused would not, so the export refuses one). Inputs/outputs and the timestep embedding stay float32.
-Text encoders are exported as for the `onnxruntime` target (opset 23 `Attention`: flash attention on CUDA too).
+Text encoders are exported with standard operators at opset 18 (attention as MatMul-Softmax-MatMul with a float32
+softmax): they run once per image, and the first H200 run left open whether ONNX Runtime 1.31's CUDA kernel for the
+opset-23 `Attention` op treats CLIP's causal mask as the CPU does (docs/benchmarks.md), so this target does not
+depend on it.
 The fused operators have CUDA kernels only: a package of this target runs with provider "cuda" alone, and its
 graphs are validated on CUDA where a GPU is present (elsewhere the export says it could not check them).
 """
@@ -33,13 +36,8 @@ logger = logging.getLogger(__name__)
 
 FUSED_COMPONENTS = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 FUSED_OPSET = 18  # torch writes GroupNorm as the InstanceNormalization pattern ORT's GroupNorm fusion matches
-TEXT_OPSET = 23
 # Left unfused in a float16 graph, these would compute GroupNorm's statistics or a softmax in float16.
 UNFUSED_OPS = {"InstanceNormalization", "GroupNormalization", "Softmax"}
-
-
-def component_opset(name: str) -> int:
-    return FUSED_OPSET if name in FUSED_COMPONENTS else TEXT_OPSET
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,10 +110,29 @@ def fuse(path: Path, name: str, external: bool) -> str | None:
     if unfused:
         raise ExportError(f"{name}: ONNX Runtime's fusions left {', '.join(unfused)} in the cuda target's graph (a "
                           "pattern they do not know); export this model with --target onnxruntime")
+    check_group_norms(model, name)
     fused = sum(1 for node in model.graph.node if node.domain == "com.microsoft")
     logger.info("%s: ORT CUDA fusions: %d nodes -> %d (%d com.microsoft kernels)", name, before,
                 len(model.graph.node), fused)
     return _write(model, path, external)
+
+
+def check_group_norms(model: Any, name: str) -> None:
+    """ExportError for a GroupNorm ORT's CUDA kernel refuses at run time: it handles an even number of channels per
+    group, at most 512 (`GroupNormNHWCParams`: two channels per thread, blocks of up to 512 channels). Every SD,
+    SD 2 and SDXL model qualifies (320/32 = 10, 128/32 = 4, ...)."""
+    widths = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("GroupNorm", "SkipGroupNorm") or node.domain != "com.microsoft":
+            continue
+        groups = next(attr.i for attr in node.attribute if attr.name == "groups")
+        channels = widths[node.input[1]][0]
+        per_group = channels // groups
+        if per_group % 2 or per_group > 512:
+            raise ExportError(
+                f"{name}: a GroupNorm of {channels} channels in {groups} groups ({per_group} per group) is beyond "
+                "ONNX Runtime's CUDA kernel (an even number of channels per group, at most 512); export this model "
+                "with --target onnxruntime")
 
 
 def _write(model: Any, path: Path, external: bool) -> str | None:
@@ -143,9 +160,10 @@ def _write(model: Any, path: Path, external: bool) -> str | None:
             target.seek(-target.tell() % 4096, os.SEEK_CUR)
             offset = target.tell()
             target.write(data)
-            tensor.ClearField("raw_data")
+            tensor.raw_data = data  # set_external_data wants the raw_data field present, then it can go
             set_external_data(tensor, EXTERNAL_DATA_NAME, offset, len(data))
             tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
     onnx.save_model(model, str(path))
     if external:
         target_path.replace(source_path)

@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 # version converter) and inside the 9..20 range every TensorRT 10.x parser reads; below 23 attention is exported
 # as MatMul-Softmax-MatMul, the pattern TensorRT's own MHA fusion matches (its parser only learnt `Attention` in
 # 10.14).
-# cuda: ONNX Runtime's CUDA provider with its fused diffusion kernels (`diffrt.export.cuda_target`): opset 18 for
-# the UNet and VAE (the GroupNorm pattern its fusions match), 23 for text encoders.
+# cuda: ONNX Runtime's CUDA provider with its fused diffusion kernels (`diffrt.export.cuda_target`): opset 18, the
+# GroupNorm pattern its fusions match.
 TARGET_OPSETS: dict[str, int] = {"onnxruntime": 23, "tensorrt": 18, "cuda": 18}
 OPSET_RANGE = (18, 23)  # torch.onnx's dynamo exporter: torchlib opset .. ONNX_MAX_OPSET
 # Weights above this go to one external file: a protobuf message cannot exceed 2 GiB, graph included.

@@ -64,6 +64,12 @@ def check_options(precision: str = "fp32", target: str = "onnxruntime", opset: i
                               or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]):
         raise invalid("opset", f"None or an int in [{OPSET_RANGE[0]}, {OPSET_RANGE[1]}]", opset)
     chosen = TARGET_OPSETS[target] if opset is None else opset
+    if target == "cuda" and chosen != TARGET_OPSETS["cuda"]:
+        raise invalid("opset", f"{TARGET_OPSETS['cuda']} (or None) with target cuda, whose GroupNorm fusion reads the "
+                      "opset-18 form", opset)
+    if target == "cuda" and precision == "bf16":
+        raise invalid("precision", "fp32 or fp16 with target cuda (its GroupNorm kernel takes float32 or float16)",
+                      precision)
     if precision == "bf16" and chosen < BF16_MIN_OPSET:
         raise invalid("opset", f">= {BF16_MIN_OPSET} for precision bf16 (ONNX Conv takes bfloat16 from opset "
                       f"{BF16_MIN_OPSET}; target {target} defaults to {TARGET_OPSETS[target]})", chosen)
@@ -204,10 +210,9 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
     cases = reference_cases(graph) if options.validate else []
     fused = options.target == "cuda" and name in cuda_target.FUSED_COMPONENTS
     opset, translations = options.opset, None
-    if options.target == "cuda":
-        opset = cuda_target.component_opset(name)
+    if fused:
         cuda_target.prepare_module(name, graph.module)
-        translations = cuda_target.translation_table() if fused else None
+        translations = cuda_target.translation_table()
     prepare_for_export(graph, precision, float32_group_norm=not fused)
     # A graph to fuse is written with every weight external: the fusions then run on the graph alone.
     threshold = 0 if fused else options.external_data_threshold
