@@ -16,7 +16,7 @@ from pathlib import Path
 # Run from a source checkout without installing: the repository root holds the `diffrt` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffrt.bench import cli  # noqa: E402
+from diffrt.cli import bench as cli  # noqa: E402
 from diffrt.errors import DiffrtError  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffrt.bench.report import psnr  # noqa: E402
-from diffrt.bench.worker import PROMPT  # noqa: E402
+from diffrt.bench.side import PROMPT  # noqa: E402
 
 STEPS = 4
 
@@ -43,15 +43,15 @@ def package_of(preset: str, target: str) -> Path:
 
 
 def engine(package: Path, name: str, device: str, **options: Any) -> Any:
+    from diffrt.package.reader import ModelPackage
     from diffrt.runtime.engines import create_engine
-    from diffrt.runtime.package import ModelPackage
 
     provider = "cuda" if device == "cuda" else "cpu"
     return create_engine(ModelPackage.open(package).component(name), provider=provider, **options)
 
 
 def component_inputs(package: Path, size: int) -> dict[str, dict[str, np.ndarray]]:
-    from diffrt.runtime.package import ModelPackage
+    from diffrt.package.reader import ModelPackage
     from diffrt.runtime.tokenizer import CLIPTokenizer
 
     opened = ModelPackage.open(package)
@@ -148,7 +148,7 @@ def top_operators(package: Path, name: str, feeds: dict[str, np.ndarray], device
     """ONNX Runtime's own profile of a few runs: the ten operator types that took the most time."""
     import onnxruntime as ort
 
-    from diffrt.runtime.package import ModelPackage
+    from diffrt.package.reader import ModelPackage
 
     options = ort.SessionOptions()
     options.enable_profiling = True

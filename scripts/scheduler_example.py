@@ -47,7 +47,8 @@ def main() -> int:
         model_input = scheduler.scale_model_input(latents, t)
         noise_pred = stand_in_unet(model_input, scheduler.sigmas[i], target)
         latents = scheduler.step(noise_pred, t, latents).prev_sample
-        print(f"step {i:2d}  t={t:7.2f}  sigma={scheduler.sigmas[i]:7.3f}  |x - target| max {np.abs(latents - target).max():.2e}")
+        distance = np.abs(latents - target).max()
+        print(f"step {i:2d}  t={t:7.2f}  sigma={scheduler.sigmas[i]:7.3f}  |x - target| max {distance:.2e}")
 
     error = float(np.abs(latents - target).max())
     ok = error < 1e-4

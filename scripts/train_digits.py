@@ -1,6 +1,6 @@
 """Train the built-in `digits` text-to-image model on scikit-learn's handwritten digits, on one CPU core.
 
-    python3 scripts/train_digits.py train      # -> tests/data/digits_checkpoint and diffrt/models/digits
+    python3 scripts/train_digits.py train      # -> tests/data/digits_checkpoint and diffrt/builtin_packages/digits
     python3 scripts/train_digits.py evaluate   # oracle accuracy of the shipped package (20 steps; AYS 10 steps)
     python3 scripts/train_digits.py grid       # docs/digits.png: 10 digits x 8 seeds
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("train_digits")
 CHECKPOINT = ROOT / "tests" / "data" / "digits_checkpoint"
-PACKAGE = ROOT / "diffrt" / "models" / "digits"
+PACKAGE = ROOT / "diffrt" / "builtin_packages" / "digits"
 CURVE = ROOT / "docs" / "digits_training.png"
 GRID = ROOT / "docs" / "digits.png"
 
@@ -69,10 +69,10 @@ def train(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-
     from digits import data, models
     from digits.curve import write_curve
     from digits.train import encode, train_unet, train_vae
+
     from diffrt.export import export_pipeline
 
     torch.set_num_threads(args.threads)
@@ -115,6 +115,7 @@ def train(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     from digits import quality
+
     from diffrt.runtime import DiffusionPipeline
     from diffrt.schedulers import ays_schedule
 
@@ -131,9 +132,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
 
 def grid(args: argparse.Namespace) -> None:
+    from digits import quality
     from PIL import Image
 
-    from digits import quality
     from diffrt.runtime import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(args.package, threads=1)

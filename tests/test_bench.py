@@ -18,8 +18,7 @@ import pytest
 
 from diffrt.bench.flops import unet_flops
 from diffrt.bench.presets import load_preset
-from diffrt.bench.report import METRICS, SCHEMA, TIMED
-from diffrt.bench.report import psnr
+from diffrt.bench.report import METRICS, SCHEMA, TIMED, psnr
 from diffrt.bench.runner import BenchOptions, check_options, resolve, side_names, variants
 from diffrt.errors import InputError, PackageError
 

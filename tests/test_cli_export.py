@@ -103,8 +103,7 @@ def test_info_prints_the_manifest(replaced_package, capsys):
 
 def test_info_lists_tensorrt_engines(replaced_package, tmp_path, capsys):
     package = tmp_path / "pkg"
-    package.mkdir()
-    shutil.copy(replaced_package / "diffrt.json", package / "diffrt.json")
+    shutil.copytree(replaced_package, package)
     engines = package / "unet" / "engines"
     engines.mkdir(parents=True)
     (engines / "abc123.json").write_text(json.dumps({"gpu": "NVIDIA H100", "sm": "9.0", "tensorrt": "10.13",

@@ -50,7 +50,7 @@ def oracle():
 
 def test_digits_is_a_builtin_package_inside_diffrt(package: Path):
     assert "digits" in builtin_names()
-    assert package == ROOT / "diffrt" / "models" / "digits"
+    assert package == ROOT / "diffrt" / "builtin_packages" / "digits"
     manifest = json.loads((package / "diffrt.json").read_text())
     assert manifest["precision"] == "fp32"
     size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
@@ -115,7 +115,7 @@ def test_images_match_diffusers_on_the_checkpoint(pipe):
 def test_generate_command_writes_a_digit(tmp_path: Path, oracle):
     from PIL import Image
 
-    from diffrt.runtime import generate_cli
+    from diffrt.cli import generate as generate_cli
 
     parser = argparse.ArgumentParser()
     generate_cli.add_arguments(parser)

@@ -16,12 +16,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_export_onnx import UNET_CASES, assert_close, unet_feeds
 
 from diffrt.errors import ExportError, InputError
 from diffrt.export import cuda_target, export_pipeline
 from diffrt.export.onnx import export_graph, unet_graph, vae_graph
 from diffrt.export.validate import reference_cases
-from test_export_onnx import UNET_CASES, assert_close, unet_feeds
 
 FUSED_KERNELS = {"MultiHeadAttention", "NhwcConv", "SkipGroupNorm"}
 

@@ -16,9 +16,10 @@ import pytest
 
 from diffrt.errors import ExportError, InputError
 from diffrt.export import check_options, export_pipeline
-from diffrt.export.package import PackageWriter, default_mode
 from diffrt.export.precision import component_precision
 from diffrt.export.tokenizers import write_tokenizer
+from diffrt.package.files import default_mode
+from diffrt.package.writer import PackageWriter
 
 PROMPTS = ["a photo of a cat sitting on a red chair", "", "cat ! dog !!", "A Painting of an astronaut " * 20]
 ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
@@ -135,7 +136,7 @@ def test_configs_are_copied_unchanged(tiny_package, tiny_checkpoint):
 
 
 def test_runtime_package_reader_opens_the_package(tiny_package):
-    from diffrt.runtime.package import ModelPackage
+    from diffrt.package.reader import ModelPackage
 
     package = ModelPackage.open(tiny_package("sd15"))
     assert package.pipeline_class == "StableDiffusionPipeline"

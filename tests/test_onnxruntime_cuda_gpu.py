@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from concurrency import run_in_threads
 
 pytestmark = [
@@ -70,8 +69,8 @@ def cpu_reference(packages) -> np.ndarray:
 def test_each_component_on_cuda_matches_the_cpu(packages, precision, component):
     """One engine at a time, the same package and inputs on CUDA and on the CPU: pins a disagreement of whole
     images to a component (fp32: 1e-3 of the output scale; fp16: 1e-2, its kernels round differently)."""
+    from diffrt.package.reader import ModelPackage
     from diffrt.runtime.engines import create_engine
-    from diffrt.runtime.package import ModelPackage
     from diffrt.runtime.tokenizer import CLIPTokenizer
 
     package = ModelPackage.open(packages[precision])

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from concurrency import run_in_threads
+from test_runtime_engines import build_model, feeds, weight
+
 from diffrt.errors import ConfigError
 from diffrt.runtime.engines import OnnxRuntimeEngine, auto_provider, create_engine
 from diffrt.runtime.engines.onnxruntime_cuda import CudaOptions, DeviceIO, cuda_device_count, cuda_usable
-from test_runtime_engines import build_model, feeds, weight
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_read_only_inputs_are_recognised_by_identity(session):
 
 
 def test_cuda_graph_applies_to_the_unet_only(tmp_path: Path):
-    from diffrt.runtime.package import ComponentInfo
+    from diffrt.package.reader import ComponentInfo
 
     path = build_model(tmp_path / "model.onnx")
     # A text encoder or VAE is built without the option (it runs once per image) ...

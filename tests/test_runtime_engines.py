@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from concurrency import run_in_threads
 from onnx import TensorProto, helper, numpy_helper
 
-from concurrency import run_in_threads
 from diffrt.errors import EngineError, InputError
+from diffrt.package.reader import ComponentInfo
 from diffrt.runtime.engines import OnnxRuntimeEngine, TensorSpec, check_provider, create_engine, validate_feeds
 from diffrt.runtime.engines.base import lossless_cast
 from diffrt.runtime.engines.onnxruntime import physical_cores
-from diffrt.runtime.package import ComponentInfo
 
 HIDDEN = 32  # 32 x 32 float32 weight = 4 KiB, above ORT's 1 KiB threshold for external initializers
 

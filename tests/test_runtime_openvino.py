@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from diffrt.errors import ConfigError, EngineError, InputError
+from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import TensorSpec, check_provider, create_engine
 from diffrt.runtime.engines.openvino import bf16_support, openvino_available
-from diffrt.runtime.package import ModelPackage
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

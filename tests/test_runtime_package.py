@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from diffrt.errors import InputError, PackageError
+from diffrt.package.reader import ModelPackage, strip_class_prefix
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.hub import resolve_package
-from diffrt.runtime.package import ModelPackage, strip_class_prefix
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 # component -> (inputs, outputs); each output is the first input passed through (Identity): enough to load and run.
@@ -278,10 +278,10 @@ def test_hf_hub_cache_overrides_hf_home(offline_home: Path, tmp_path: Path, monk
 
 def test_uncached_repo_offline_is_a_clear_package_error(offline_home: Path) -> None:
     cache_repo(offline_home / "hub", "o/n")
-    with pytest.raises(PackageError, match=r"'o/missing' \(revision main\) is not a local folder and not in the Hub "
+    with pytest.raises(PackageError, match=r"package files of Hub repo 'o/missing' \(revision main\): not in the Hub "
                                            r"cache .*hf_home/hub, and offline mode is on \(HF_HUB_OFFLINE=1\)"):
         resolve_package("o/missing")
-    with pytest.raises(PackageError, match=r"'o/n' \(revision v2\) is not a local folder"):
+    with pytest.raises(PackageError, match=r"Hub repo 'o/n' \(revision v2\): not in the Hub cache"):
         resolve_package("o/n", revision="v2")
 
 
@@ -296,7 +296,7 @@ def test_runtime_modules_never_import_torch_transformers_or_diffusers() -> None:
     code = (
         "import sys\n"
         "import diffrt.runtime.engines, diffrt.runtime.engines.onnxruntime, diffrt.runtime.tokenizer\n"
-        "import diffrt.runtime.package, diffrt.runtime.image, diffrt.runtime.hub\n"
+        "import diffrt.package.reader, diffrt.runtime.image, diffrt.runtime.hub\n"
         "diffrt.runtime.hub._valid_repo_id('o/n')\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules)\n"
         "print(','.join(bad))\n"

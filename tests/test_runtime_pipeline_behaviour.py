@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +130,7 @@ def test_a_full_generation_never_imports_torch_transformers_or_diffusers(tiny_pa
 
 
 def test_import_diffrt_runtime_is_torch_free_and_lazy():
-    code = "import sys, diffrt, diffrt.runtime, diffrt.schedulers; print(sorted(m for m in ('torch','onnxruntime','transformers','diffusers') if m in sys.modules))"
+    code = ("import sys, diffrt, diffrt.runtime, diffrt.schedulers; "
+            "print(sorted(m for m in ('torch','onnxruntime','transformers','diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -21,16 +21,24 @@ from diffrt.cli import main
 from diffrt.errors import ConfigError, EngineError, InputError
 from diffrt.export.tensorrt import build_engines, engine_precision, plan_builds
 from diffrt.export.tensorrt_profiles import SizeRange, component_profiles, size_requests
-from diffrt.export.tensorrt_record import (
-    engine_record, existing, files_sha256, onnx_files, record_key, write_bytes_atomic, write_engine,
+from diffrt.package.files import files_sha256, write_bytes
+from diffrt.package.reader import ComponentInfo, ModelPackage
+from diffrt.package.tensorrt_records import (
+    EngineRecord,
+    Platform,
+    differences,
+    engine_record,
+    existing,
+    onnx_files,
+    pick_profile,
+    read_records,
+    record_key,
+    select_records,
+    write_engine,
 )
-from diffrt.runtime.engines.tensorrt_records import (
-    EngineRecord, Platform, differences, pick_profile, read_records, select_records,
-)
-from diffrt.runtime.package import ComponentInfo, ModelPackage
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS = Path(diffrt.__file__).parent / "models" / "digits"
+DIGITS = Path(diffrt.__file__).parent / "builtin_packages" / "digits"
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 H100 = Platform("NVIDIA H100 80GB HBM3", "9.0", "10.13.0.35")
 
@@ -255,11 +263,11 @@ def test_a_failed_write_leaves_no_temp_files_and_keeps_the_previous_engine(tmp_p
 
 def test_write_bytes_atomic_replaces_and_cleans_up(tmp_path):
     target = tmp_path / "cache" / "timing.cache"
-    write_bytes_atomic(target, b"one")
-    write_bytes_atomic(target, memoryview(b"two"))
+    write_bytes(target, b"one")
+    write_bytes(target, memoryview(b"two"))
     assert target.read_bytes() == b"two"
     with pytest.raises(TypeError):
-        write_bytes_atomic(target, 3.5)
+        write_bytes(target, 3.5)
     assert [p.name for p in target.parent.iterdir()] == ["timing.cache"] and target.read_bytes() == b"two"
 
 
@@ -346,7 +354,7 @@ def profile(low, high, opt=None) -> dict:
 
 
 def record_with(tmp_path: Path, name: str, profiles: list, created: str = "2026-01-01T00:00:00Z") -> EngineRecord:
-    from diffrt.runtime.engines.tensorrt_records import profiles_to_record
+    from diffrt.package.tensorrt_records import profiles_to_record
 
     data = {"profiles": profiles_to_record(profiles), "build": {"created": created}}
     return EngineRecord(tmp_path / f"{name}.json", data)
@@ -482,7 +490,7 @@ def test_the_trt_runtime_modules_import_no_torch_and_no_tensorrt():
 
 def test_building_engines_imports_no_torch():
     """`diffrt build-engines` runs on the GPU box, which has the package and TensorRT but not the export extra."""
-    code = ("import sys, diffrt.export.tensorrt, diffrt.export.tensorrt_cli, diffrt.cli; "
+    code = ("import sys, diffrt.export.tensorrt, diffrt.cli.build_engines, diffrt.cli; "
             "from diffrt.export import build_engines; "
             "bad = [m for m in ('torch', 'transformers', 'diffusers', 'onnxscript') if m in sys.modules]; "
             "assert not bad, bad")

@@ -62,7 +62,7 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def unet_feeds(package: Path, batch: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from diffrt.runtime.package import ModelPackage
+    from diffrt.package.reader import ModelPackage
 
     unet = ModelPackage.open(package).component("unet")
     context = unet.inputs[2].shape[2]
@@ -73,8 +73,8 @@ def unet_feeds(package: Path, batch: int, side: int, seed: int = 0) -> dict[str,
 
 
 def engine(package: Path, provider: str, name: str = "unet", **options):
+    from diffrt.package.reader import ModelPackage
     from diffrt.runtime.engines import create_engine
-    from diffrt.runtime.package import ModelPackage
 
     return create_engine(ModelPackage.open(package).component(name), provider=provider, **options)
 

@@ -26,9 +26,9 @@ from diffrt import schedulers as ours  # noqa: E402
 from diffrt.cli import main  # noqa: E402
 from diffrt.errors import ConfigError, InputError, PackageError  # noqa: E402
 from diffrt.export import add_tiny_vae, export_pipeline  # noqa: E402
-from diffrt.export.tiny_vae import check_fits, resolve_tiny_vae  # noqa: E402
+from diffrt.export.taesd import check_fits, resolve_tiny_vae  # noqa: E402
+from diffrt.package.reader import ModelPackage  # noqa: E402
 from diffrt.runtime import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: E402
-from diffrt.runtime.package import ModelPackage  # noqa: E402
 from diffrt.runtime.pipelines.auto import AutoPipelineForImage2Image  # noqa: E402
 
 ONNX_TOL = 1e-4
@@ -276,7 +276,7 @@ def test_cli_into_argument_errors_exit_2(argv, fragment, capsys):
 
 OFFLINE_SCRIPT = """
 import json, sys
-from diffrt.export.tiny_vae import resolve_tiny_vae
+from diffrt.export.taesd import resolve_tiny_vae
 out = {}
 for repo in sys.argv[1:]:
     try:

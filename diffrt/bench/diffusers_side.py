@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from diffrt.bench.worker import GpuMemoryOnce, RunConfig, peak_rss_mb, save_image
+from diffrt.bench.side import GpuMemoryOnce, RunConfig, peak_rss_mb, save_image
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffrt.errors import InputError, invalid
+from diffrt.package.files import AtomicFolder
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 
 __all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint"]
 
@@ -87,12 +89,12 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
     """The cached package of preset `name`, built (in a child process with torch) on first use."""
     preset = load_preset(name)
     package = preset.package(precision, target)
-    if (package / "diffrt.json").exists():
+    if (package / MANIFEST_NAME).exists():
         return package
     logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                 "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
-    if subprocess.run(command).returncode != 0 or not (package / "diffrt.json").exists():
+    if subprocess.run(command).returncode != 0 or not (package / MANIFEST_NAME).exists():
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
                          "(torch, diffusers, transformers)")
     return package
@@ -119,7 +121,7 @@ def build_tiny_vae(preset: Preset) -> Path:
         torch.manual_seed(SEED)
         diffusers.AutoencoderTiny().eval().save_pretrained(folder, safe_serialization=True)
 
-    return _build_folder(preset.tiny_vae, "config.json", write)
+    return _build_folder(preset.tiny_vae, CONFIG_NAME, write)
 
 
 def _build_folder(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
@@ -127,14 +129,8 @@ def _build_folder(target: Path, marker: str, write: Callable[[Path], None]) -> P
     (`target / marker` marks a finished build)."""
     if (target / marker).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with AtomicFolder(target) as folder:
+        write(folder)
     return target
 
 
@@ -193,7 +189,7 @@ def build_checkpoint(preset: Preset) -> Path:
         del pipe
         gc.collect()
 
-    return _build_folder(preset.checkpoint, "model_index.json", write)
+    return _build_folder(preset.checkpoint, INDEX_NAME, write)
 
 
 def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
@@ -201,7 +197,7 @@ def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxru
     from diffrt.export import export_pipeline
 
     package = preset.package(precision, target)
-    if (package / "diffrt.json").exists():
+    if (package / MANIFEST_NAME).exists():
         return package
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()

@@ -13,18 +13,18 @@ side's and against Diffusers' (same seed), so a faster precision is never report
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from diffrt.package.files import write_json as write_file_json
 
 SCHEMA = "diffrt-bench/1"
 TIMED = ("text_encoder", "unet", "scheduler", "host", "vae_decode")
@@ -145,7 +145,7 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
                  sides_config: dict[str, Any] | None = None,
                  quality: dict[str, Any] | None = None) -> dict[str, Any]:
     from diffrt.bench.flops import unet_flops
-    from diffrt.runtime.package import ModelPackage
+    from diffrt.package.reader import ModelPackage
 
     unet_config = ModelPackage.open(config.package).unet_config
     cfg_batch = config.batch * (2 if config.guidance > 1.0 and unet_config.get("time_cond_proj_dim") is None else 1)
@@ -277,11 +277,5 @@ def _db(value: float | str | None) -> str:
 
 
 def write_json(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Atomic: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=1)
-        handle.write("\n")
-    os.replace(tmp, path)
+    """The record, atomically (`diffrt.package.files.write_json`)."""
+    write_file_json(Path(path), record, indent=1)

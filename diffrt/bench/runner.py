@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.bench.presets import PRESETS, cache_root, ensure_package, ensure_tiny_vae, is_preset, load_preset
-from diffrt.bench.worker import CPU_PROVIDERS, RunConfig
+from diffrt.bench.side import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
+from diffrt.package.names import INDEX_NAME
+from diffrt.package.reader import ModelPackage
 
 __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
 
@@ -174,16 +176,12 @@ def side_names(opts: BenchOptions) -> list[str]:
     return ["diffrt"] if len(found) == 1 else [f"diffrt[{variant.label}]" for variant in found]
 
 
-def _source_checkpoint(package: Path) -> str | None:
+def _source_checkpoint(package: ModelPackage) -> str | None:
     """The local checkpoint folder the package was exported from, if the manifest names one that still exists."""
-    try:
-        manifest = json.loads((package / "diffrt.json").read_text())
-    except (OSError, ValueError):
-        return None
-    source = manifest.get("source") or {}
+    source = (package.manifest or {}).get("source") or {}
     for key in ("path", "id"):
         value = source.get(key) if isinstance(source, dict) else None
-        if isinstance(value, str) and (Path(value) / "model_index.json").exists():
+        if isinstance(value, str) and (Path(value) / INDEX_NAME).exists():
             return value
     return None
 
@@ -207,8 +205,6 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
             build_engines(package, static=(opts.batch, opts.height or size, opts.width or size),
                           cfg=opts.guidance > 1.0)
         return package, opts.checkpoint or str(preset.checkpoint), size
-    from diffrt.runtime.package import ModelPackage
-
     package = Path(opts.target)
     try:
         opened = ModelPackage.open(package)
@@ -223,7 +219,7 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
                            "text-to-image; export it with those components")
     sample = opened.unet_config.get("sample_size", 64)
     size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * 8
-    return package, opts.checkpoint or _source_checkpoint(package), int(size)
+    return package, opts.checkpoint or _source_checkpoint(opened), int(size)
 
 
 class Worker:

@@ -7,10 +7,10 @@ Tokenization cost is negligible next to the models, so a small vocabulary does n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+from diffrt.package.files import write_text
 
 CORPUS = (
     "a photo of a cat sitting on a red chair , high quality , a painting of an astronaut riding a horse on the moon "
@@ -66,13 +66,6 @@ def train_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_clip_tokenizer_files(folder: Path, num_merges: int = 200) -> tuple[Path, Path]:
     """Write a real CLIP-format vocab.json + merges.txt (byte-level BPE, `</w>` suffix, CLIP special tokens)."""
     folder = Path(folder)
@@ -83,6 +76,6 @@ def write_clip_tokenizer_files(folder: Path, num_merges: int = 200) -> tuple[Pat
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
     vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    _write_atomic(vocab_file, json.dumps(vocab, ensure_ascii=False))
-    _write_atomic(merges_file, "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    write_text(vocab_file, json.dumps(vocab, ensure_ascii=False))
+    write_text(merges_file, "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     return vocab_file, merges_file

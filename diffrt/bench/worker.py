@@ -11,61 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Callable, TextIO
+
+from diffrt.bench.side import GpuMemoryOnce, RunConfig, Side, peak_rss_mb, save_image
 
 logger = logging.getLogger(__name__)
-
-PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
-#: providers that run on the CPU (everything else is a GPU provider: fp16 packages, Diffusers on CUDA)
-CPU_PROVIDERS = ("cpu", "cpuexecutionprovider", "openvino", "auto")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What both sides run: the same prompt, seed, size, scheduler, steps and thread count."""
-
-    package: str
-    checkpoint: str | None
-    provider: str = "cpu"
-    #: the engine's inference precision (OpenVINO: fp32 / bf16 / auto); None: the engine's default
-    precision: str | None = None
-    #: "full" (the package's VAE) or "tiny" (its TAESD components)
-    vae: str = "full"
-    steps: int = 20
-    height: int = 512
-    width: int = 512
-    batch: int = 1
-    guidance: float = 7.5
-    scheduler: str | None = None
-    threads: int = 1
-    seed: int = 0
-    prompt: str = PROMPT
-    #: this side's name in the record (also the file name of its saved image)
-    side: str = "diffrt"
-    #: where each side saves its image (uint8 .npy) for the quality comparison; None: not saved
-    image_dir: str | None = None
-    #: compiled/optimised-model cache of the diffrt engines (start-up without re-optimising); None: no cache
-    cache_dir: str | None = None
-    #: boolean engine options switched on for this side (`cuda_graph`, `prefer_nhwc`: `--provider cuda:graph+nhwc`)
-    engine_flags: tuple[str, ...] = ()
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.provider.lower() not in CPU_PROVIDERS
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-class Side(Protocol):
-    def load(self) -> None: ...
-    def run_once(self) -> dict[str, Any]: ...
-    def info(self) -> dict[str, Any]: ...
-
 
 class DiffrtSide:
     """diffrt's runtime pipeline; its stage times come from the pipeline itself (`PipelineOutput.timings`)."""
@@ -153,44 +105,6 @@ def _package_precision(pipe: Any, engine: Any) -> str:
         return str(own)
     manifest = pipe.package.component("unet").manifest or {}
     return str(manifest.get("precision", "fp32"))
-
-
-def save_image(config: RunConfig, image: Any) -> None:
-    """Save a side's image once (every run of a side makes the same image: same seed) for the PSNR comparison."""
-    if config.image_dir is None:
-        return
-    import numpy as np
-
-    path = os.path.join(config.image_dir, f"{config.side}.npy")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp.npy"
-        np.save(tmp, np.asarray(image, dtype=np.uint8))
-        os.replace(tmp, path)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-class GpuMemoryOnce:
-    """The device memory a GPU side holds, read once: after its first image, before the next side loads (see
-    `diffrt.bench.gpu_memory`). ONNX Runtime's arenas and PyTorch's caching allocator keep what they took, so for
-    the benchmarked shape that is also the peak."""
-
-    def __init__(self, on_gpu: bool):
-        self._probe: Any = None
-        if on_gpu:
-            from diffrt.bench.gpu_memory import DeviceMemoryProbe
-
-            self._probe = DeviceMemoryProbe()
-
-    def read(self) -> dict[str, float]:
-        if self._probe is None:
-            return {}
-        used, self._probe = self._probe.used_mb(), None
-        return {} if used is None else {"peak_device_mb": used}
 
 
 def make_side(name: str, config: RunConfig) -> Side:

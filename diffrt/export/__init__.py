@@ -8,9 +8,9 @@ from __future__ import annotations
 from diffrt._lazy import lazy_names
 
 _LAZY: dict[str, str] = {
-    "export_pipeline": "diffrt.export.pipeline",
-    "check_options": "diffrt.export.pipeline",
-    "add_tiny_vae": "diffrt.export.tiny_vae",
+    "export_pipeline": "diffrt.export.exporter",
+    "check_options": "diffrt.export.component",
+    "add_tiny_vae": "diffrt.export.taesd",
     "build_engines": "diffrt.export.tensorrt",
     "COMPONENTS": "diffrt.export.onnx",
     "TARGET_OPSETS": "diffrt.export.onnx",

@@ -7,15 +7,16 @@ files export reads are fetched. Single files are converted once into a cached di
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from diffrt.errors import ConfigError, ExportError, invalid
+from diffrt.package.files import files_sha256, read_json
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME, SCHEDULER_CONFIG
+from diffrt.runtime.hub import hub_call, hub_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
 WEIGHT_NAME = re.compile(r"^(?P<base>[^.]+)(?:\.(?P<variant>[^.-]+))?(?:-\d{5}-of-\d{5})?\.safetensors$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-T = TypeVar("T")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class CheckpointSource:
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of every weight file, keyed like `weight_files`; computed on first call."""
         if self._sha256 is None:
-            self._sha256 = {rel: _file_sha256(p) for rel, p in sorted(self.weight_files.items())}
+            self._sha256 = {rel: files_sha256([p]) for rel, p in sorted(self.weight_files.items())}
         return dict(self._sha256)
 
 
@@ -106,17 +106,9 @@ def _single_file(path: Path, text: str, token: str | bool | None, options: dict[
     return source
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; ExportError when missing, ConfigError when not a valid JSON object."""
-    if not path.is_file():
-        raise ExportError(f"missing file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object; got {type(data).__name__}")
-    return data
+def read_checkpoint_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (model_index.json, a config): ConfigError when missing or not a JSON object."""
+    return read_json(path, required=True, error=ConfigError)
 
 
 def read_components(index: dict[str, Any], index_path: Path) -> dict[str, tuple[str, str]]:
@@ -133,10 +125,10 @@ def read_components(index: dict[str, Any], index_path: Path) -> dict[str, tuple[
 
 
 def _from_folder(folder: Path, kind: str, text: str, revision: str | None, variant: str | None) -> CheckpointSource:
-    index_path = folder / "model_index.json"
+    index_path = folder / INDEX_NAME
     if not index_path.is_file():
         raise ExportError(f"not a diffusers checkpoint folder: {index_path} not found")
-    index = read_json(index_path)
+    index = read_checkpoint_json(index_path)
     if not isinstance(index.get("_class_name"), str):
         raise ConfigError(f"{index_path}: `_class_name` (the pipeline class) is missing")
     components = read_components(index, index_path)
@@ -156,7 +148,7 @@ def _check_component(folder: Path, name: str, variant: str | None) -> list[Path]
         if not any((directory / f).is_file() for f in TOKENIZER_FILES):
             raise ExportError(f"tokenizer files missing in {directory}: expected one of {list(TOKENIZER_FILES)}")
         return []
-    read_json(directory / ("scheduler_config.json" if name.startswith("scheduler") else "config.json"))
+    read_checkpoint_json(directory / (SCHEDULER_CONFIG.name if name.startswith("scheduler") else CONFIG_NAME))
     if name.startswith("scheduler"):
         return []
     return _weights(directory, variant)
@@ -182,7 +174,7 @@ def _weights(directory: Path, variant: str | None) -> list[Path]:
 
 def hub_patterns(components: dict[str, tuple[str, str]], variant: str | None) -> tuple[list[str], list[str]]:
     """(allow, ignore) patterns that fetch configs, tokenizers and the chosen variant's safetensors only."""
-    allow = ["model_index.json"]
+    allow = [INDEX_NAME]
     for name in components:
         allow += [f"{name}/*.json", f"{name}/*.txt"]
         if not name.startswith(("tokenizer", "scheduler")):
@@ -196,57 +188,11 @@ def hub_patterns(components: dict[str, tuple[str, str]], variant: str | None) ->
 def _download_repo(repo_id: str, revision: str | None, variant: str | None, token: str | bool | None) -> Path:
     from huggingface_hub import hf_hub_download
 
-    index_path = Path(_hub_call(lambda: hf_hub_download(repo_id, "model_index.json", revision=revision,
-                                                        token=token), repo_id, revision, "model_index.json"))
-    allow, ignore = hub_patterns(read_components(read_json(index_path), index_path), variant)
+    index_path = Path(hub_call(lambda: hf_hub_download(repo_id, INDEX_NAME, revision=revision, token=token),
+                               repo_id, revision, f"{INDEX_NAME} (not a diffusers pipeline repo?)", ExportError))
+    allow, ignore = hub_patterns(read_components(read_checkpoint_json(index_path), index_path), variant)
     return hub_snapshot(repo_id, revision=revision, allow_patterns=allow, ignore_patterns=ignore, token=token,
-                        purpose="the checkpoint files")
+                        purpose="the checkpoint files", error=ExportError)
 
 
-def hub_snapshot(repo_id: str, *, revision: str | None = None, allow_patterns: list[str],
-                 ignore_patterns: list[str] | None = None, token: str | bool | None = None,
-                 purpose: str = "files") -> Path:
-    """`snapshot_download` of the matching files (from the cache when offline), with errors that say what to do."""
-    from huggingface_hub import snapshot_download
-
-    folder = _hub_call(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns,
-                                                 ignore_patterns=ignore_patterns, token=token),
-                       repo_id, revision, purpose)
-    return Path(folder)
-
-
-def _hub_call(call: Callable[[], T], repo_id: str, revision: str | None, purpose: str) -> T:
-    from huggingface_hub import constants
-    from huggingface_hub.utils import (
-        EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return call()
-    except LocalEntryNotFoundError as error:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise ExportError(f"cannot get {purpose} of Hub repo {repo_id!r}: not in the local cache "
-                          f"({constants.HF_HUB_CACHE}) and {why}") from error
-    except GatedRepoError as error:
-        raise ExportError(f"Hub repo {repo_id!r} is gated: accept its terms on huggingface.co, then log in "
-                          "(`hf auth login`) or pass token=") from error
-    except RepositoryNotFoundError as error:
-        raise ExportError(f"Hub repo {repo_id!r} not found (a private repo needs a login or token=)") from error
-    except RevisionNotFoundError as error:
-        raise ExportError(f"revision {revision!r} not found in Hub repo {repo_id!r}") from error
-    except EntryNotFoundError as error:
-        raise ExportError(f"Hub repo {repo_id!r} has no {purpose}: not a diffusers pipeline repo?") from error
-    except HfHubHTTPError as error:
-        raise ExportError(f"Hub request for {repo_id!r} failed: {error}") from error
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-__all__ = ["CheckpointSource", "hub_patterns", "hub_snapshot", "read_json", "resolve_source"]
+__all__ = ["CheckpointSource", "hub_patterns", "read_checkpoint_json", "resolve_source"]

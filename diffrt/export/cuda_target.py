@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 
 from diffrt.errors import ExportError
-from diffrt.export.onnx import EXTERNAL_DATA_NAME
+from diffrt.package.names import EXTERNAL_DATA_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from diffrt.errors import ConfigError, invalid
 from diffrt.export.precision import PRECISIONS, BoundaryCast, convert_module, upcast_softmax
+from diffrt.package.names import CONFIG_NAME, EXTERNAL_DATA_NAME, MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ TARGET_OPSETS: dict[str, int] = {"onnxruntime": 23, "tensorrt": 18, "cuda": 18}
 OPSET_RANGE = (18, 23)  # torch.onnx's dynamo exporter: torchlib opset .. ONNX_MAX_OPSET
 # Weights above this go to one external file: a protobuf message cannot exceed 2 GiB, graph included.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
-EXTERNAL_DATA_NAME = "model.onnx_data"
-MODEL_NAME = "model.onnx"
 TEXT_LENGTH = 77  # CLIP's position table; every SD text encoder takes exactly 77 tokens
 # Named-dimension ranges written to the manifest (inclusive). Latent sides 1..512 are 8..4096 px with SD's VAE.
 BATCH_RANGE = (1, 32)
@@ -161,7 +160,7 @@ def text_encoder_graph(name: str, folder: Path, class_name: str, variant: str | 
     module = _OutputsByName(model, ["input_ids"], [o.name for o in outputs])
     trace, checks = _batch_sizes()
     return ComponentGraph(name, module, inputs, outputs, {"batch": BATCH_RANGE}, trace, checks,
-                          folder / name / "config.json")
+                          folder / name / CONFIG_NAME)
 
 
 def _text_time_sizes(config: Mapping[str, Any], pooled_dim: int | None, aesthetics: bool) -> tuple[int, int]:
@@ -206,7 +205,7 @@ def unet_graph(folder: Path, variant: str | None, pooled_dim: int | None, aesthe
     checks = [{"batch": 1, "height": 8, "width": 8, "sequence": TEXT_LENGTH},
               {"batch": 3, "height": 16, "width": 8, "sequence": 2 * TEXT_LENGTH}]
     return ComponentGraph("unet", _Positional(unet, names), inputs, outputs, dims, trace, checks,
-                          folder / "unet" / "config.json", keep_float32=("timestep", "time_ids"))
+                          folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"))
 
 
 def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
@@ -214,7 +213,7 @@ def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
     from diffrt.export.models import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=variant, dtype=torch.float32)
-    return autoencoder_graph(name, vae, folder / "vae" / "config.json")
+    return autoencoder_graph(name, vae, folder / "vae" / CONFIG_NAME)
 
 
 def autoencoder_graph(name: str, vae: nn.Module, config_file: Path | None) -> ComponentGraph:
@@ -322,7 +321,7 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
         upcast_softmax(model)
     _name_output_dims(model, graph.outputs, ir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MODEL_NAME
+    path = folder / MODEL_FILE
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = EXTERNAL_DATA_NAME if weights > external_data_threshold else None
     # Same layout as onnx.save_model(save_as_external_data=True, all_tensors_to_one_file=True), but streamed from

@@ -14,18 +14,26 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffrt.errors import ExportError, invalid
-from diffrt.export.checkpoint import hub_snapshot, read_json
+from diffrt.errors import ConfigError, ExportError, invalid
 from diffrt.export.single_file_config import (
-    COMPONENTS, CONFIG_FILES, FAMILIES, MODEL_TYPES, ConfigOptions, Family, build_configs, model_index,
+    COMPONENTS,
+    CONFIG_FILES,
+    FAMILIES,
+    MODEL_TYPES,
+    ConfigOptions,
+    Family,
+    build_configs,
+    model_index,
 )
 from diffrt.export.single_file_text import clip_plan, open_clip_plan
 from diffrt.export.single_file_unet import Plan, Shapes, unet_layers_per_block, unet_plan, vae_plan
+from diffrt.package.files import read_json, temp_folder, write_json
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME
+from diffrt.runtime.hub import hub_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +117,7 @@ def materialize_single_file(
     target = _cache_root(cache_dir) / f"{file.stem}-{_cache_key(file, options)}"
     if not (target / RECORD).is_file():
         _write_folder(target, _plan(file, options), options, token)
-    record = read_json(target / RECORD)
+    record = read_json(target / RECORD, required=True, error=ConfigError)
     return SingleFileResult(target, record["model_type"], record["pipeline_class"], int(record["clip_skip"]))
 
 
@@ -142,7 +150,7 @@ def _check_options(file: Path | None, config_folder: str | Path | None = None, c
     folder = None
     if config_folder is not None:
         folder = Path(config_folder).expanduser().resolve()
-        if not (folder / "model_index.json").is_file():
+        if not (folder / INDEX_NAME).is_file():
             raise ExportError(f"config_folder has no model_index.json: {folder / 'model_index.json'}")
     return ConfigOptions(folder, overrides, original_config, prediction_type)
 
@@ -224,16 +232,15 @@ def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, to
     """Write everything into a temporary folder beside `target`, then rename it into place."""
     record = {"format_version": FORMAT_VERSION, "source": str(plan.file), "model_type": plan.model_type,
               "pipeline_class": plan.pipeline_class, "clip_skip": plan.clip_skip}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_folder(target)
     try:
         for name, config in plan.configs.items():
-            _write_json(tmp / name / CONFIG_FILES.get(name, "config.json"), config)
-        _write_json(tmp / "model_index.json", _index(plan, options))
+            write_json(tmp / name / CONFIG_FILES.get(name, CONFIG_NAME), config)
+        write_json(tmp / INDEX_NAME, _index(plan, options))
         _copy_tokenizers(tmp, plan, options, token)
         for name, component_plan in plan.plans.items():
             _write_weights(plan.file, plan.prefixes[name], component_plan, tmp / name / WEIGHT_FILES[name])
-        _write_json(tmp / RECORD, record)
+        write_json(tmp / RECORD, record)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -246,15 +253,10 @@ def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, to
     logger.info("converted %s (%s) into %s", plan.file, plan.model_type, target)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def _index(job: SingleFilePlan, options: ConfigOptions) -> dict[str, Any]:
     if options.config_folder is None:
         return model_index(job.family, job.pipeline_class)
-    index = read_json(options.config_folder / "model_index.json")
+    index = read_json(options.config_folder / INDEX_NAME, required=True, error=ConfigError)
     produced = set(job.configs) | {spec.tokenizer for spec in job.family.texts}
     for name, value in index.items():  # e.g. a safety checker the single file does not hold
         if isinstance(value, list) and len(value) == 2 and value[0] is not None and name not in produced:
@@ -270,7 +272,7 @@ def _copy_tokenizers(tmp: Path, job: SingleFilePlan, options: ConfigOptions, tok
         repo = job.family.base_repos[job.inpainting] or job.family.base_repos[0]
         source = hub_snapshot(repo, allow_patterns=[f"{n}/*" for n in names], token=token,
                               purpose=f"the tokenizers for a {job.model_type} single file "
-                                      "(or pass config_folder=<a diffusers folder with them>)")
+                                      "(or pass config_folder=<a diffusers folder with them>)", error=ExportError)
     for name in names:
         if not (source / name).is_dir():
             raise ExportError(f"tokenizer folder missing: {source / name}")

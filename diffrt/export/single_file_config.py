@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.errors import ConfigError
-from diffrt.export.checkpoint import read_json
 from diffrt.export.single_file_text import CLIP_STRUCTURE_KEYS, infer_clip_config
 from diffrt.export.single_file_unet import Plan, Shapes, infer_unet_structure, infer_vae_structure, take_shape
+from diffrt.package.files import read_json
+from diffrt.package.names import INDEX_NAME, SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ VAE_BASE: dict[str, Any] = {
     "latents_std": None, "norm_num_groups": 32, "shift_factor": None,
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
-CONFIG_FILES = {"scheduler": "scheduler_config.json"}  # the others are config.json
+CONFIG_FILES = {"scheduler": SCHEDULER_CONFIG.name}  # the others are config.json
 
 
 def unet_config(family: Family, structure: dict[str, Any], vae_levels: int, pooled_dim: int | None) -> dict:
@@ -261,7 +262,7 @@ def _folder_configs(folder: Path, structures: dict[str, dict], family: Family) -
     texts = {spec.component: spec for spec in family.texts}
     for name in [*structures, "scheduler"]:
         path = folder / name / CONFIG_FILES.get(name, "config.json")
-        configs[name] = read_json(path)
+        configs[name] = read_json(path, required=True, error=ConfigError)
         checked = structures.get(name, {})
         if name in texts:  # a model without projection ignores `projection_dim`
             checked = [k for k in CLIP_STRUCTURE_KEYS if k != "projection_dim" or texts[name].with_projection]
@@ -277,4 +278,5 @@ def _folder_configs(folder: Path, structures: dict[str, dict], family: Family) -
                               f"the single file has {layers} layers")
         clip_skip = max(clip_skip, layers - folder_layers)  # diffusers' SD 2.x folders drop OpenCLIP's last layer
         configs[spec.component]["num_hidden_layers"] = layers
-    return configs, clip_skip, read_json(folder / "model_index.json").get("_class_name", family.pipelines[0])
+    index = read_json(folder / INDEX_NAME, required=True, error=ConfigError)
+    return configs, clip_skip, index.get("_class_name", family.pipelines[0])

@@ -2,8 +2,8 @@
 
 `build_engines` checks every argument and computes every profile (`tensorrt_profiles`) before TensorRT is imported,
 then builds one plan per component with TensorRT's Python API and writes it with its build record
-(`tensorrt_record`) into `<component>/engines/`. An engine whose record already exists is kept (`rebuild` builds
-it again).
+(`diffrt.package.tensorrt_records`) into `<component>/engines/`. An engine whose record already exists is kept
+(`rebuild` builds it again).
 
 Precision. An ONNX exported in fp16 / bf16 already says which ops run in reduced precision and which stay float32
 (the islands of `diffrt.export.precision`), so it is built as a strongly typed network: TensorRT keeps those types
@@ -21,11 +21,19 @@ from typing import Any, Mapping, Sequence
 
 from diffrt.errors import ConfigError, ExportError, PackageError, invalid
 from diffrt.export.tensorrt_profiles import SizeRange, component_profiles, size_requests
-from diffrt.export.tensorrt_record import (
-    build_info, engine_record, existing, files_sha256, onnx_files, record_key, write_bytes_atomic, write_engine,
+from diffrt.package.files import files_sha256, write_bytes
+from diffrt.package.names import ENGINES_FOLDER
+from diffrt.package.reader import ComponentInfo, ModelPackage
+from diffrt.package.tensorrt_records import (
+    Platform,
+    Profile,
+    build_info,
+    engine_record,
+    existing,
+    onnx_files,
+    record_key,
+    write_engine,
 )
-from diffrt.runtime.engines.tensorrt_records import ENGINES_FOLDER, Platform, Profile
-from diffrt.runtime.package import ComponentInfo, ModelPackage
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +276,7 @@ class _TimingCache:
 
     def save(self) -> None:
         if self.path is not None and self.cache is not None:
-            write_bytes_atomic(self.path, self.cache.serialize())
+            write_bytes(self.path, self.cache.serialize())
 
 
 def _build_plan(trt: Any, build: ComponentBuild, options: BuildOptions, cache: _TimingCache) -> Any:

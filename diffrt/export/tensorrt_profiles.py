@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from diffrt.errors import ExportError, invalid
-from diffrt.runtime.engines.tensorrt_records import Profile
-from diffrt.runtime.package import ComponentInfo
+from diffrt.package.reader import ComponentInfo
+from diffrt.package.tensorrt_records import Profile
 
 Triple = tuple[int, int, int]
 TEXT_LENGTH = 77  # CLIP's context; the UNet's sequence is a whole number of 77-token chunks

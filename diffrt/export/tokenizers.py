@@ -11,12 +11,11 @@ lacks them (transformers 5 saves only tokenizer.json), for readers that build th
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 from diffrt.errors import ExportError
-from diffrt.export.package import copy_file, default_mode
+from diffrt.package.files import copy_file, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def write_tokenizer(source: Path, target: Path) -> None:
     length = int(reference.model_max_length)
     backend.enable_truncation(max_length=length)
     backend.enable_padding(length=length, pad_id=int(reference.pad_token_id), pad_token=str(reference.pad_token))
-    _save_atomic(backend, target / TOKENIZER_JSON)
+    write_text(target / TOKENIZER_JSON, backend.to_str(pretty=True))  # type: ignore[attr-defined]
     if not (target / "vocab.json").is_file() or not (target / "merges.txt").is_file():
         _save_bpe_files(backend, target)
 
@@ -55,18 +54,6 @@ def _backend_of(reference: object) -> "object":
     if backend is None:
         raise ExportError("transformers' CLIPTokenizer has no `tokenizers` backend to write tokenizer.json from")
     return Tokenizer.from_str(backend.to_str())
-
-
-def _save_atomic(backend: object, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        backend.save(temp)  # type: ignore[attr-defined]
-        os.chmod(temp, default_mode())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _save_bpe_files(backend: object, target: Path) -> None:

@@ -20,7 +20,7 @@ _LAZY: dict[str, str] = {
     "AutoPipelineForText2Image": f"{_P}.auto",
     "AutoPipelineForImage2Image": f"{_P}.auto",
     "AutoPipelineForInpainting": f"{_P}.auto",
-    "ModelPackage": "diffrt.runtime.package",
+    "ModelPackage": "diffrt.package.reader",
 }
 
 __all__ = sorted(_LAZY)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
-from diffrt.errors import PackageError
+from diffrt.errors import DiffrtError, PackageError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Only what a package needs: no PyTorch weights or safetensors from mixed repos.
 ALLOW_PATTERNS = ["*.json", "*.txt", "*.onnx", "*.onnx_data", "*.plan"]
@@ -75,39 +78,70 @@ def _valid_repo_id(name: str) -> bool:
 
 def _snapshot(repo_id: str, revision: str | None, token: str | bool | None, cache_dir: Path | None,
               offline: bool) -> Path:
+    return hub_snapshot(repo_id, revision=revision, token=token, allow_patterns=ALLOW_PATTERNS, cache_dir=cache_dir,
+                        local_files_only=offline, purpose="the package files", error=PackageError)
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                 allow_patterns: list[str], ignore_patterns: list[str] | None = None,
+                 cache_dir: Path | None = None, local_files_only: bool = False, purpose: str = "files",
+                 error: type[DiffrtError] = PackageError) -> Path:
+    """`snapshot_download` of the matching files (from the cache when offline), errors translated by `hub_call`."""
     from huggingface_hub import snapshot_download
+
+    folder = hub_call(lambda: snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                                local_files_only=local_files_only, allow_patterns=allow_patterns,
+                                                ignore_patterns=ignore_patterns),
+                      repo_id, revision, purpose, error, cache_dir=cache_dir, offline=local_files_only or None)
+    return Path(folder)
+
+
+def hub_call(call: Callable[[], T], repo_id: str, revision: str | None, purpose: str,
+             error: type[DiffrtError] = PackageError, *, cache_dir: Path | None = None,
+             offline: bool | None = None) -> T:
+    """Run a huggingface_hub call; its errors become `error` with a message that says what to do (the one
+    translation of Hub errors: the runtime fetching packages and the exporter fetching checkpoints both use it)."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
-        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    where = f"the Hub cache {cache_dir}" if cache_dir is not None else "the default Hub cache"
+    incomplete = _incomplete_snapshot_error()
+    where = f"the Hub cache {cache_dir}" if cache_dir is not None else f"the Hub cache ({constants.HF_HUB_CACHE})"
+    offline = hub_offline() if offline is None else offline
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=offline,
-            allow_patterns=ALLOW_PATTERNS,
-        )
-    except GatedRepoError as error:
-        raise PackageError(f"Hub repo {repo_id!r} is gated: accept its terms and pass `token` (or log in)") from error
-    except RepositoryNotFoundError as error:
-        raise PackageError(
-            f"`name_or_path` {repo_id!r} is neither a local folder nor a Hub repo you can access "
-            "(private repos need `token`)"
-        ) from error
-    except RevisionNotFoundError as error:
-        raise PackageError(f"Hub repo {repo_id!r} has no revision {revision!r}") from error
-    except IncompleteSnapshotError as error:
-        raise PackageError(f"the cached snapshot of {repo_id!r} in {where} is incomplete: {error}") from error
-    except LocalEntryNotFoundError as error:
+        return call()
+    except GatedRepoError as problem:  # before RepositoryNotFoundError, its base class
+        raise error(f"Hub repo {repo_id!r} is gated: accept its terms on huggingface.co, then log in "
+                    "(`hf auth login`) or pass `token`") from problem
+    except RepositoryNotFoundError as problem:
+        raise error(f"Hub repo {repo_id!r} not found, or not accessible (private repos need a login or "
+                    "`token`)") from problem
+    except RevisionNotFoundError as problem:
+        raise error(f"Hub repo {repo_id!r} has no revision {revision!r}") from problem
+    except LocalEntryNotFoundError as problem:  # before EntryNotFoundError, its base class
         mode = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub could not be reached"
-        raise PackageError(
-            f"`name_or_path` {repo_id!r} (revision {revision or 'main'}) is not a local folder and not in {where}, "
-            f"and {mode}"
-        ) from error
-    except HfHubHTTPError as error:
-        raise PackageError(f"could not fetch Hub repo {repo_id!r}: {error}") from error
-    return Path(folder)
+        raise error(f"cannot get {purpose} of Hub repo {repo_id!r} (revision {revision or 'main'}): not in {where}, "
+                    f"and {mode}") from problem
+    except EntryNotFoundError as problem:
+        raise error(f"Hub repo {repo_id!r} has no {purpose}") from problem
+    except incomplete as problem:
+        raise error(f"the cached snapshot of {repo_id!r} in {where} is incomplete: {problem}") from problem
+    except HfHubHTTPError as problem:
+        raise error(f"Hub request for {repo_id!r} failed: {problem}") from problem
+
+
+def _incomplete_snapshot_error() -> type[Exception]:
+    """huggingface_hub's IncompleteSnapshotError (newer releases); a type nothing raises where it is absent."""
+    from huggingface_hub import errors
+
+    return getattr(errors, "IncompleteSnapshotError", _NeverRaised)
+
+
+class _NeverRaised(Exception):
+    pass

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from diffrt.errors import InputError, PackageError, invalid
-from diffrt.runtime.package import read_json
+from diffrt.package.files import read_json
 
 logger = logging.getLogger(__name__)
 

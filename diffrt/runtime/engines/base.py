@@ -7,37 +7,15 @@ raising `InputError` that names the input, what was expected and what was got (A
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from diffrt.errors import InputError
+from diffrt.package.specs import Dim, DimRanges, TensorSpec, parse_dim_ranges
 
-Dim = int | str | None
-DimRanges = Mapping[str, tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One engine input or output: fixed dims are ints, dynamic dims a name (shared across inputs) or None."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[Dim, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        object.__setattr__(self, "shape", tuple(self.shape))
-
-    @classmethod
-    def from_manifest(cls, entry: Mapping[str, object]) -> "TensorSpec":
-        """From a `diffrt.json` entry: {"name": ..., "dtype": "float32", "shape": ["batch", 4, "height", ...]}."""
-        return cls(str(entry["name"]), np.dtype(str(entry["dtype"])), tuple(entry["shape"]))  # type: ignore[arg-type]
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.dtype} [{dims}]"
+__all__ = ["Dim", "DimRanges", "Engine", "TensorSpec", "adapt_feeds", "lossless_cast", "parse_dim_ranges",
+           "validate_feeds"]
 
 
 @runtime_checkable
@@ -158,13 +136,3 @@ def validate_feeds(
             raise InputError(f"`{spec.name}` must have dtype {spec.dtype}; got {array.dtype}")
         _check_dims(spec, array, bound, ranges)
     return {dim: size for dim, (size, _) in bound.items()}
-
-
-def parse_dim_ranges(dims: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, int]]:
-    """The manifest's `dims` ({"batch": [1, 16]}) as inclusive (low, high) tuples, validated."""
-    ranges: dict[str, tuple[int, int]] = {}
-    for name, bounds in (dims or {}).items():
-        if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or bounds[0] > bounds[1]:
-            raise InputError(f"`dim_ranges[{name!r}]` must be [low, high] integers with low <= high; got {bounds!r}")
-        ranges[str(name)] = (int(bounds[0]), int(bounds[1]))
-    return ranges

@@ -39,8 +39,11 @@ def _error_text(error: Any) -> str:
     rt = cudart()
     name = rt.cudaGetErrorName(error)[1]
     text = rt.cudaGetErrorString(error)[1]
-    decode = (lambda b: b.decode(errors="replace") if isinstance(b, bytes) else str(b))
-    return f"{decode(name)}: {decode(text)}"
+    return f"{_text(name)}: {_text(text)}"
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def check(result: Any, what: str) -> Any:

@@ -20,11 +20,16 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from diffrt.errors import ConfigError, EngineError, InputError, invalid
+from diffrt.package.names import ENGINES_FOLDER
+from diffrt.package.tensorrt_records import (
+    EngineRecord,
+    Platform,
+    describe_profiles,
+    pick_profile,
+    select_records,
+)
 from diffrt.runtime.engines import cuda
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, lossless_cast, validate_feeds
-from diffrt.runtime.engines.tensorrt_records import (
-    ENGINES_FOLDER, EngineRecord, Platform, describe_profiles, pick_profile, select_records,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from diffrt.package.reader import ModelPackage
 from diffrt.runtime.hub import resolve_package
-from diffrt.runtime.package import ModelPackage
 from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider
 from diffrt.runtime.pipelines.registry import pipeline_class_for_task
 

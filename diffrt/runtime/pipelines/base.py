@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from diffrt import rng
 from diffrt.errors import InputError, PackageError
+from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.hub import resolve_package
-from diffrt.runtime.package import ModelPackage
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
@@ -28,7 +28,8 @@ from diffrt.schedulers import from_config as scheduler_from_config
 logger = logging.getLogger(__name__)
 
 # callback tensor name (Diffusers) -> UNet feed it stands for
-CALLBACK_FEEDS = {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+CALLBACK_FEEDS = {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds",
+                  "add_time_ids": "time_ids"}
 
 
 @dataclass

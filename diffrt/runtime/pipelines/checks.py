@@ -25,7 +25,8 @@ def check_steps(num_inference_steps: Any, timesteps: Any, sigmas: Any) -> None:
 
 
 def check_range(name: str, value: Any, low: float, high: float | None = None) -> None:
-    if not isinstance(value, (int, float, np.floating, np.integer)) or value < low or (high is not None and value > high):
+    number = isinstance(value, (int, float, np.floating, np.integer))
+    if not number or value < low or (high is not None and value > high):
         allowed = f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}"
         raise invalid(name, allowed, value)
 

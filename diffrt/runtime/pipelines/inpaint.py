@@ -16,10 +16,9 @@ from diffrt.runtime.pipelines.stable_diffusion import (
     tile_batch,
 )
 from diffrt.runtime.pipelines.stable_diffusion_xl import (
-    _start_at,
     _StableDiffusionXLBase,
-    cut_denoising_end,
     denoising_fraction,
+    image_to_image_timesteps,
 )
 
 
@@ -220,16 +219,9 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
             emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
         # 3. Timesteps: from denoising_start or cut to `strength`, then optionally cut at denoising_end.
         scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        steps = image_to_image_timesteps(self, scheduler, num_inference_steps, timesteps, sigmas, strength,
+                                         denoising_start, denoising_end)
         start = denoising_fraction(denoising_start)
-        if start is None:
-            custom = timesteps is not None or sigmas is not None
-            steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
-        else:
-            steps = _start_at(scheduler, steps, start)
-        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
-        if len(steps) == 0:
-            raise checks.InputError(f"`strength`={strength} leaves no denoising step; raise it or the step count")
         # 4. Latents, mask and masked-image latents.
         with self._stage(timings, "vae_encode"):
             inp = self._inpaint_latents(pixels, mask, batch, generator, np.repeat(steps[:1], batch), scheduler,

@@ -139,7 +139,8 @@ def _encode_each(encoders: list[TextEncoder], prompts: list[list[str]], layer: i
     for encoder, texts in zip(encoders, prompts):
         encoding = encoder(texts)
         if not -len(encoding.hidden_states) <= layer < 0:
-            raise InputError(f"`clip_skip` is too large for a text encoder with {len(encoding.hidden_states) - 1} layers")
+            layers = len(encoding.hidden_states) - 1
+            raise InputError(f"`clip_skip` is too large for a text encoder with {layers} layers")
         parts.append(encoding.hidden_states[layer])
         if pooled is None and encoding.pooled is not None:
             pooled = encoding.pooled

@@ -186,7 +186,8 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         # 3. Timesteps, cut to `strength`.
         scheduler = self.fresh_scheduler()
         steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
-        steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, timesteps is not None or sigmas is not None, steps))
+        custom = timesteps is not None or sigmas is not None
+        steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
         if len(steps) == 0:
             raise checks.InputError(
                 f"`strength`={strength} with {len(scheduler.timesteps)} steps leaves no denoising step; raise either"

@@ -35,6 +35,23 @@ def cut_denoising_end(timesteps: np.ndarray, denoising_end: float | None, num_tr
     return timesteps[: int(np.sum(timesteps >= cutoff))]
 
 
+def image_to_image_timesteps(pipe: Any, scheduler: Any, num_inference_steps: int, timesteps: Any, sigmas: Any,
+                             strength: float, denoising_start: Any, denoising_end: Any) -> np.ndarray:
+    """The SDXL image-to-image / inpainting schedule: from `denoising_start` (the refiner half of a base + refiner
+    ensemble) or cut to `strength`, then optionally cut at `denoising_end`; InputError when no step is left."""
+    steps = pipe.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+    start = denoising_fraction(denoising_start)
+    if start is None:
+        custom = timesteps is not None or sigmas is not None
+        steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
+    else:
+        steps = _start_at(scheduler, steps, start)
+    steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
+    if len(steps) == 0:
+        raise checks.InputError(f"`strength`={strength} leaves no denoising step; raise it or the step count")
+    return steps
+
+
 class _StableDiffusionXLBase(_StableDiffusionBase):
     required_components = ("text_encoder_2", "unet", "vae_decoder")
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
@@ -54,7 +71,8 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         encoders.append(self.text_encoder("text_encoder_2", "tokenizer_2"))
         return encoders
 
-    def _encode_xl(self, prompts: list[str] | None, batch_size: int, kw: dict[str, Any], do_cfg: bool) -> SdxlEmbeddings:
+    def _encode_xl(self, prompts: list[str] | None, batch_size: int, kw: dict[str, Any],
+                   do_cfg: bool) -> SdxlEmbeddings:
         given = SdxlEmbeddings(
             checks.check_embeds("prompt_embeds", kw["prompt_embeds"]),
             checks.check_embeds("pooled_prompt_embeds", kw["pooled_prompt_embeds"]),
@@ -77,7 +95,8 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         negatives = None
         if need_negative and not zero_negative:
             negative = negative_list(kw["negative_prompt"], batch_size, "negative_prompt")
-            negative_2 = negative_list(kw["negative_prompt_2"] or kw["negative_prompt"], batch_size, "negative_prompt_2")
+            second = kw["negative_prompt_2"] or kw["negative_prompt"]
+            negative_2 = negative_list(second, batch_size, "negative_prompt_2")
             negatives = [negative, negative_2][-len(encoders):]
         if given.prompt_embeds is None:
             result = encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
@@ -249,16 +268,9 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
             emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
         # 3. Timesteps: from denoising_start (refiner half of an ensemble) or cut to `strength`.
         scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        steps = image_to_image_timesteps(self, scheduler, num_inference_steps, timesteps, sigmas, strength,
+                                         denoising_start, denoising_end)
         start = denoising_fraction(denoising_start)
-        if start is None:
-            custom = timesteps is not None or sigmas is not None
-            steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
-        else:
-            steps = _start_at(scheduler, steps, start)
-        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
-        if len(steps) == 0:
-            raise checks.InputError(f"`strength`={strength} leaves no denoising step; raise it or the step count")
         # 4. Latents: encode the image, noise it unless it continues a base model's partial denoise.
         with self._stage(timings, "vae_encode"):
             latents = self._image_latents(pixels, batch, generator)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from diffrt.errors import PackageError, invalid
-from diffrt.runtime.package import ModelPackage
+from diffrt.package.reader import ModelPackage
 
 VAE_CHOICES = ("full", "tiny")
 TINY_COMPONENTS = {"vae_decoder": "vae_decoder_tiny", "vae_encoder": "vae_encoder_tiny"}

@@ -7,15 +7,9 @@ import os
 import sys
 
 from diffrt.bench.presets import PRESETS
+from diffrt.cli.args import comma_list
 
 logger = logging.getLogger(__name__)
-
-
-def _sides(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list such as diffusers,optimum; got {text!r}")
-    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1,
                         help="warm-up images, the cold-start image included (default 1; 0: it is measured)")
     parser.add_argument("--runs", type=int, default=3, help="measured images per side (default 3)")
-    parser.add_argument("--compare", type=_sides, default=(), help="diffusers and/or optimum, comma-separated")
+    parser.add_argument("--compare", type=comma_list, default=(), help="diffusers and/or optimum, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every side (default: usable CPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None,
@@ -54,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from diffrt.bench.runner import BenchOptions, run_benchmark
 
     opts = BenchOptions(
-        target=args.target, provider=args.provider, vae=args.vae, steps=args.steps, height=args.height, width=args.width,
+        target=args.target, provider=args.provider, vae=args.vae, steps=args.steps, height=args.height,
+        width=args.width,
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
         export_target=args.export_target,

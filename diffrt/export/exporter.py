@@ -6,33 +6,33 @@ temporary folder beside the output that is renamed into place only when everythi
 """
 from __future__ import annotations
 
-import gc
-import json
 import logging
-import math
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from diffrt.errors import ConfigError, ExportError, InputError, invalid
+from diffrt.export.component import Options, Rows, check_options, export_component, summary_table
 from diffrt.export.onnx import (
-    COMPONENTS, EXTERNAL_DATA_THRESHOLD, MODEL_NAME, OPSET_RANGE, TARGET_OPSETS, TEXT_ENCODER_CLASSES, ComponentGraph,
-    export_graph, prepare_for_export, text_encoder_graph, unet_graph, vae_graph,
+    COMPONENTS,
+    EXTERNAL_DATA_THRESHOLD,
+    TARGET_OPSETS,
+    TEXT_ENCODER_CLASSES,
+    ComponentGraph,
+    text_encoder_graph,
+    unet_graph,
+    vae_graph,
 )
-from diffrt.export.package import (
-    INDEX_NAME, MANIFEST_NAME, PackageWriter, build_manifest, check_output, component_entry, copy_file, model_index,
-    summary_table, write_json,
-)
-from diffrt.export import cuda_target
-from diffrt.export.precision import DEFAULT_TOLERANCE, check_precision, component_precision
+from diffrt.export.precision import component_precision
+from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
 from diffrt.export.tokenizers import write_tokenizer
-from diffrt.export.validate import reference_cases, validate_export
+from diffrt.package.files import copy_file, read_json, write_json
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
+from diffrt.package.writer import PackageWriter, build_manifest, check_output, model_index
 
 __all__ = ["export_pipeline", "COMPONENTS", "TARGET_OPSETS"]
 
 logger = logging.getLogger(__name__)
 
-BF16_MIN_OPSET = 22  # ONNX Conv (and InstanceNormalization) accept bfloat16 from opset 22
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
               "vae_encoder": "vae", "vae_decoder": "vae"}
@@ -40,55 +40,6 @@ EXPORTER_DISTRIBUTIONS = {"torch": ("torch",), "onnx": ("onnx",), "onnxscript": 
                           "transformers": ("transformers",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
 SOURCE_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
                   "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES}
-
-
-@dataclass(frozen=True)
-class Options:
-    precision: str
-    target: str
-    opset: int
-    components: tuple[str, ...] | None
-    validate: bool
-    tolerance: float | None
-    external_data_threshold: int
-
-
-def check_options(precision: str = "fp32", target: str = "onnxruntime", opset: int | None = None,
-                  components: Sequence[str] | None = None, validate: bool = True, tolerance: float | None = None,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Options:
-    """Validate the export arguments that need no source; InputError naming the first bad one."""
-    check_precision(precision)
-    if target not in TARGET_OPSETS:
-        raise invalid("target", f"one of {', '.join(TARGET_OPSETS)}", target)
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
-                              or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]):
-        raise invalid("opset", f"None or an int in [{OPSET_RANGE[0]}, {OPSET_RANGE[1]}]", opset)
-    chosen = TARGET_OPSETS[target] if opset is None else opset
-    if target == "cuda" and chosen != TARGET_OPSETS["cuda"]:
-        raise invalid("opset", f"{TARGET_OPSETS['cuda']} (or None) with target cuda, whose GroupNorm fusion reads the "
-                      "opset-18 form", opset)
-    if target == "cuda" and precision == "bf16":
-        raise invalid("precision", "fp32 or fp16 with target cuda (its GroupNorm kernel takes float32 or float16)",
-                      precision)
-    if precision == "bf16" and chosen < BF16_MIN_OPSET:
-        raise invalid("opset", f">= {BF16_MIN_OPSET} for precision bf16 (ONNX Conv takes bfloat16 from opset "
-                      f"{BF16_MIN_OPSET}; target {target} defaults to {TARGET_OPSETS[target]})", chosen)
-    if components is not None:
-        if isinstance(components, str) or not all(isinstance(c, str) for c in components) or not components:
-            raise invalid("components", f"None or a non-empty list of {', '.join(COMPONENTS)}", components)
-        unknown = [c for c in components if c not in COMPONENTS]
-        if unknown:
-            raise invalid("components", f"names from {', '.join(COMPONENTS)}", unknown[0])
-        components = tuple(dict.fromkeys(components))
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not math.isfinite(tolerance) or tolerance <= 0):
-        raise invalid("tolerance", "None or a positive number (relative to the output scale)", tolerance)
-    if not isinstance(validate, bool):
-        raise invalid("validate", "True or False", validate)
-    if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
-            or external_data_threshold < 0:
-        raise invalid("external_data_threshold", "an int >= 0 (bytes)", external_data_threshold)
-    return Options(precision, target, chosen, components, validate, tolerance, external_data_threshold)
 
 
 def export_pipeline(source: str | Path, output: str | Path, *, revision: str | None = None,
@@ -104,11 +55,8 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     vae_encoder, vae_decoder (default: all the checkpoint has); `tolerance` overrides the validation bound
     (relative to the output scale; defaults per precision in `DEFAULT_TOLERANCE`). `tiny_vae`, an AutoencoderTiny
     (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
-    `diffrt.export.tiny_vae`.
+    `diffrt.export.taesd`.
     """
-    # tiny_vae builds on this module (Options, export_component): imported here, not at the top (a cycle).
-    from diffrt.export.tiny_vae import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
-
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
     output = Path(output)
     check_output(output, overwrite)
@@ -118,8 +66,8 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     names = plan_components(src, options.components)
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
-        check_fits(tiny, _read_json(src.path / "unet" / "config.json"), _read_json(src.path / "vae" / "config.json"))
-    rows: list[tuple[str, int, float, float | None]] = []
+        check_fits(tiny, read_json(src.path / "unet" / CONFIG_NAME), read_json(src.path / "vae" / CONFIG_NAME))
+    rows: Rows = []
     with PackageWriter(output, overwrite) as folder:
         entries = _export_components(src, names, folder, options, rows)
         if tiny is not None:
@@ -163,23 +111,19 @@ def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _load_graph(src: Any, name: str) -> ComponentGraph:
     root: Path = src.path
     if name.startswith("text_encoder"):
         return text_encoder_graph(name, root, src.components[name][1], src.variant)
     if name == "unet":
-        pooled = _read_json(root / "text_encoder_2" / "config.json").get("projection_dim")
-        aesthetics = bool(_read_json(root / INDEX_NAME).get("requires_aesthetics_score"))
+        pooled = read_json(root / "text_encoder_2" / CONFIG_NAME).get("projection_dim")
+        aesthetics = bool(read_json(root / INDEX_NAME).get("requires_aesthetics_score"))
         return unet_graph(root, src.variant, pooled, aesthetics)
     return vae_graph(name, root, src.variant)
 
 
 def _export_components(src: Any, names: list[str], folder: Path, options: Options,
-                       rows: list[tuple[str, int, float, float | None]]) -> dict[str, dict[str, Any]]:
+                       rows: Rows) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -196,73 +140,25 @@ def _export_components(src: Any, names: list[str], folder: Path, options: Option
 
 
 def _export_component(src: Any, name: str, folder: Path, options: Options,
-                      rows: list[tuple[str, int, float, float | None]]) -> dict[str, Any]:
+                      rows: Rows) -> dict[str, Any]:
     """Load, export and validate one component; its manifest entry."""
-    vae_config = _read_json(src.path / "vae" / "config.json") if name.startswith("vae") else {}
+    vae_config = read_json(src.path / "vae" / CONFIG_NAME) if name.startswith("vae") else {}
     precision = component_precision(name, options.precision, src.pipeline_class, vae_config)
     return export_component(_load_graph(src, name), precision, folder, options, rows)
-
-
-def export_component(graph: ComponentGraph, precision: str, folder: Path, options: Options,
-                     rows: list[tuple[str, int, float, float | None]]) -> dict[str, Any]:
-    """Export and validate a loaded component into `folder / graph.name`; appends its summary row."""
-    name = graph.name
-    cases = reference_cases(graph) if options.validate else []
-    fused = options.target == "cuda" and name in cuda_target.FUSED_COMPONENTS
-    opset, translations = options.opset, None
-    if fused:
-        cuda_target.prepare_module(name, graph.module)
-        translations = cuda_target.translation_table()
-    prepare_for_export(graph, precision, float32_group_norm=not fused)
-    # A graph to fuse is written with every weight external: the fusions then run on the graph alone.
-    threshold = 0 if fused else options.external_data_threshold
-    exported = export_graph(graph, folder / name, opset, threshold, translations)
-    graph.module = None  # type: ignore[assignment]  # free the weights before ONNX Runtime loads its copy
-    gc.collect()
-    if fused:
-        external = exported.weight_bytes > options.external_data_threshold
-        data = cuda_target.fuse(exported.path, name, external)
-        size = sum(f.stat().st_size for f in (exported.path, folder / name / (data or MODEL_NAME)))
-        exported = replace(exported, external_data=data, size_bytes=size if data else exported.path.stat().st_size)
-    if graph.config_file is not None:
-        copy_file(graph.config_file, folder / name / "config.json")
-    validation = None
-    if options.validate and fused and not cuda_usable_here():
-        logger.warning("%s: not validated: its fused CUDA kernels run on a GPU only, and there is none here "
-                       "(the manifest records validation null)", name)
-    elif options.validate:
-        tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[precision]
-        provider = "cuda" if options.target == "cuda" and cuda_usable_here() else "cpu"
-        validation = validate_export(graph, exported.path, cases, tolerance, provider)
-    rows.append((name, exported.size_bytes, exported.seconds, validation.max_abs_diff if validation else None))
-    return component_entry(
-        file=f"{name}/{MODEL_NAME}", external_data=exported.external_data, precision=precision, opset=opset,
-        inputs=[s.manifest() for s in graph.inputs], outputs=[s.manifest() for s in graph.outputs],
-        dims=graph.dims, validation=validation.manifest() if validation else None,
-    )
-
-
-def cuda_usable_here() -> bool:
-    """ONNX Runtime with the CUDA provider and a GPU: validation of the cuda target can run."""
-    try:
-        from diffrt.runtime.engines.onnxruntime_cuda import cuda_usable
-    except ImportError:  # no onnxruntime at all: validation says so itself
-        return False
-    return cuda_usable()
 
 
 def _write_support_files(src: Any, names: list[str], folder: Path) -> None:
     """Scheduler config, tokenizers of the exported text encoders, and model_index.json."""
     others = []
-    scheduler = src.path / "scheduler" / "scheduler_config.json"
+    scheduler = src.path / SCHEDULER_CONFIG
     if "scheduler" in src.components and scheduler.is_file():
-        copy_file(scheduler, folder / "scheduler" / "scheduler_config.json")
+        copy_file(scheduler, folder / SCHEDULER_CONFIG)
         others.append("scheduler")
     for encoder, tokenizer in TOKENIZER_OF.items():
         if encoder in names and tokenizer in src.components:
             write_tokenizer(src.path / tokenizer, folder / tokenizer)
             others.append(tokenizer)
-    write_json(folder / INDEX_NAME, model_index(_read_json(src.path / INDEX_NAME), names, others))
+    write_json(folder / INDEX_NAME, model_index(read_json(src.path / INDEX_NAME), names, others))
 
 
 def _exporter_versions() -> dict[str, str]:

@@ -8,21 +8,20 @@ not a distribution, so the encoder output is named `latents` rather than `latent
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from diffrt.errors import ConfigError, ExportError, InputError, PackageError, invalid
-from diffrt.export.pipeline import Options, check_options, export_component
-from diffrt.export.checkpoint import REPO_ID, hub_snapshot, read_json
+from diffrt.export.checkpoint import REPO_ID
+from diffrt.export.component import Options, Rows, check_options, export_component, summary_table
 from diffrt.export.onnx import autoencoder_graph
-from diffrt.export.package import INDEX_NAME, MANIFEST_NAME, ONNX_ENTRY, summary_table, write_json
 from diffrt.export.precision import component_precision
+from diffrt.package.files import files_sha256, read_json, replace_folder, write_json
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, ONNX_ENTRY
+from diffrt.runtime.hub import hub_snapshot
 
 __all__ = ["TINY_COMPONENTS", "TinyVaeSource", "add_tiny_vae", "resolve_tiny_vae"]
 
@@ -32,8 +31,7 @@ logger = logging.getLogger(__name__)
 TINY_COMPONENTS = {"vae_decoder": "vae_decoder_tiny", "vae_encoder": "vae_encoder_tiny"}
 CLASS_NAME = "AutoencoderTiny"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-EXPECTED = f"an {CLASS_NAME} folder (config.json + {WEIGHTS_FILE}) or a Hub repo id (owner/name)"
-Rows = list[tuple[str, int, float, float | None]]
+EXPECTED = f"an {CLASS_NAME} folder ({CONFIG_NAME} + {WEIGHTS_FILE}) or a Hub repo id (owner/name)"
 
 
 @dataclass(frozen=True)
@@ -48,8 +46,7 @@ class TinyVaeSource:
 
     def manifest(self) -> dict[str, Any]:
         """What each tiny component's manifest entry records as its `source`."""
-        with open(self.path / WEIGHTS_FILE, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = files_sha256([self.path / WEIGHTS_FILE])
         return {"id": self.id, "kind": self.kind, "revision": self.revision, "weights_sha256": {WEIGHTS_FILE: digest}}
 
 
@@ -67,17 +64,17 @@ def resolve_tiny_vae(source: str | Path, revision: str | None = None,
     if path.exists() or not REPO_ID.match(text):
         raise invalid("tiny_vae", EXPECTED, text)
     try:
-        folder = hub_snapshot(text, revision=revision, allow_patterns=["config.json", WEIGHTS_FILE], token=token,
-                              purpose=f"the {CLASS_NAME} files")
+        folder = hub_snapshot(text, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_FILE], token=token,
+                              purpose=f"the {CLASS_NAME} files", error=ExportError)
     except ExportError as error:
         raise InputError(f"`tiny_vae`: {error}") from error
     return _from_folder(folder, text, "hub", folder.name)
 
 
 def _from_folder(folder: Path, text: str, kind: str, revision: str | None) -> TinyVaeSource:
-    if not (folder / "config.json").is_file() or not (folder / WEIGHTS_FILE).is_file():
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise invalid("tiny_vae", EXPECTED, text)
-    config = read_json(folder / "config.json")
+    config = read_json(folder / CONFIG_NAME)
     class_name = config.get("_class_name", CLASS_NAME)
     if class_name != CLASS_NAME:
         raise invalid("tiny_vae", f"an {CLASS_NAME} (TAESD) model", f"{text} ({class_name})", ConfigError)
@@ -135,7 +132,7 @@ def export_tiny_components(tiny: TinyVaeSource, names: list[str], folder: Path, 
         entries[name] = export_component(autoencoder_graph(name, model, None), precision, folder, options, rows)
         entries[name]["source"] = source
         # The resolved config (every default filled in), so the runtime never guesses TAESD's scaling_factor.
-        write_json(folder / name / "config.json", config)
+        write_json(folder / name / CONFIG_NAME, config)
         seconds, diff = rows[-1][2:]
         logger.info("%s: %s in %.1f s, max abs diff %s", name, precision, seconds,
                     "not checked" if diff is None else f"{diff:.3g}")
@@ -153,25 +150,9 @@ def _package_manifest(root: Path) -> dict[str, Any]:
 
 def _component_config(root: Path, *names: str) -> dict[str, Any]:
     for name in names:
-        if (root / name / "config.json").is_file():
-            return read_json(root / name / "config.json")
+        if (root / name / CONFIG_NAME).is_file():
+            return read_json(root / name / CONFIG_NAME)
     return {}
-
-
-def _move_into(staged: Path, target: Path) -> None:
-    """Rename a finished component folder into the package, replacing an old one (renamed aside first)."""
-    if not target.exists():
-        os.replace(staged, target)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, aside / target.name)
-    try:
-        os.replace(staged, target)
-    except BaseException:
-        os.replace(aside / target.name, target)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def add_tiny_vae(package: str | Path, source: str | Path, *, revision: str | None = None,
@@ -198,7 +179,7 @@ def add_tiny_vae(package: str | Path, source: str | Path, *, revision: str | Non
     with tempfile.TemporaryDirectory(prefix=".tiny_vae.tmp-", dir=root) as scratch:
         entries = export_tiny_components(tiny, names, Path(scratch), options, manifest["pipeline"], rows)
         for name in names:
-            _move_into(Path(scratch) / name, root / name)
+            replace_folder(Path(scratch) / name, root / name)
     index = read_json(root / INDEX_NAME) if (root / INDEX_NAME).is_file() else {}
     write_json(root / INDEX_NAME, {**index, **{name: list(ONNX_ENTRY) for name in names}})
     manifest["components"].update(entries)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
-from typing import Callable
 
-from diffrt.cli import component_list
+from diffrt.cli.args import batch_range, component_list, image_size, int_in, static_shape
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -20,40 +18,6 @@ logger = logging.getLogger(__name__)
 OPTION_NAMES = {"static": "--static", "min_size": "--min-size", "opt_size": "--opt-size", "max_size": "--max-size",
                 "batch": "--batch", "buckets": "--bucket", "prompt_chunks": "--prompt-chunks",
                 "precision": "--precision", "opt_level": "--opt-level", "components": "--components"}
-
-
-def _ints(text: str, separator: str, counts: tuple[int, ...], what: str) -> tuple[int, ...]:
-    parts = text.strip().lower().split(separator)
-    if len(parts) not in counts or not all(re.fullmatch(r"\d+", p) for p in parts) or not all(int(p) for p in parts):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return tuple(int(p) for p in parts)
-
-
-def static_shape(text: str) -> tuple[int, int, int]:
-    """"1x512x512" -> (batch, height, width)."""
-    batch, height, width = _ints(text, "x", (3,), "BATCHxHEIGHTxWIDTH with positive integers (e.g. 1x512x512)")
-    return batch, height, width
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """"512" or "512x768" -> (height, width)."""
-    values = _ints(text, "x", (1, 2), "SIZE or HEIGHTxWIDTH in pixels, positive integers (e.g. 512 or 512x768)")
-    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-def batch_range(text: str) -> int | tuple[int, int, int]:
-    """"2" (fixed) or "1:1:4" (min:opt:max)."""
-    values = _ints(text, ":", (1, 3), "N or MIN:OPT:MAX images per call, positive integers (e.g. 1:1:4)")
-    return values[0] if len(values) == 1 else (values[0], values[1], values[2])
-
-
-def int_in(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"-?\d+", text.strip()) or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
-        return int(text)
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

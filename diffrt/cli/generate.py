@@ -8,23 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffrt.cli.args import float_list, int_list
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (pipeline default if omitted)")
     parser.add_argument("--scheduler", default=None, help='Diffusers class name or A1111 name ("DPM++ 2M Karras")')
     schedule = parser.add_mutually_exclusive_group()
-    schedule.add_argument("--sigmas", type=_floats, default=None, help="custom sigmas, descending, comma-separated")
-    schedule.add_argument("--timesteps", type=_ints, default=None, help="custom timesteps, descending")
+    schedule.add_argument("--sigmas", type=float_list, default=None, help="custom sigmas, descending, comma-separated")
+    schedule.add_argument("--timesteps", type=int_list, default=None, help="custom timesteps, descending")
     schedule.add_argument("--ays", action="store_true", help="Align-Your-Steps schedule for this model family")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None)

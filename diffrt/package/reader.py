@@ -7,42 +7,28 @@ before any engine is built.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from diffrt.errors import InputError, PackageError
-from diffrt.runtime.engines.base import TensorSpec, parse_dim_ranges
+from diffrt.package.files import read_json
+from diffrt.package.names import (
+    CLASS_PREFIXES,
+    CONFIG_NAME,
+    FORMAT_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    MODEL_FILE,
+    ONNX_COMPONENTS,
+    SCHEDULER_CONFIG,
+    SUPPORTED_FORMAT_VERSIONS,
+    TOKENIZERS,
+)
+from diffrt.package.specs import TensorSpec, parse_dim_ranges
 
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "diffrt-package"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST_NAME = "diffrt.json"
-INDEX_NAME = "model_index.json"
-MODEL_FILE = "model.onnx"
-ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
-TOKENIZERS = ("tokenizer", "tokenizer_2")
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-# Optimum's ORT pipelines and Diffusers' legacy ONNX pipelines read the same folders as the Diffusers class.
-CLASS_PREFIXES = ("ORT", "Onnx")
-
-
-def read_json(path: Path, required: bool = False) -> dict[str, Any]:
-    """A JSON object from `path`; {} when absent and not `required`; corrupt JSON is a PackageError naming it."""
-    if not path.is_file():
-        if required:
-            raise PackageError(f"{path} is missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PackageError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise PackageError(f"{path} must hold a JSON object; got {type(data).__name__}")
-    return data
 
 
 @dataclass(frozen=True)
@@ -162,10 +148,10 @@ class ModelPackage:
 
     def _config_of(self, folders: tuple[str, ...], why: str) -> dict[str, Any]:
         for folder in folders:
-            path = self.root / folder / "config.json"
+            path = self.root / folder / CONFIG_NAME
             if path.is_file():
                 return read_json(path)
-        raise PackageError(f"{self.root / folders[0] / 'config.json'} is missing; the runtime needs it for {why}")
+        raise PackageError(f"{self.root / folders[0] / CONFIG_NAME} is missing; the runtime needs it for {why}")
 
     # ----- lookups -----
     def has(self, name: str) -> bool:
@@ -241,7 +227,7 @@ def _manifest_component(root: Path, name: str, entry: Any) -> ComponentInfo:
         _specs(entry, "outputs")
     except (InputError, KeyError, TypeError) as error:
         raise PackageError(f"{where} has an invalid `dims` / `inputs` / `outputs` entry: {error}") from error
-    return ComponentInfo(name, path, read_json(path.parent / "config.json"), entry)
+    return ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME), entry)
 
 
 def _find_components(
@@ -255,7 +241,7 @@ def _find_components(
             continue
         path = root / name / MODEL_FILE
         if path.is_file():
-            components[name] = ComponentInfo(name, path, read_json(path.parent / "config.json"))
+            components[name] = ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME))
         elif _listed(index, name):
             what = "folder" if not path.parent.is_dir() else "model file"
             raise PackageError(f"component `{name}` is listed in model_index.json but its {what} {path} is missing")

@@ -1,0 +1,70 @@
+"""Argument types shared by the `diffrt` subcommands (argparse `type=` callables: a bad value is a one-line error
+naming what was expected)."""
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Callable
+
+
+def component_list(text: str) -> list[str]:
+    """argparse type of `--components`: comma-separated names, at least one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated component names, got {text!r}")
+    return names
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list (e.g. diffusers,optimum); got {text!r}")
+    return names
+
+
+def _ints(text: str, separator: str, counts: tuple[int, ...], what: str) -> tuple[int, ...]:
+    parts = text.strip().lower().split(separator)
+    if len(parts) not in counts or not all(re.fullmatch(r"\d+", p) for p in parts) or not all(int(p) for p in parts):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def static_shape(text: str) -> tuple[int, int, int]:
+    """"1x512x512" -> (batch, height, width)."""
+    batch, height, width = _ints(text, "x", (3,), "BATCHxHEIGHTxWIDTH with positive integers (e.g. 1x512x512)")
+    return batch, height, width
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """"512" or "512x768" -> (height, width)."""
+    values = _ints(text, "x", (1, 2), "SIZE or HEIGHTxWIDTH in pixels, positive integers (e.g. 512 or 512x768)")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def batch_range(text: str) -> int | tuple[int, int, int]:
+    """"2" (fixed) or "1:1:4" (min:opt:max)."""
+    values = _ints(text, ":", (1, 3), "N or MIN:OPT:MAX images per call, positive integers (e.g. 1:1:4)")
+    return values[0] if len(values) == 1 else (values[0], values[1], values[2])
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"-?\d+", text.strip()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
+        return int(text)
+
+    return parse

@@ -1,0 +1,76 @@
+"""`diffrt export SOURCE OUTPUT ...`: a diffusers checkpoint to a model package (and `--tiny-vae ... --into`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffrt.cli.args import component_list
+from diffrt.errors import InputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", help="diffusers folder, Hub repo id (owner/name) or single .safetensors "
+                        "file (omitted with --into)")
+    parser.add_argument("output", type=Path, nargs="?", help="model package folder to create (omitted with --into)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt", "cuda"),
+                        help="onnxruntime: opset 23 with fused Attention, runs on every provider; tensorrt: opset "
+                        "18; cuda: ONNX Runtime CUDA only, UNet/VAE built from its fused diffusion kernels "
+                        "(MultiHeadAttention, NHWC GroupNorm; fastest with --provider cuda)")
+    parser.add_argument("--tensorrt", action="store_true",
+                        help="with --target tensorrt: then build TensorRT engines on this GPU (build-engines defaults)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: per target)")
+    parser.add_argument("--components", type=component_list, default=None,
+                        help="comma-separated subset of text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="skip the ONNX Runtime vs torch check")
+    parser.add_argument("--tolerance", type=float, default=None, help="validation bound, relative to output scale")
+    parser.add_argument("--token", default=None, help="Hugging Face token (default: the saved login)")
+    parser.add_argument("--tiny-vae", default=None, metavar="TAESD",
+                        help="AutoencoderTiny folder or Hub repo id (e.g. madebyollin/taesd): also export "
+                        "vae_decoder_tiny (+ vae_encoder_tiny), used with `diffrt generate --vae tiny`")
+    parser.add_argument("--into", type=Path, default=None, metavar="PACKAGE",
+                        help="add the --tiny-vae components to this existing package (its precision and opset; "
+                        "--revision then applies to the tiny VAE) instead of exporting SOURCE")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.into is not None:  # `--tiny-vae TAESD --into PACKAGE`: only the tiny components, added in place
+        from diffrt.export import add_tiny_vae
+
+        extra = [f"`{name}`" for name in ("source", "output", "variant", "opset", "components")
+                 if getattr(args, name) is not None]
+        if args.tiny_vae is None:
+            raise InputError("`--into PACKAGE` needs `--tiny-vae TAESD`: the tiny VAE to add to the package")
+        if extra:
+            raise InputError(f"`--into PACKAGE` adds the tiny VAE in the package's own precision and opset; it takes "
+                             f"no {', '.join(extra)}")
+        add_tiny_vae(args.into, args.tiny_vae, revision=args.revision, token=args.token, overwrite=args.overwrite,
+                     validate=args.validate, tolerance=args.tolerance)
+        if args.tensorrt:  # engines for the new components; existing engines are kept (their records match)
+            from diffrt.export.tensorrt import build_engines
+
+            build_engines(args.into)
+        return 0
+    if args.source is None or args.output is None:
+        raise InputError("`source` and `output` are required (or `--tiny-vae TAESD --into PACKAGE` to add the tiny "
+                         "VAE to an existing package)")
+    if args.tensorrt:  # checked first: a long export must not end in "tensorrt is not installed"
+        from diffrt.cli.build_engines import check_export
+
+        check_export(args)
+    from diffrt.export import export_pipeline
+
+    export_pipeline(
+        args.source, args.output, revision=args.revision, variant=args.variant, precision=args.precision,
+        target=args.target, opset=args.opset, components=args.components, overwrite=args.overwrite,
+        validate=args.validate, tolerance=args.tolerance, token=args.token, tiny_vae=args.tiny_vae,
+    )
+    if args.tensorrt:
+        from diffrt.export.tensorrt import build_engines
+
+        build_engines(args.output, precision=args.precision)
+    return 0

@@ -1,0 +1,26 @@
+"""The names of the model package format (docs/package-format.md): files, folders, components, format versions.
+
+Every module that reads or writes a package takes these from here, so each name is spelled once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FORMAT_NAME = "diffrt-package"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "diffrt.json"
+INDEX_NAME = "model_index.json"
+CONFIG_NAME = "config.json"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_NAME = "model.onnx_data"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+TINY_VAE_COMPONENTS = ("vae_decoder_tiny", "vae_encoder_tiny")
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+# model_index.json entry of an ONNX component, as Optimum and Diffusers' ONNX pipelines write it
+ONNX_ENTRY = ("diffusers", "OnnxRuntimeModel")
+# Optimum's ORT pipelines and Diffusers' legacy ONNX pipelines read the same folders as the Diffusers class.
+CLASS_PREFIXES = ("ORT", "Onnx")
+# TensorRT plans and their build records: <component>/engines/<key>.plan + <key>.json
+ENGINES_FOLDER = "engines"

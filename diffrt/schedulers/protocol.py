@@ -1,0 +1,40 @@
+"""What a pipeline needs from a scheduler: the Diffusers scheduler API on NumPy arrays (../shared/design.md).
+
+Every class of `diffrt.schedulers` satisfies it; a user's own scheduler with these members can drive a pipeline
+too (`pipe.scheduler = MyScheduler(...)`). `runtime_checkable` so a pipeline can refuse anything else clearly.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """One run's scheduler state; `clone()` gives a fresh one (each pipeline call works on its own clone)."""
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    @property
+    def timesteps(self) -> np.ndarray: ...
+
+    @property
+    def init_noise_sigma(self) -> float: ...
+
+    @property
+    def order(self) -> int: ...
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, timesteps: Sequence[float] | None = None,
+                      sigmas: Sequence[float] | None = None, **kwargs: Any) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray: ...
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, *args: Any, **kwargs: Any) -> Any: ...
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray: ...
+
+    def set_begin_index(self, begin_index: int = 0) -> None: ...
+
+    def clone(self) -> Scheduler: ...
