@@ -210,7 +210,8 @@ def select_records(folder: Path, here: Platform, component: str, package: Path) 
             f"provider 'trt' found no TensorRT engine for `{component}` (no build records in {folder}); "
             f"build them on this machine first: `diffrt build-engines {package}`"
         )
-    usable, rejected = [], []
+    usable: list[tuple[EngineRecord, list[Difference]]] = []
+    rejected: list[tuple[EngineRecord, list[Difference]]] = []
     for record in records:
         found = differences(record, here)
         (rejected if found else usable).append((record, found))

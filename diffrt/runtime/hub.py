@@ -61,7 +61,7 @@ def resolve_package(
     if _looks_like_path(name) or not _valid_repo_id(name):
         raise PackageError(f"`name_or_path` must be a model package folder or a Hub repo id; no folder {name!r}")
     offline = hub_offline() if local_files_only is None else local_files_only
-    folder = _snapshot(name, revision, token, cache_dir or hub_cache_dir(), offline)
+    folder = _snapshot(name, revision, token, Path(cache_dir) if cache_dir else hub_cache_dir(), offline)
     logger.info("resolved %s (revision %s) to %s", name, revision or "main", folder)
     return folder
 

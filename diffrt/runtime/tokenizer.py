@@ -84,12 +84,14 @@ def build_clip_bpe(vocab_file: Path, merges_file: Path, special: dict[str, str])
     )
     tokenizer.decoder = decoders.ByteLevel()
     bos, eos = special["bos_token"], special["eos_token"]
+    ids = {}
     for name, token in (("bos_token", bos), ("eos_token", eos)):
-        if tokenizer.token_to_id(token) is None:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
             raise PackageError(f"{vocab_file}: the {name} {token!r} is not in the vocabulary")
+        ids[token] = token_id
     tokenizer.post_processor = processors.RobertaProcessing(
-        (eos, tokenizer.token_to_id(eos)), (bos, tokenizer.token_to_id(bos)), trim_offsets=False,
-        add_prefix_space=False,
+        (eos, ids[eos]), (bos, ids[bos]), trim_offsets=False, add_prefix_space=False,
     )
     return tokenizer
 

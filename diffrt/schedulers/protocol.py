@@ -5,7 +5,7 @@ too (`pipe.scheduler = MyScheduler(...)`). `runtime_checkable` so a pipeline can
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -15,7 +15,9 @@ class Scheduler(Protocol):
     """One run's scheduler state; `clone()` gives a fresh one (each pipeline call works on its own clone)."""
 
     @property
-    def config(self) -> Mapping[str, Any]: ...
+    def config(self) -> Any:
+        """The scheduler's configuration: a mapping that also reads as attributes (`config.num_train_timesteps`),
+        like Diffusers' FrozenDict."""
 
     @property
     def timesteps(self) -> np.ndarray: ...
@@ -26,8 +28,9 @@ class Scheduler(Protocol):
     @property
     def order(self) -> int: ...
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, timesteps: Sequence[float] | None = None,
-                      sigmas: Sequence[float] | None = None, **kwargs: Any) -> None: ...
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any,
+                      timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+                      **kwargs: Any) -> None: ...
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray: ...
 

@@ -66,6 +66,8 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     if not isinstance(component, (str, Path)) and component.name not in GRAPHED_COMPONENTS:
         options.pop("cuda_graph", None)
     path = component if isinstance(component, (str, Path)) else component.path
+    engine_class: type[Any]
+    fixed: dict[str, Any]
     if _named(provider, "openvino"):
         from diffrt.runtime.engines.openvino import OpenVINOEngine
 
@@ -139,8 +141,8 @@ def _named(provider: Any, name: str) -> bool:
 
 def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -> None:
     """An option the chosen engine does not take is a `ConfigError` naming it, not a TypeError from deep inside."""
-    parameters = inspect.signature(engine_class.__init__).parameters.values()
-    accepted = [p.name for p in parameters if p.name not in ("self", "path", "provider") and p.kind != p.VAR_KEYWORD]
+    parameters = inspect.signature(engine_class).parameters.values()
+    accepted = [p.name for p in parameters if p.name not in ("path", "provider") and p.kind != p.VAR_KEYWORD]
     accepted += list(getattr(engine_class, "keyword_options", ()))  # options taken through **kwargs
     unknown = [name for name in options if name not in accepted]
     if unknown:

@@ -118,7 +118,7 @@ class PinnedBuffer:
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
         self.ptr = handle(check(cudart().cudaMallocHost(max(self.nbytes, 1)), f"cudaMallocHost({self.nbytes})"))
-        raw = (ctypes.c_char * max(self.nbytes, 1)).from_address(self.ptr)
+        raw = memoryview((ctypes.c_char * max(self.nbytes, 1)).from_address(self.ptr)).cast("B")
         self.array = np.frombuffer(raw, dtype=self.dtype, count=self.nbytes // self.dtype.itemsize).reshape(shape)
 
     def free(self) -> None:

@@ -71,7 +71,7 @@ def trt_logger() -> Any:
     levels = {severity.INTERNAL_ERROR: logging.ERROR, severity.ERROR: logging.ERROR,
               severity.WARNING: logging.WARNING, severity.INFO: logging.DEBUG, severity.VERBOSE: logging.DEBUG}
 
-    class _Logger(trt.ILogger):
+    class _Logger(trt.ILogger):  # type: ignore[name-defined]  # a base class from the lazily imported module
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: collections.deque[str] = collections.deque(maxlen=20)
@@ -107,10 +107,12 @@ class _Binding:
         self.graph_failed = False
 
     def free(self) -> None:
-        if getattr(self, "graph", None) is not None:
-            self.graph.destroy()
+        graph = getattr(self, "graph", None)
+        if graph is not None:
+            graph.destroy()
             self.graph = None
-        for buffer in [*self.host.values(), *self.device.values()]:
+        buffers: list[cuda.PinnedBuffer | cuda.DeviceBuffer] = [*self.host.values(), *self.device.values()]
+        for buffer in buffers:
             buffer.free()
 
 

@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
+from diffrt.schedulers.protocol import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class DiffusionPipeline:
         self,
         package: ModelPackage,
         provider: str | Sequence[Any] = "cpu",
-        scheduler: Any = None,
+        scheduler: Scheduler | None = None,
         vae: str = "full",
         **engine_options: Any,
     ) -> None:
@@ -121,7 +122,7 @@ class DiffusionPipeline:
         provider: str | Sequence[Any] = "cpu",
         revision: str | None = None,
         token: str | bool | None = None,
-        scheduler: Any = None,
+        scheduler: Scheduler | None = None,
         vae: str = "full",
         **engine_options: Any,
     ) -> "DiffusionPipeline":
@@ -164,6 +165,10 @@ class DiffusionPipeline:
         tokenizer = CLIPTokenizer.from_folder(self.package.tokenizer_dir(tokenizer_name))
         return TextEncoder(tokenizer, self.engine(name))
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate images; each concrete pipeline defines its own arguments (Diffusers' `__call__`)."""
+        raise NotImplementedError(f"{type(self).__name__} is a base class: open a package with `from_pretrained`")
+
     def warmup(self, **call_arguments: Any) -> float:
         """One short call with these arguments (size, batch, guidance, ...; a 1-step text-to-image by default) so
         every engine prepares that shape before real traffic: cuDNN's algorithm search, the CUDA graph capture,
@@ -198,7 +203,7 @@ class DiffusionPipeline:
         """Each call runs on its own clone, so one pipeline serves concurrent calls."""
         return self.scheduler.clone()
 
-    def set_timesteps(self, scheduler: Any, num_inference_steps: int, timesteps: Any, sigmas: Any) -> np.ndarray:
+    def set_timesteps(self, scheduler: Scheduler, num_inference_steps: int, timesteps: Any, sigmas: Any) -> np.ndarray:
         if timesteps is not None:
             scheduler.set_timesteps(timesteps=timesteps)
         elif sigmas is not None:
@@ -207,7 +212,7 @@ class DiffusionPipeline:
             scheduler.set_timesteps(num_inference_steps)
         return np.asarray(scheduler.timesteps)
 
-    def step_kwargs(self, scheduler: Any, generator: Any, eta: float) -> dict[str, Any]:
+    def step_kwargs(self, scheduler: Scheduler, generator: Any, eta: float) -> dict[str, Any]:
         """Pass `eta` / `generator` only to schedulers whose `step` takes them (Diffusers' rule)."""
         params = inspect.signature(scheduler.step).parameters
         kwargs: dict[str, Any] = {}
@@ -217,7 +222,7 @@ class DiffusionPipeline:
             kwargs["generator"] = generator
         return kwargs
 
-    def prepare_latents(self, shape: tuple[int, ...], generator: Any, latents: Any, scheduler: Any) -> np.ndarray:
+    def prepare_latents(self, shape: tuple[int, ...], generator: Any, latents: Any, scheduler: Scheduler) -> np.ndarray:
         if latents is None:
             latents = randn_tensor(shape, generator)
         latents = np.asarray(latents, dtype=np.float32)
@@ -231,7 +236,7 @@ class DiffusionPipeline:
 
     def denoise(
         self,
-        scheduler: Any,
+        scheduler: Scheduler,
         latents: np.ndarray,
         timesteps: np.ndarray,
         state: DenoiseState,
@@ -244,8 +249,9 @@ class DiffusionPipeline:
         # The conditioning stays the same through the loop: read-only copies let a GPU engine keep it on the device
         # without comparing it every step (see DeviceIO).
         state.feeds = {name: read_only_copy(value) for name, value in state.feeds.items()}
+        hook = self.step_hook
         for i, t in enumerate(self._progress_bar(timesteps)):
-            before = dict(timings) if self.step_hook is not None else None
+            before = dict(timings) if hook is not None else None
             with self._stage(timings, "host"):
                 model_input = np.concatenate([latents, latents]) if state.do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
@@ -265,8 +271,8 @@ class DiffusionPipeline:
                 latents = state.blend(latents, i)
             if callback_on_step_end is not None:
                 latents = self._callback(callback_on_step_end, i, t, latents, state, callback_inputs)
-            if before is not None:
-                self.step_hook(i, {k: v - before.get(k, 0.0) for k, v in timings.items() if v != before.get(k)})
+            if hook is not None and before is not None:
+                hook(i, {k: v - before.get(k, 0.0) for k, v in timings.items() if v != before.get(k)})
         return latents, denoised
 
     def _callback(
@@ -281,7 +287,7 @@ class DiffusionPipeline:
                 state.feeds[CALLBACK_FEEDS[name]] = np.asarray(value, dtype=np.float32)
         return latents
 
-    def _progress_bar(self, items: Sequence[Any]) -> Any:
+    def _progress_bar(self, items: Iterable[Any]) -> Any:
         return tqdm(items, **{"leave": False, **self._progress})
 
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:

@@ -59,6 +59,13 @@ def check_latents(latents: np.ndarray | None, shape: Sequence[int]) -> None:
         raise invalid("latents", f"an array of shape {tuple(shape)}", f"shape {tuple(np.shape(latents))}")
 
 
+def present(array: np.ndarray | None, name: str) -> np.ndarray:
+    """`array`, which the call's own logic has produced by now; InputError naming it if it is missing."""
+    if array is None:
+        raise InputError(f"`{name}` is required here (pass it, or the prompt it is encoded from)")
+    return array
+
+
 def check_embeds(name: str, embeds: Any, batch: int | None = None) -> np.ndarray | None:
     if embeds is None:
         return None

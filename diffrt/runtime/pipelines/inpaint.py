@@ -8,7 +8,7 @@ import numpy as np
 
 from diffrt.runtime.image import preprocess_image, preprocess_mask
 from diffrt.runtime.pipelines import checks
-from diffrt.runtime.pipelines.base import DenoiseState, PipelineOutput, randn_tensor, to_generator
+from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.stable_diffusion import (
     _StableDiffusionBase,
     requested_steps,
@@ -20,6 +20,7 @@ from diffrt.runtime.pipelines.stable_diffusion_xl import (
     denoising_fraction,
     image_to_image_timesteps,
 )
+from diffrt.schedulers.protocol import Scheduler
 
 
 @dataclass
@@ -39,7 +40,7 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask[:, :, rows][:, :, :, cols]
 
 
-class _InpaintMixin:
+class _InpaintMixin(DiffusionPipeline):
     """The image/mask half of Diffusers' inpaint pipelines, shared by SD and SDXL."""
 
     def _inputs(self, image: Any, mask_image: Any, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +52,7 @@ class _InpaintMixin:
 
     def _inpaint_latents(
         self, pixels: np.ndarray, mask: np.ndarray, batch: int, generator: Any, first_t: np.ndarray,
-        scheduler: Any, strength: float, latents: Any, add_noise: bool = True,
+        scheduler: Scheduler, strength: float, latents: Any, add_noise: bool = True,
     ) -> InpaintLatents:
         """Diffusers' draw order: image latents (if needed), noise, then the masked image's latents."""
         channels = self.unet_config.get("in_channels", 4)
@@ -63,7 +64,10 @@ class _InpaintMixin:
             image_latents = tile_batch(image_latents, batch, "image")
         if latents is None and add_noise:
             noise = randn_tensor(shape, generator)
-            latents = noise if is_strength_max else scheduler.add_noise(image_latents, noise, first_t)
+            if is_strength_max:
+                latents = noise
+            else:  # encoded above: strength < 1 starts from the noised image
+                latents = scheduler.add_noise(checks.present(image_latents, "image"), noise, first_t)
             if is_strength_max:
                 latents = latents * np.float32(scheduler.init_noise_sigma)
         elif add_noise:
@@ -77,7 +81,7 @@ class _InpaintMixin:
         return InpaintLatents(latents.astype(np.float32), noise, image_latents, small_mask, masked_latents)
 
     def _inpaint_state(
-        self, inp: InpaintLatents, state: DenoiseState, scheduler: Any, timesteps: np.ndarray
+        self, inp: InpaintLatents, state: DenoiseState, scheduler: Scheduler, timesteps: np.ndarray
     ) -> DenoiseState:
         if self.unet_config.get("in_channels", 4) == 9:
             extra = np.concatenate([inp.mask, inp.masked_image_latents], axis=1)
@@ -86,7 +90,7 @@ class _InpaintMixin:
 
         def blend(latents: np.ndarray, i: int) -> np.ndarray:
             # Legacy inpainting: put the known region back, noised to the next step's level.
-            known = inp.image_latents
+            known = checks.present(inp.image_latents, "image")  # a 4-channel UNet always encodes the image
             if i < len(timesteps) - 1:
                 known = scheduler.add_noise(known, inp.noise, np.asarray([timesteps[i + 1]]))
             return ((1 - inp.mask) * known + inp.mask * latents).astype(np.float32)

@@ -104,8 +104,10 @@ def encode_sd(
 
 @dataclass
 class SdxlEmbeddings:
-    prompt_embeds: np.ndarray
-    pooled: np.ndarray
+    """SDXL's prompt embeddings; each may be None while being assembled from what the caller passed."""
+
+    prompt_embeds: np.ndarray | None
+    pooled: np.ndarray | None
     negative_prompt_embeds: np.ndarray | None = None
     negative_pooled: np.ndarray | None = None
 
@@ -129,9 +131,13 @@ def encode_sdxl(
         result.negative_prompt_embeds = np.zeros_like(embeds)
         result.negative_pooled = np.zeros_like(pooled)
     elif negatives is not None:
-        # Diffusers ignores clip_skip for the negative side: always the penultimate layer.
-        result.negative_prompt_embeds, result.negative_pooled = _encode_each(encoders, negatives, -2)
+        result.negative_prompt_embeds, result.negative_pooled = encode_sdxl_negatives(encoders, negatives)
     return result
+
+
+def encode_sdxl_negatives(encoders: list[TextEncoder], negatives: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """The negative side: Diffusers ignores clip_skip there, always the penultimate layer."""
+    return _encode_each(encoders, negatives, -2)
 
 
 def _encode_each(encoders: list[TextEncoder], prompts: list[list[str]], layer: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,13 @@ from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.guidance import guidance_scale_embedding
 from diffrt.runtime.pipelines.prompts import as_prompt_list, encode_sd, negative_list, repeat_per_prompt
+from diffrt.schedulers.protocol import Scheduler
 
 logger = logging.getLogger(__name__)
 
 
 class _StableDiffusionBase(DiffusionPipeline):
-    required_components = ("text_encoder", "unet", "vae_decoder")
+    required_components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
 
     def _batch_size(self, prompt: Any, prompt_embeds: Any) -> tuple[list[str] | None, int]:
         prompts = as_prompt_list(prompt)
@@ -52,6 +53,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         embeds = repeat_per_prompt(embeds, num_images_per_prompt)
         if not do_cfg:
             return embeds
+        negative = checks.present(negative, "negative_prompt_embeds")
         return np.concatenate([repeat_per_prompt(negative, num_images_per_prompt), embeds]).astype(np.float32)
 
     def _timestep_cond(self, guidance_scale: float, batch: int) -> dict[str, np.ndarray]:
@@ -73,6 +75,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
 
     def _finish(self, latents: np.ndarray, output_type: str, return_dict: bool, timings: dict[str, float]) -> Any:
+        images: Any
         if output_type == "latent":
             images = latents
         else:
@@ -269,7 +272,7 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         _, denoised = self.denoise(scheduler, latents, steps, state, callback_on_step_end,
                                    callback_on_step_end_tensor_inputs, timings)
         # 6. Decode.
-        return self._finish(denoised, output_type, return_dict, timings)
+        return self._finish(checks.present(denoised, "the last denoised sample"), output_type, return_dict, timings)
 
 
 def image_or_latents(image: Any) -> np.ndarray:
@@ -293,7 +296,7 @@ def requested_steps(num_inference_steps: int, custom: bool, timesteps: np.ndarra
     return len(timesteps) if custom else num_inference_steps
 
 
-def strength_timesteps(scheduler: Any, timesteps: np.ndarray, strength: float, num_steps: int) -> np.ndarray:
+def strength_timesteps(scheduler: Scheduler, timesteps: np.ndarray, strength: float, num_steps: int) -> np.ndarray:
     """Diffusers' `get_timesteps`: keep the last `strength` fraction of the schedule, and tell the scheduler."""
     init_timestep = min(int(num_steps * strength), num_steps)
     t_start = max(num_steps - init_timestep, 0)

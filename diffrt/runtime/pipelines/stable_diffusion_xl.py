@@ -11,6 +11,7 @@ from diffrt.runtime.pipelines.prompts import (
     SdxlEmbeddings,
     as_prompt_list,
     encode_sdxl,
+    encode_sdxl_negatives,
     negative_list,
     repeat_per_prompt,
 )
@@ -21,6 +22,7 @@ from diffrt.runtime.pipelines.stable_diffusion import (
     strength_timesteps,
     tile_batch,
 )
+from diffrt.schedulers.protocol import Scheduler
 
 
 def denoising_fraction(value: Any) -> float | None:
@@ -35,7 +37,7 @@ def cut_denoising_end(timesteps: np.ndarray, denoising_end: float | None, num_tr
     return timesteps[: int(np.sum(timesteps >= cutoff))]
 
 
-def image_to_image_timesteps(pipe: Any, scheduler: Any, num_inference_steps: int, timesteps: Any, sigmas: Any,
+def image_to_image_timesteps(pipe: Any, scheduler: Scheduler, num_inference_steps: int, timesteps: Any, sigmas: Any,
                              strength: float, denoising_start: Any, denoising_end: Any) -> np.ndarray:
     """The SDXL image-to-image / inpainting schedule: from `denoising_start` (the refiner half of a base + refiner
     ensemble) or cut to `strength`, then optionally cut at `denoising_end`; InputError when no step is left."""
@@ -53,8 +55,8 @@ def image_to_image_timesteps(pipe: Any, scheduler: Any, num_inference_steps: int
 
 
 class _StableDiffusionXLBase(_StableDiffusionBase):
-    required_components = ("text_encoder_2", "unet", "vae_decoder")
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
+    required_components: tuple[str, ...] = ("text_encoder_2", "unet", "vae_decoder")
+    _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
     @property
     def _force_zeros_for_empty_prompt(self) -> bool:
@@ -90,20 +92,21 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
                 result.negative_pooled = np.zeros_like(given.pooled)
             return result
         encoders = self._encoders()
-        prompts_2 = as_prompt_list(kw["prompt_2"], "prompt_2") or prompts
-        per_encoder = [prompts, prompts_2][-len(encoders):]
         negatives = None
         if need_negative and not zero_negative:
             negative = negative_list(kw["negative_prompt"], batch_size, "negative_prompt")
             second = kw["negative_prompt_2"] or kw["negative_prompt"]
             negative_2 = negative_list(second, batch_size, "negative_prompt_2")
             negatives = [negative, negative_2][-len(encoders):]
-        if given.prompt_embeds is None:
-            result = encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
-        else:  # user embeds with an explicit negative prompt to encode
-            result = encode_sdxl(encoders, per_encoder, negatives, None, False)
-            result.prompt_embeds, result.pooled = given.prompt_embeds, given.pooled
-        return result
+        if given.prompt_embeds is not None:  # user embeds with an explicit negative prompt to encode
+            if negatives is not None:
+                given.negative_prompt_embeds, given.negative_pooled = encode_sdxl_negatives(encoders, negatives)
+            return given
+        if prompts is None:
+            raise checks.InputError("one of `prompt` or `prompt_embeds` is required")
+        prompts_2 = as_prompt_list(kw["prompt_2"], "prompt_2") or prompts
+        per_encoder = [prompts, prompts_2][-len(encoders):]
+        return encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
 
     def _time_ids(self, kw: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         original = tuple(kw.get("original_size") or (height, width))
@@ -124,12 +127,14 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
     def _conditioning(
         self, emb: SdxlEmbeddings, time_ids: tuple[np.ndarray, np.ndarray], n: int, batch: int, do_cfg: bool
     ) -> dict[str, np.ndarray]:
-        embeds = repeat_per_prompt(emb.prompt_embeds, n)
-        pooled = repeat_per_prompt(emb.pooled, n)
+        embeds = repeat_per_prompt(checks.present(emb.prompt_embeds, "prompt_embeds"), n)
+        pooled = repeat_per_prompt(checks.present(emb.pooled, "pooled_prompt_embeds"), n)
         ids, neg_ids = time_ids
         if do_cfg:
-            embeds = np.concatenate([repeat_per_prompt(emb.negative_prompt_embeds, n), embeds])
-            pooled = np.concatenate([repeat_per_prompt(emb.negative_pooled, n), pooled])
+            negative = checks.present(emb.negative_prompt_embeds, "negative_prompt_embeds")
+            negative_pooled = checks.present(emb.negative_pooled, "negative_pooled_prompt_embeds")
+            embeds = np.concatenate([repeat_per_prompt(negative, n), embeds])
+            pooled = np.concatenate([repeat_per_prompt(negative_pooled, n), pooled])
             ids = np.concatenate([neg_ids, ids])
         ids = np.tile(ids, (batch, 1))
         return {"encoder_hidden_states": embeds.astype(np.float32), "text_embeds": pooled.astype(np.float32),
@@ -294,7 +299,7 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         return tile_batch(self.scale_latents(self.encode_image(pixels, generator)), batch, "image")
 
 
-def _start_at(scheduler: Any, timesteps: np.ndarray, denoising_start: float) -> np.ndarray:
+def _start_at(scheduler: Scheduler, timesteps: np.ndarray, denoising_start: float) -> np.ndarray:
     """Diffusers' `get_timesteps` with denoising_start: continue where the base model stopped."""
     train = scheduler.config.num_train_timesteps
     cutoff = int(round(train - (denoising_start * train)))
