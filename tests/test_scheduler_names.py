@@ -4,7 +4,6 @@ The expected table below is transcribed from Diffusers' docs (api/schedulers/ove
 "Noise schedules and schedule types"), with one documented departure: "DPM++ SDE" is DPMSolverSDEScheduler (the
 port of k-diffusion's sample_dpmpp_sde that A1111 runs), where the table says DPMSolverSinglestepScheduler.
 Each built scheduler is checked against Diffusers' class built from the same config with the same settings.
-A sampler whose scheduler class is not in diffrt yet is skipped with the class named.
 """
 from __future__ import annotations
 
@@ -57,16 +56,6 @@ UNAVAILABLE = ["DPM fast", "DPM adaptive", "dpm_fast", "dpm_adaptive", "DPM++ 2S
                "dpmpp_2s_ancestral"]
 
 
-def class_or_skip(class_name: str) -> type:
-    """Our class for a Diffusers class name, or skip the test naming the class that is missing."""
-    if class_name not in schedulers.registered_names():
-        pytest.skip(f"{class_name} is not registered in diffrt.schedulers yet")
-    try:
-        return get_scheduler_class(class_name)
-    except ImportError as error:
-        pytest.skip(f"{class_name} is registered but does not import yet: {error}")
-
-
 def _json(value: object) -> object:
     """A config value as it reads back from scheduler_config.json (tuples become lists)."""
     return json.loads(json.dumps(value))
@@ -86,7 +75,7 @@ def test_name_follows_the_diffusers_docs_table(name: str) -> None:
     got_class, options = sampler_options(name)
     assert got_class == class_name
     assert {k: options[k] for k in settings} == settings
-    cls = class_or_skip(class_name)
+    cls = get_scheduler_class(class_name)
     scheduler = from_name(name, SD_CONFIG)
     assert type(scheduler) is cls
     for key, value in settings.items():
@@ -99,7 +88,7 @@ def test_every_name_builds_what_diffusers_builds(name: str) -> None:
     """Same class, same config, same timesteps as Diffusers' class built from the model config plus the name's
     settings; a schedule type the scheduler has no key for is refused with the key named."""
     class_name, options = sampler_options(name)
-    cls = class_or_skip(class_name)
+    cls = get_scheduler_class(class_name)
     _, schedule = parse_name(name)
     reference_cls = getattr(diffusers, class_name)
     reference_keys = set(inspect.signature(reference_cls.__init__).parameters)
@@ -154,14 +143,12 @@ def test_name_must_be_a_string() -> None:
 
 
 def test_schedule_type_the_scheduler_lacks_is_refused() -> None:
-    class_or_skip("EulerAncestralDiscreteScheduler")
     with pytest.raises(ConfigError, match="EulerAncestralDiscreteScheduler supports \\('Karras' needs its "
                                           "`use_karras_sigmas`\\)"):
         from_name("Euler a Karras")
 
 
 def test_name_settings_override_the_model_config_and_overrides_win() -> None:
-    class_or_skip("DPMSolverMultistepScheduler")
     saved = {**SD_CONFIG, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,
              "algorithm_type": "sde-dpmsolver++", "solver_order": 3}
     plain = from_name("DPM++ 2M", saved)
@@ -172,7 +159,6 @@ def test_name_settings_override_the_model_config_and_overrides_win() -> None:
 
 
 def test_config_may_be_a_dict_scheduler_file_or_folder(tmp_path) -> None:
-    class_or_skip("EulerDiscreteScheduler")
     model = tmp_path / "model"
     (model / "scheduler").mkdir(parents=True)
     (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_CONFIG))
@@ -187,7 +173,6 @@ def test_config_may_be_a_dict_scheduler_file_or_folder(tmp_path) -> None:
 
 
 def test_config_none_uses_the_class_defaults() -> None:
-    class_or_skip("EulerDiscreteScheduler")
     assert from_name("Euler").config.beta_schedule == "linear"
 
 

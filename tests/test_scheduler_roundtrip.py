@@ -40,13 +40,6 @@ NON_DEFAULTS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_e
                 "solver_order": 3}
 
 
-def class_or_skip(name: str) -> type:
-    try:
-        return get_scheduler_class(name)
-    except ImportError as error:
-        pytest.skip(f"{name} is registered but does not import yet: {error}")
-
-
 def as_json(value: Any) -> Any:
     """A value as scheduler_config.json stores it (tuples become lists, numpy scalars numbers)."""
     return json.loads(json.dumps(value, default=lambda v: v.tolist()))
@@ -100,7 +93,7 @@ def schedule(scheduler: Any) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- save / from_config
 @pytest.mark.parametrize("name", NAMES)
 def test_save_then_from_config_rebuilds_the_scheduler(name: str, tmp_path: Path) -> None:
-    cls = class_or_skip(name)
+    cls = get_scheduler_class(name)
     original = cls.from_config(non_default_config(cls))
     path = original.save_config(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler_config.json"]  # no temp file left behind
@@ -112,7 +105,7 @@ def test_save_then_from_config_rebuilds_the_scheduler(name: str, tmp_path: Path)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_saved_config_reads_the_same_in_diffusers_and_back(name: str, tmp_path: Path) -> None:
-    cls = class_or_skip(name)
+    cls = get_scheduler_class(name)
     ours = cls.from_config(non_default_config(cls))
     ours.save_config(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
@@ -130,11 +123,7 @@ def pairs() -> list[tuple[str, str]]:
     """(source, target) for every registered class and each registered class in its ``_compatibles``."""
     result = []
     for name in NAMES:
-        try:
-            cls = get_scheduler_class(name)
-        except ImportError:
-            result.append((name, "?"))  # skipped at run time, naming the class
-            continue
+        cls = get_scheduler_class(name)
         result += [(name, target) for target in cls._compatibles if target in NAMES and target != name]
     return result
 
@@ -142,8 +131,7 @@ def pairs() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("source, target", pairs(), ids=lambda n: n.replace("Scheduler", ""))
 def test_converting_a_diffusers_config_keeps_keys_as_diffusers_does(source: str, target: str) -> None:
     """``Target.from_config(source_scheduler.config)``: the keys each side's target ends up with agree."""
-    class_or_skip(source)
-    target_cls = class_or_skip(target)
+    target_cls = get_scheduler_class(target)
     source_config = diffusers_config(source)  # carries _use_default_values
     converted = target_cls.from_config(source_config)
     assert_same_keys_as(converted, reference_config_for(target, source_config), f"{source} -> {target}")
@@ -154,14 +142,14 @@ def test_converting_our_scheduler_keeps_keys_as_diffusers_does(source: str, targ
     """The same conversions from our scheduler's ``.config`` (the ``pipe.scheduler.config`` idiom): keys the source
     left at its defaults must take the target's defaults, as in Diffusers (SD 1.5's PNDM config -> Euler gets
     Euler's 'linspace' spacing, not PNDM's 'leading')."""
-    source_cls, target_cls = class_or_skip(source), class_or_skip(target)
+    source_cls, target_cls = get_scheduler_class(source), get_scheduler_class(target)
     converted = target_cls.from_config(source_cls.from_config(SD15).config)
     assert_same_keys_as(converted, reference_config_for(target, diffusers_config(source)), f"{source} -> {target}")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compatibles_name_what_diffusers_names(name: str) -> None:
-    cls = class_or_skip(name)
+    cls = get_scheduler_class(name)
     ours = {c.__name__ for c in cls.from_config({}).compatibles}
     theirs = {c.__name__ for c in reference_class(name)._get_compatibles()} & {*NAMES, name}
     assert ours == theirs

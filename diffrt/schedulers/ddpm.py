@@ -6,8 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from .alpha_base import AlphaScheduler
 from .base import (
     BETA_SCHEDULES,
+    KARRAS_COMPATIBLES,
     SchedulerOutput,
     alpha_space_x0,
     check_choice,
@@ -15,8 +17,6 @@ from .base import (
     freeze,
     register_config,
 )
-from .ddim import AlphaScheduler
-from .euler import KARRAS_COMPATIBLES
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 DDPM_BETA_SCHEDULES = (*BETA_SCHEDULES, "laplace", "sigmoid")

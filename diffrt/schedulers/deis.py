@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import ConfigError, invalid
 from .base import (
     BETA_SCHEDULES,
+    KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
     SchedulerBase,
     SchedulerOutput,
@@ -36,7 +37,6 @@ from .dpm_solver import (
     flow_sigmas,
     noise_level,
 )
-from .euler import KARRAS_COMPATIBLES
 
 DEIS_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 DEIS_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")

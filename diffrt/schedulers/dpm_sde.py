@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import invalid
 from .base import (
+    KARRAS_COMPATIBLES,
     SchedulerOutput,
     check_set_timesteps,
     freeze,
@@ -35,7 +36,7 @@ from .base import (
     spaced_timesteps,
 )
 from .brownian import BrownianTreeNoiseSampler
-from .euler import KARRAS_COMPATIBLES, SigmaScheduler, _euler_update
+from .sigma_base import SigmaScheduler, ancestral_step, euler_update
 
 SDE_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -179,10 +180,10 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         sigma_input = sigma if first else np.exp(-t_mid)
         x0 = sigma_space_x0(model_output, sample, sigma_input, self.config.prediction_type)
         if sigma_next == 0:
-            prev_sample = _euler_update(sample, x0, sigma, sigma_next)
+            prev_sample = euler_update(sample, x0, sigma, sigma_next)
         else:
             start = sample if first else self.sample
-            prev_sample = self._ancestral_step(start, x0, t, t_mid if first else t_next, s_noise)
+            prev_sample = self._ancestral_update(start, x0, t, t_mid if first else t_next, s_noise)
             self.sample, self.mid_point_sigma = (start, np.exp(-t_mid)) if first else (None, None)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         self._step_index += 1
@@ -190,13 +191,12 @@ class DPMSolverSDEScheduler(SigmaScheduler):
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def _ancestral_step(self, sample: np.ndarray, x0: np.ndarray, t: np.float32, t_next: np.float32,
-                        s_noise: float) -> np.ndarray:
-        """k-diffusion's ancestral step in t = -log sigma (``get_ancestral_step`` with eta = 1): the exponential
+    def _ancestral_update(self, sample: np.ndarray, x0: np.ndarray, t: np.float32, t_next: np.float32,
+                          s_noise: float) -> np.ndarray:
+        """k-diffusion's ancestral step in t = -log sigma (``ancestral_step`` with eta = 1): the exponential
         integrator down to sigma_down, then sigma_up times the Brownian noise over [sigma_next, sigma]."""
         sigma_from, sigma_to = np.exp(-t), np.exp(-t_next)
-        sigma_up = min(sigma_to, np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-        sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+        sigma_down, sigma_up = ancestral_step(sigma_from, sigma_to)
         t_down = -np.log(sigma_down)
         prev_sample = (np.exp(-t_down) / np.exp(-t)) * sample - np.expm1(t - t_down) * x0
         noise = np.asarray(self.noise_sampler(sigma_from, sigma_to), dtype=np.float32)

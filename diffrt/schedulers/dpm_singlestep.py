@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ConfigError, InputError, invalid
 from .base import (
     BETA_SCHEDULES,
-    SchedulerBase,
+    KARRAS_COMPATIBLES,
     SchedulerOutput,
     alphas_cumprod_from_config,
     check_choice,
@@ -32,13 +32,13 @@ from .base import (
 from .dpm_solver import (
     DPM_PREDICTION_TYPES,
     SOLVER_TYPES,
-    DPMSolverMultistepScheduler,
+    DPMSolverBase,
+    ForwardScheduleMixin,
     NoiseLevel,
     dpm_spaced_timesteps,
     exponential_integrator_step,
     flow_sigmas,
 )
-from .euler import KARRAS_COMPATIBLES
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,7 @@ def singlestep_derivatives(outputs: Sequence[np.ndarray], t: NoiseLevel, levels:
     return [m2, d1, d2], "heun"
 
 
-_MULTISTEP = DPMSolverMultistepScheduler
-
-
-class DPMSolverSinglestepScheduler(SchedulerBase):
+class DPMSolverSinglestepScheduler(ForwardScheduleMixin, DPMSolverBase):
     """Singlestep DPM-Solver / DPM-Solver++ / SDE-DPM-Solver++ of order 1-3.
 
     Beyond Diffusers: custom ``sigmas=`` (n steps -> n + 1 values, the last the final sigma); ``lower_order_final``
@@ -105,18 +102,6 @@ class DPMSolverSinglestepScheduler(SchedulerBase):
     _compatibles = KARRAS_COMPATIBLES
     order = 1
     init_noise_sigma = 1.0
-
-    # Shared with the multistep solver, not copied: these read only config keys both classes have.
-    _apply_aliases = _MULTISTEP._apply_aliases
-    _with_final = _MULTISTEP._with_final
-    _last_timestep = _MULTISTEP._last_timestep
-    _custom_sigma_schedule = _MULTISTEP._custom_sigma_schedule
-    _flow_shift = _MULTISTEP._flow_shift
-    _level = _MULTISTEP._level
-    _noise = _MULTISTEP._noise
-    convert_model_output = _MULTISTEP.convert_model_output
-    scale_model_input = _MULTISTEP.scale_model_input
-    add_noise = _MULTISTEP.add_noise
 
     @register_config
     def __init__(

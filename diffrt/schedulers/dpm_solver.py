@@ -6,6 +6,10 @@ singlestep, SDE and inverse variants can import them: ``noise_level`` (sigma -> 
 ``data_prediction`` / ``noise_prediction`` (model output -> x0 or eps), ``multistep_derivatives`` (backward
 differences D1, D2 from past outputs) and ``exponential_integrator_step`` (one step of the chosen algorithm).
 Scalar coefficients are float32 and every expression keeps Diffusers' operation order, so float32 rounding matches.
+
+The scheduler classes share by inheritance rather than by copying methods: ``DPMSolverBase`` (per-step machinery of
+every DPM-Solver scheduler), ``DPMSolverMultistepBase`` (the multistep update, also the inversion's) and
+``ForwardScheduleMixin`` (schedule pieces of the denoising solvers, also the singlestep one's).
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import numpy as np
 
 from ..errors import ConfigError, invalid
 from .base import (
+    KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
+    FrozenConfig,
     SchedulerBase,
     SchedulerOutput,
     alphas_cumprod_from_config,
@@ -32,7 +38,6 @@ from .base import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from .euler import KARRAS_COMPATIBLES
 
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -222,8 +227,184 @@ def flow_sigmas(num_steps: int, num_train_timesteps: int, shift: float) -> np.nd
     return np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
 
 
+# ------------------------------------------------------------------------------------------- shared scheduler parts
+class DPMSolverBase(SchedulerBase):
+    """What the DPM-Solver schedulers (multistep, singlestep, inverse) share per step: solver-name aliases, the
+    lambda clip, noise levels, model-output conversion, SDE noise, input scaling and ``add_noise``. It reads only
+    config keys all three have; each subclass builds its own tables and schedule."""
+
+    alphas_cumprod: np.ndarray
+    sigmas: np.ndarray
+
+    def _apply_aliases(self, algorithm_type: str, solver_type: str) -> None:
+        """DEIS / UniPC configs name their own solvers; Diffusers maps them onto DPM-Solver's and records that."""
+        changes = {}
+        if algorithm_type in _ALGORITHM_ALIASES:
+            changes["algorithm_type"] = _ALGORITHM_ALIASES[algorithm_type]
+        if solver_type in _SOLVER_ALIASES:
+            changes["solver_type"] = _SOLVER_ALIASES[solver_type]
+        if changes:
+            self._update_config(**changes)
+
+    def _last_timestep(self) -> int:
+        """One past the last timestep whose lambda is >= ``lambda_min_clipped`` (critical for the cosine schedule,
+        whose lambda dives to -inf at the end)."""
+        if self.config.lambda_min_clipped == -float("inf"):
+            return self.config.num_train_timesteps
+        alpha_t, sigma_t = np.sqrt(self.alphas_cumprod), np.sqrt(np.float32(1) - self.alphas_cumprod)
+        lambdas = np.log(alpha_t) - np.log(sigma_t)
+        return self.config.num_train_timesteps - int(np.searchsorted(lambdas[::-1], self.config.lambda_min_clipped))
+
+    def scale_model_input(self, sample: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        """Identity: DPM-Solver feeds the model the sample as is."""
+        return sample
+
+    def _level(self, index: int) -> NoiseLevel:
+        return noise_level(self.sigmas[index], bool(self.config.use_flow_sigmas))
+
+    def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """The model output as the solver integrates it at the current step: x0 for the ``++`` algorithms, eps
+        otherwise, after dynamic thresholding of x0 when configured (Saharia et al. 2022)."""
+        cfg = self.config
+        if cfg.variance_type is not None:  # learned variance rides in the second half of the channels
+            model_output = model_output[:, : sample.shape[1]]
+        level = self._level(self._step_index)
+        if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            x0 = data_prediction(model_output, sample, level, cfg.prediction_type)
+            if cfg.thresholding:
+                x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return x0
+        eps = noise_prediction(model_output, sample, level, cfg.prediction_type)
+        if cfg.thresholding:
+            x0 = dynamic_threshold((sample - level.sigma * eps) / level.alpha, cfg.dynamic_thresholding_ratio,
+                                   cfg.sample_max_value)
+            eps = (sample - level.alpha * x0) / level.sigma
+        return eps
+
+    def _noise(self, shape: tuple[int, ...], generator: Any, variance_noise: np.ndarray | None) -> np.ndarray | None:
+        if not self.config.algorithm_type.startswith("sde-"):
+            return None
+        if variance_noise is not None:
+            if tuple(variance_noise.shape) != tuple(shape):
+                raise invalid("variance_noise", f"an array of shape {tuple(shape)}", tuple(variance_noise.shape))
+            return variance_noise.astype(np.float32, copy=False)
+        return draw_noise(shape, generator, np.float32)
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
+        """alpha_t x0 + sigma_t noise at each timestep's noise level. Before a run each timestep is looked up;
+        after ``set_begin_index`` (img2img) or mid-run (inpainting) that index is used, as in Diffusers."""
+        timesteps = np.asarray(timesteps).reshape(-1)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(t) for t in timesteps]
+        else:
+            indices = [self._begin_index if self._step_index is None else self._step_index] * len(timesteps)
+        sigma = self.sigmas.astype(original_samples.dtype)[indices]
+        sigma = sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1))
+        alpha_t, sigma_t = alpha_sigma(sigma, bool(self.config.use_flow_sigmas))
+        return alpha_t * original_samples + sigma_t * noise
+
+
+class DPMSolverMultistepBase(DPMSolverBase):
+    """The multistep update over whatever schedule the subclass builds: DPM-Solver steps down a descending one,
+    its inversion up an ascending one, with the same step, order logic and run state."""
+
+    timesteps: np.ndarray
+
+    def _reset_run_state(self) -> None:
+        super()._reset_run_state()
+        self.model_outputs: list[np.ndarray | None] = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+
+    def _step_order(self) -> int:
+        """The order of this step: lower at the start (not enough history) and, for stability, at the end:
+        the last step is first order when stepping to sigma 0, with ``euler_at_final``, or with
+        ``lower_order_final`` under 15 steps, which also caps the second-to-last step at second order.
+        A zero-length step (karras / exponential / beta / lu sigmas end at sigma_min, and so does the final
+        sigma with ``final_sigmas_type="sigma_min"``) is first order too, giving its exact result, x unchanged;
+        Diffusers takes it at second order, where the heun weight (e^h - 1) / h is 0 / 0 and the run ends in NaN."""
+        cfg, i, n = self.config, self._step_index, len(self.timesteps)
+        short = cfg.lower_order_final and n < 15
+        zero_length = self._level(i + 1).lam == self._level(i).lam  # float32 lambdas can tie on 1-ulp sigmas
+        last = i == n - 1 and (cfg.euler_at_final or short or self.sigmas[-1] == 0)
+        second_last = i == n - 2 and short
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or last or zero_length:
+            return 1
+        if cfg.solver_order == 2 or self.lower_order_nums < 2 or second_last:
+            return 2
+        return 3
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        variance_noise: np.ndarray | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """One multistep update from sigma_i to sigma_{i+1} in float32 (Diffusers upcasts too); the result has
+        the model output's dtype. The SDE variants draw their noise from ``generator`` on every step, or take
+        ``variance_noise``."""
+        self._start_step(model_output, timestep)
+        order = self._step_order()
+        x = sample.astype(np.float32, copy=False)
+        converted = self.convert_model_output(model_output, x)
+        self.model_outputs = self.model_outputs[1:] + [converted]
+        noise = self._noise(converted.shape, generator, variance_noise)
+        i = self._step_index
+        levels = [self._level(i - k) for k in range(order)]
+        outputs = self.model_outputs[::-1][:order]
+        target = self._level(i + 1)
+        derivatives = multistep_derivatives(outputs, target, levels)
+        d1_rule = self.config.solver_type if order == 2 else "heun"  # third order always uses the phi_2 weight
+        prev_sample = exponential_integrator_step(x, derivatives, target, levels[0], self.config.algorithm_type,
+                                                  d1_rule, noise)
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        prev_sample = prev_sample.astype(model_output.dtype, copy=False)
+        pred_original_sample = converted
+        if not self.config.algorithm_type.endswith("++"):
+            pred_original_sample = (x - levels[0].sigma * converted) / levels[0].alpha
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+class ForwardScheduleMixin:
+    """Schedule pieces of the denoising DPM-Solvers (multistep and singlestep): the flow shift, the final sigma and
+    custom sigmas. The inversion builds its ascending schedule, which ends differently, itself."""
+
+    config: FrozenConfig
+    train_sigmas: np.ndarray
+    log_sigmas: np.ndarray
+
+    def _flow_shift(self, mu: float | None) -> float:
+        if mu is None:
+            return float(self.config.flow_shift)
+        if not (self.config.use_dynamic_shifting and self.config.time_shift_type == "exponential"):
+            raise invalid("mu", "None unless `use_dynamic_shifting` is True", mu)
+        return float(np.exp(mu))
+
+    def _with_final(self, sigmas: np.ndarray) -> np.ndarray:
+        """Append the final sigma (0, or the smallest training sigma) and round the schedule to float32."""
+        final = float(self.train_sigmas[0]) if self.config.final_sigmas_type == "sigma_min" else 0.0
+        return np.concatenate([sigmas, [final]]).astype(np.float32)
+
+    def _custom_sigma_schedule(self, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Custom sigmas: timesteps by sigma -> t rounded to the nearest training step (flow: sigma * N)."""
+        cfg = self.config
+        if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver") and sigmas[-1] <= 0:
+            raise invalid("sigmas", f"> 0 at the end for algorithm_type {cfg.algorithm_type!r} (its update is "
+                          "undefined at sigma 0)", sigmas.tolist())
+        if cfg.use_flow_sigmas:
+            if sigmas[0] >= 1:
+                raise invalid("sigmas", "below 1 with `use_flow_sigmas` (sigma 1 is pure noise)", sigmas.tolist())
+            return sigmas[:-1] * cfg.num_train_timesteps, sigmas.astype(np.float32)
+        return sigma_to_t(sigmas[:-1], self.log_sigmas).round(), sigmas.astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------- the scheduler
-class DPMSolverMultistepScheduler(SchedulerBase):
+class DPMSolverMultistepScheduler(ForwardScheduleMixin, DPMSolverMultistepBase):
     """Multistep DPM-Solver / DPM-Solver++ of order 1-3, ODE or SDE. Each step reuses the converted model outputs
     of the previous ones, so one model call per step buys a higher-order update.
 
@@ -281,16 +462,6 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         self.sigmas = freeze(self.train_sigmas[::-1].copy())
         self._reset_run_state()
 
-    def _apply_aliases(self, algorithm_type: str, solver_type: str) -> None:
-        """DEIS / UniPC configs name their own solvers; Diffusers maps them onto DPM-Solver's and records that."""
-        changes = {}
-        if algorithm_type in _ALGORITHM_ALIASES:
-            changes["algorithm_type"] = _ALGORITHM_ALIASES[algorithm_type]
-        if solver_type in _SOLVER_ALIASES:
-            changes["solver_type"] = _SOLVER_ALIASES[solver_type]
-        if changes:
-            self._update_config(**changes)
-
     def _check_config(self) -> None:
         cfg = self.config
         check_choice("algorithm_type", cfg.algorithm_type, ALGORITHM_TYPES)
@@ -314,12 +485,6 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         if cfg.algorithm_type == "sde-dpmsolver" and cfg.solver_order == 3:  # Diffusers fails mid-run here
             raise invalid("solver_order", "1 or 2 for algorithm_type 'sde-dpmsolver'", 3, ConfigError)
 
-    def _reset_run_state(self) -> None:
-        super()._reset_run_state()
-        self.model_outputs: list[np.ndarray | None] = [None] * self.config.solver_order
-        self.lower_order_nums = 0
-
-    # ---- schedule
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -349,18 +514,6 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         self.num_inference_steps = len(self.timesteps)
         self._reset_run_state()
 
-    def _flow_shift(self, mu: float | None) -> float:
-        if mu is None:
-            return float(self.config.flow_shift)
-        if not (self.config.use_dynamic_shifting and self.config.time_shift_type == "exponential"):
-            raise invalid("mu", "None unless `use_dynamic_shifting` is True", mu)
-        return float(np.exp(mu))
-
-    def _with_final(self, sigmas: np.ndarray) -> np.ndarray:
-        """Append the final sigma (0, or the smallest training sigma) and round the schedule to float32."""
-        final = float(self.train_sigmas[0]) if self.config.final_sigmas_type == "sigma_min" else 0.0
-        return np.concatenate([sigmas, [final]]).astype(np.float32)
-
     def _step_schedule(self, num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps, sigmas) for a step count in Diffusers' order: spacing below the lambda clip, then one of
         karras / lu / exponential / beta / flow sigmas (timesteps back through sigma -> t), then the final sigma.
@@ -383,127 +536,3 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         times = dpm_spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, self._last_timestep(),
                                      num_steps, cfg.steps_offset).astype(np.int64)
         return times, self._with_final(np.interp(times, np.arange(len(self.train_sigmas)), self.train_sigmas))
-
-    def _last_timestep(self) -> int:
-        """One past the last timestep whose lambda is >= ``lambda_min_clipped`` (critical for the cosine schedule,
-        whose lambda dives to -inf at the end)."""
-        if self.config.lambda_min_clipped == -float("inf"):
-            return self.config.num_train_timesteps
-        alpha_t, sigma_t = np.sqrt(self.alphas_cumprod), np.sqrt(np.float32(1) - self.alphas_cumprod)
-        lambdas = np.log(alpha_t) - np.log(sigma_t)
-        return self.config.num_train_timesteps - int(np.searchsorted(lambdas[::-1], self.config.lambda_min_clipped))
-
-    def _custom_sigma_schedule(self, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Custom sigmas: timesteps by sigma -> t rounded to the nearest training step (flow: sigma * N)."""
-        cfg = self.config
-        if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver") and sigmas[-1] <= 0:
-            raise invalid("sigmas", f"> 0 at the end for algorithm_type {cfg.algorithm_type!r} (its update is "
-                          "undefined at sigma 0)", sigmas.tolist())
-        if cfg.use_flow_sigmas:
-            if sigmas[0] >= 1:
-                raise invalid("sigmas", "below 1 with `use_flow_sigmas` (sigma 1 is pure noise)", sigmas.tolist())
-            return sigmas[:-1] * cfg.num_train_timesteps, sigmas.astype(np.float32)
-        return sigma_to_t(sigmas[:-1], self.log_sigmas).round(), sigmas.astype(np.float32)
-
-    # ---- per-step
-    def scale_model_input(self, sample: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
-        """Identity: DPM-Solver feeds the model the sample as is."""
-        return sample
-
-    def _level(self, index: int) -> NoiseLevel:
-        return noise_level(self.sigmas[index], bool(self.config.use_flow_sigmas))
-
-    def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        """The model output as the solver integrates it at the current step: x0 for the ``++`` algorithms, eps
-        otherwise, after dynamic thresholding of x0 when configured (Saharia et al. 2022)."""
-        cfg = self.config
-        if cfg.variance_type is not None:  # learned variance rides in the second half of the channels
-            model_output = model_output[:, : sample.shape[1]]
-        level = self._level(self._step_index)
-        if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            x0 = data_prediction(model_output, sample, level, cfg.prediction_type)
-            if cfg.thresholding:
-                x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-            return x0
-        eps = noise_prediction(model_output, sample, level, cfg.prediction_type)
-        if cfg.thresholding:
-            x0 = dynamic_threshold((sample - level.sigma * eps) / level.alpha, cfg.dynamic_thresholding_ratio,
-                                   cfg.sample_max_value)
-            eps = (sample - level.alpha * x0) / level.sigma
-        return eps
-
-    def _step_order(self) -> int:
-        """The order of this step: lower at the start (not enough history) and, for stability, at the end:
-        the last step is first order when stepping to sigma 0, with ``euler_at_final``, or with
-        ``lower_order_final`` under 15 steps, which also caps the second-to-last step at second order.
-        A zero-length step (karras / exponential / beta / lu sigmas end at sigma_min, and so does the final
-        sigma with ``final_sigmas_type="sigma_min"``) is first order too, giving its exact result, x unchanged;
-        Diffusers takes it at second order, where the heun weight (e^h - 1) / h is 0 / 0 and the run ends in NaN."""
-        cfg, i, n = self.config, self._step_index, len(self.timesteps)
-        short = cfg.lower_order_final and n < 15
-        zero_length = self._level(i + 1).lam == self._level(i).lam  # float32 lambdas can tie on 1-ulp sigmas
-        last = i == n - 1 and (cfg.euler_at_final or short or self.sigmas[-1] == 0)
-        second_last = i == n - 2 and short
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or last or zero_length:
-            return 1
-        if cfg.solver_order == 2 or self.lower_order_nums < 2 or second_last:
-            return 2
-        return 3
-
-    def _noise(self, shape: tuple[int, ...], generator: Any, variance_noise: np.ndarray | None) -> np.ndarray | None:
-        if not self.config.algorithm_type.startswith("sde-"):
-            return None
-        if variance_noise is not None:
-            if tuple(variance_noise.shape) != tuple(shape):
-                raise invalid("variance_noise", f"an array of shape {tuple(shape)}", tuple(variance_noise.shape))
-            return variance_noise.astype(np.float32, copy=False)
-        return draw_noise(shape, generator, np.float32)
-
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        variance_noise: np.ndarray | None = None,
-        return_dict: bool = True,
-    ) -> SchedulerOutput | tuple:
-        """One multistep update from sigma_i to sigma_{i+1} in float32 (Diffusers upcasts too); the result has
-        the model output's dtype. The SDE variants draw their noise from ``generator`` on every step, or take
-        ``variance_noise``."""
-        self._start_step(model_output, timestep)
-        order = self._step_order()
-        x = sample.astype(np.float32, copy=False)
-        converted = self.convert_model_output(model_output, x)
-        self.model_outputs = self.model_outputs[1:] + [converted]
-        noise = self._noise(converted.shape, generator, variance_noise)
-        i = self._step_index
-        levels = [self._level(i - k) for k in range(order)]
-        outputs = self.model_outputs[::-1][:order]
-        target = self._level(i + 1)
-        derivatives = multistep_derivatives(outputs, target, levels)
-        d1_rule = self.config.solver_type if order == 2 else "heun"  # third order always uses the phi_2 weight
-        prev_sample = exponential_integrator_step(x, derivatives, target, levels[0], self.config.algorithm_type,
-                                                  d1_rule, noise)
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
-        prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        pred_original_sample = converted
-        if not self.config.algorithm_type.endswith("++"):
-            pred_original_sample = (x - levels[0].sigma * converted) / levels[0].alpha
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise at each timestep's noise level. Before a run each timestep is looked up;
-        after ``set_begin_index`` (img2img) or mid-run (inpainting) that index is used, as in Diffusers."""
-        timesteps = np.asarray(timesteps).reshape(-1)
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        else:
-            indices = [self._begin_index if self._step_index is None else self._step_index] * len(timesteps)
-        sigma = self.sigmas.astype(original_samples.dtype)[indices]
-        sigma = sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1))
-        alpha_t, sigma_t = alpha_sigma(sigma, bool(self.config.use_flow_sigmas))
-        return alpha_t * original_samples + sigma_t * noise

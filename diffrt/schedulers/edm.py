@@ -27,7 +27,7 @@ from .base import (
     torch_linspace_f32,
 )
 from .dpm_solver import SOLVER_TYPES, DPMSolverMultistepScheduler, NoiseLevel
-from .euler import SigmaScheduler, _euler_update
+from .sigma_base import SigmaScheduler, euler_update
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class EDMEulerScheduler(EDMPreconditioning, SigmaScheduler):
             sample = sample + eps * np.sqrt(sigma_hat * sigma_hat - sigma * sigma)
         if pred_original_sample is None:
             pred_original_sample = self.precondition_outputs(sample, model_output, sigma_hat)
-        prev_sample = _euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[self._step_index + 1])
+        prev_sample = euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[self._step_index + 1])
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         self._step_index += 1
         if not return_dict:

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BETA_SCHEDULES, SchedulerOutput, freeze, register_config, sigma_space_x0
-from .euler import KARRAS_COMPATIBLES, SigmaScheduler
+from .base import BETA_SCHEDULES, KARRAS_COMPATIBLES, SchedulerOutput, freeze, register_config, sigma_space_x0
+from .sigma_base import SigmaScheduler
 
 HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")
 

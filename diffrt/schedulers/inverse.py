@@ -4,7 +4,7 @@ DiffEdit, pix2pix-zero, null-text inversion), as Diffusers' ``DDIMInverseSchedul
 
 Timesteps ascend. DDIM inversion (Song et al. 2021, eq. 13 read from t-1 to t; Mokady et al. 2022) reuses DDIM's
 parameterisation; the DPM-Solver inversion is the multistep solver itself over an ascending sigma schedule, so its
-update math, order logic and model-output conversion are ``dpm_solver``'s, shared rather than copied.
+update math, order logic and model-output conversion are inherited from ``dpm_solver.DPMSolverMultistepBase``.
 Custom schedules (our extension) are ascending too: ``timesteps=`` integers from clean to noisy; ``sigmas=`` n + 1
 values, so a forward schedule reversed inverts it (DDIM: the first value, the clean end, is implied by
 ``set_alpha_to_one`` and not used, as DDIM's final sigma is not; DPM-Solver: all are used, the last is the final).
@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputError, invalid
+from .alpha_base import AlphaScheduler
 from .base import (
     BETA_SCHEDULES,
+    KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
-    SchedulerBase,
     SchedulerOutput,
     alpha_space_x0_eps,
     alphas_cumprod_from_config,
@@ -32,16 +33,14 @@ from .base import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from .ddim import AlphaScheduler
 from .dpm_solver import (
     ALGORITHM_TYPES,
     DPM_PREDICTION_TYPES,
     SOLVER_TYPES,
-    DPMSolverMultistepScheduler,
+    DPMSolverMultistepBase,
     dpm_spaced_timesteps,
     flow_sigmas,
 )
-from .euler import KARRAS_COMPATIBLES
 
 INVERSE_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
 
@@ -179,10 +178,7 @@ def inverse_spaced_timesteps(spacing: str, num_train_timesteps: int, noisiest: i
     return (ascending.round() if spacing == "linspace" else ascending)[:-1].copy()
 
 
-_MULTISTEP = DPMSolverMultistepScheduler
-
-
-class DPMSolverMultistepInverseScheduler(SchedulerBase):
+class DPMSolverMultistepInverseScheduler(DPMSolverMultistepBase):
     """Multistep DPM-Solver / DPM-Solver++ of order 1-3 over an ascending schedule (the ODE forms: the SDE forms
     cannot step toward noise, see ``_check_config``).
 
@@ -196,17 +192,6 @@ class DPMSolverMultistepInverseScheduler(SchedulerBase):
     _compatibles = KARRAS_COMPATIBLES
     order = 1
     init_noise_sigma = 1.0
-
-    # The multistep solver's per-step machinery, shared rather than copied: it reads only config keys both have.
-    _apply_aliases = _MULTISTEP._apply_aliases
-    _last_timestep = _MULTISTEP._last_timestep
-    _level = _MULTISTEP._level
-    _noise = _MULTISTEP._noise
-    _step_order = _MULTISTEP._step_order
-    convert_model_output = _MULTISTEP.convert_model_output
-    scale_model_input = _MULTISTEP.scale_model_input
-    add_noise = _MULTISTEP.add_noise
-    step = _MULTISTEP.step
 
     @register_config
     def __init__(
@@ -265,11 +250,6 @@ class DPMSolverMultistepInverseScheduler(SchedulerBase):
         if cfg.algorithm_type == "dpmsolver" and cfg.prediction_type == "flow_prediction":
             raise invalid("prediction_type", f"not 'flow_prediction' for algorithm_type {cfg.algorithm_type!r}",
                           cfg.prediction_type, ConfigError)
-
-    def _reset_run_state(self) -> None:
-        super()._reset_run_state()
-        self.model_outputs: list[np.ndarray | None] = [None] * self.config.solver_order
-        self.lower_order_nums = 0
 
     def _init_step_index(self, timestep: Any) -> None:
         """A run starts at the first occurrence of its timestep. Diffusers takes the second when it repeats (its

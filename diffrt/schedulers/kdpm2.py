@@ -13,8 +13,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import invalid
-from .base import SchedulerOutput, draw_noise, freeze, register_config, sigma_space_x0, sigma_to_t
-from .euler import KARRAS_COMPATIBLES, SigmaScheduler
+from .base import (
+    KARRAS_COMPATIBLES,
+    SchedulerOutput,
+    draw_noise,
+    freeze,
+    register_config,
+    sigma_space_x0,
+    sigma_to_t,
+)
+from .sigma_base import SigmaScheduler, ancestral_step
 
 KDPM2_PREDICTION_TYPES = ("epsilon", "v_prediction")  # Diffusers has no x0 form for these two
 
@@ -182,8 +190,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
         """Midpoint i lies between sigma_i and its sigma_down; the last two are 0 (Euler to 0 at the end)."""
         sigmas_next = np.append(sigmas[1:], np.float32(0))
         with np.errstate(divide="ignore", invalid="ignore"):  # the last entry is 0 / 0, as in Diffusers
-            sigmas_up = np.sqrt(sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2)
-            sigmas_down = np.sqrt(sigmas_next**2 - sigmas_up**2)
+            sigmas_down, sigmas_up = ancestral_step(sigmas, sigmas_next)
         sigmas_down[-1] = 0.0
         midpoints = log_midpoint(sigmas, sigmas_down)
         midpoints[-2:] = 0.0

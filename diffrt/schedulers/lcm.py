@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import invalid
+from .alpha_base import AlphaScheduler
 from .base import SchedulerOutput, alpha_space_x0, draw_noise, freeze, register_config
-from .ddim import AlphaScheduler
 
 SIGMA_DATA = 0.5  # the consistency-model data std (Song et al. 2023), fixed in LCM's boundary condition
 

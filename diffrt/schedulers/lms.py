@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import invalid
-from .base import SchedulerOutput, register_config, sigma_space_x0
-from .euler import KARRAS_COMPATIBLES, SigmaScheduler
+from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_config, sigma_space_x0
+from .sigma_base import SigmaScheduler
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import invalid
+from .alpha_base import AlphaScheduler
 from .base import (
     BETA_SCHEDULES,
+    KARRAS_COMPATIBLES,
     SchedulerOutput,
     check_choice,
     freeze,
     register_config,
 )
-from .ddim import AlphaScheduler
-from .euler import KARRAS_COMPATIBLES
 
 PNDM_PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRK_STEPS = 4  # the PRK warm-up covers the last four spaced timesteps (three intervals)

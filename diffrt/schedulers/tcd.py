@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import invalid
+from .alpha_base import AlphaScheduler
 from .base import SchedulerOutput, alpha_space_x0_eps, draw_noise, freeze, register_config
-from .ddim import AlphaScheduler
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, invalid
 from .base import (
+    KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
     SchedulerBase,
     SchedulerOutput,
@@ -38,7 +39,6 @@ from .base import (
     sigmas_from_alphas_cumprod,
 )
 from .dpm_solver import NoiseLevel, alpha_sigma, data_prediction, dpm_spaced_timesteps, noise_level, noise_prediction
-from .euler import KARRAS_COMPATIBLES
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Full-loop parity of the part-2a schedulers (PNDM, LMS, KDPM2, KDPM2 Ancestral, DEIS, TCD) with Diffusers.
+"""Full-loop parity of the PNDM, LMS, KDPM2, KDPM2 Ancestral, DEIS, TCD schedulers with Diffusers.
 
 Every case runs the installed Diffusers scheduler (torch, CPU float32) and ours side by side through
 ``scheduler_harness``: timesteps equal, final samples within 1e-5 of the run's sample scale; stochastic cases share

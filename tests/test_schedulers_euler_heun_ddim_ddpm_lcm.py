@@ -1,4 +1,4 @@
-"""Full-loop parity of the part-1 schedulers (Euler, Euler Ancestral, Heun, DDIM, DDPM, LCM) with Diffusers.
+"""Full-loop parity of the Euler, Euler Ancestral, Heun, DDIM, DDPM, LCM schedulers with Diffusers.
 
 Every case runs the Diffusers scheduler (torch, CPU float32) and ours side by side through
 ``scheduler_harness.assert_parity``: timesteps equal (exact, or within ~1 float32 ulp where they are derived from
@@ -18,6 +18,7 @@ import pytest
 
 import diffrt.schedulers as schedulers
 from diffrt.schedulers import AysSchedules, ays_schedule
+from diffrt.schedulers.sigma_base import ancestral_step
 from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours
 
 CONFIGS = Path(__file__).parent / "data" / "scheduler_configs"
@@ -288,3 +289,36 @@ def test_ddim_eta_with_explicit_variance_noise_equals_the_seeded_draw() -> None:
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="`variance_noise`"):
         s.clone().step(np.tanh(x), t, x, eta=1.0, variance_noise=noise, generator=Generator())
+
+
+# ------------------------------------------------------------------------ the ancestral noise split (sigma_base)
+def test_ancestral_step_splits_sigma_to_as_derived_by_hand() -> None:
+    """sigma 2 -> 1: sigma_up = sqrt(1 * (4 - 1) / 4) = sqrt(3) / 2, sigma_down = sqrt(1 - 3 / 4) = 1 / 2;
+    float32 scalars in, float32 scalars out."""
+    down, up = ancestral_step(np.float32(2), np.float32(1))
+    assert type(down) is np.float32 and type(up) is np.float32
+    np.testing.assert_allclose([down, up], [0.5, np.sqrt(3) / 2], rtol=1e-6)
+
+
+def test_ancestral_step_eta_scales_the_noise_and_zero_gives_a_deterministic_step() -> None:
+    down, up = ancestral_step(np.float32(2), np.float32(1), eta=0.5)
+    np.testing.assert_allclose([down, up], [np.sqrt(1 - 3 / 16), np.sqrt(3) / 4], rtol=1e-6)
+    assert ancestral_step(np.float32(2), np.float32(1), eta=0.0) == (1, 0)
+
+
+def test_ancestral_step_caps_sigma_up_only_where_rounding_would_make_sigma_down_nan() -> None:
+    """k-diffusion's min(sigma_to, ...): for sigma_to / sigma_from below about 2**-12, float32 rounding can put the
+    uncapped sigma_up an ulp above sigma_to, and sigma_down = sqrt(negative). Everywhere else the values are the
+    uncapped formula's, bit for bit (the one Euler-Ancestral and KDPM2-Ancestral used before sharing this)."""
+    sigma_from = np.full(20000, 80, np.float32)
+    sigma_to = np.geomspace(1e-5, 80, 20000).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        up = np.sqrt(sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from))
+        down = np.sqrt(sigma_to * sigma_to - up * up)
+    overshoot = up > sigma_to
+    assert overshoot.any() and np.isnan(down[overshoot]).all()  # the case is exercised
+    got_down, got_up = ancestral_step(sigma_from, sigma_to)
+    np.testing.assert_array_equal(got_up[overshoot], sigma_to[overshoot])
+    np.testing.assert_array_equal(got_down[overshoot], 0)
+    np.testing.assert_array_equal(got_up[~overshoot], up[~overshoot])
+    np.testing.assert_array_equal(got_down[~overshoot], down[~overshoot])
