@@ -3,7 +3,8 @@
 Use from any scheduler test module::
 
     from scheduler_harness import assert_parity, Case
-    @pytest.mark.parametrize("case", [Case("EulerDiscreteScheduler", {"prediction_type": "v_prediction"}, {"num_inference_steps": 10})], ids=str)
+    CASES = [Case("EulerDiscreteScheduler", {"prediction_type": "v_prediction"}, {"num_inference_steps": 10})]
+    @pytest.mark.parametrize("case", CASES, ids=str)
     def test_euler_matches_diffusers(case):
         assert_parity(case, ours=EulerDiscreteScheduler)
 
@@ -179,8 +180,8 @@ MIDPOINT_SCHEDULERS = ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteSchedule
 
 
 def default_tolerances(case: Case) -> tuple[float, float, float]:
-    """(timestep_rtol, sigma_rtol, sigma_atol) for a case: exact timesteps unless they are computed from sigmas (sigma->t
-    interpolation on log sigmas inherits torch's sqrt rounding, see ``assert_parity``); looser sigmas under
+    """(timestep_rtol, sigma_rtol, sigma_atol) for a case: exact timesteps unless they are computed from sigmas
+    (sigma->t interpolation on log sigmas inherits torch's sqrt rounding, see ``assert_parity``); looser sigmas under
     zero-terminal-SNR rescaling, whose float32 arithmetic (sqrt, square, ratio) amplifies those ulps: the
     smallest sigma, sqrt(1 - a) with a within ulps of 1, moves by up to ~1e-5 absolute (0.1% relative)."""
     derived = (any(case.config.get(k) for k in SIGMA_DERIVED_KEYS) or "sigmas" in case.set_timesteps

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
+from scheduler_harness import tanh_model
 
 from diffrt.errors import DiffrtError, InputError
 from diffrt.rng import Generator
 from diffrt.schedulers import get_scheduler_class, registered_names
 from diffrt.schedulers.base import init_keys
-from scheduler_harness import tanh_model
 
 NAMES = registered_names()
 SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours, tanh_model
 
 from diffrt.rng import Generator
 from diffrt.schedulers import DDIMScheduler, get_scheduler_class
@@ -24,7 +25,6 @@ from diffrt.schedulers.brownian import BrownianPath, BrownianTreeNoiseSampler
 from diffrt.schedulers.dpm_sde import DPMSolverSDEScheduler
 from diffrt.schedulers.dpm_singlestep import DPMSolverSinglestepScheduler, singlestep_orders
 from diffrt.schedulers.inverse import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
-from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours, tanh_model
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

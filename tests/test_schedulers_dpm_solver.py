@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours
 
 from diffrt.rng import Generator
 from diffrt.schedulers.dpm_solver import DPMSolverMultistepScheduler, noise_level
-from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

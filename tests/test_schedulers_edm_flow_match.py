@@ -18,6 +18,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from scheduler_harness import Case, _initial, assert_parity, run_diffusers, run_ours
 
 from diffrt.errors import ConfigError, InputError
 from diffrt.rng import Generator
@@ -27,7 +28,6 @@ from diffrt.schedulers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from scheduler_harness import Case, _initial, assert_parity, run_diffusers, run_ours
 
 EDM_TOLERANCE = {"timestep_rtol": 1e-6, "sigma_rtol": 1e-6}
 SCHEDULES = ["karras", "exponential"]

@@ -15,11 +15,11 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import pytest
+from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours
 
 import diffrt.schedulers as schedulers
 from diffrt.schedulers import AysSchedules, ays_schedule
 from diffrt.schedulers.sigma_base import ancestral_step
-from scheduler_harness import Case, assert_parity, learned_range_model, run_diffusers, run_ours
 
 CONFIGS = Path(__file__).parent / "data" / "scheduler_configs"
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -95,7 +95,8 @@ HEUN = [
 ] + [
     Case("HeunDiscreteScheduler", {"beta_schedule": b}, steps(4)) for b in ["linear", "squaredcos_cap_v2", "exp"]
 ] + [
-    Case("HeunDiscreteScheduler", {**SD, kind: True}, steps(4)) for kind in ["use_karras_sigmas", "use_exponential_sigmas"]
+    Case("HeunDiscreteScheduler", {**SD, kind: True}, steps(4))
+    for kind in ["use_karras_sigmas", "use_exponential_sigmas"]
 ] + [
     Case("HeunDiscreteScheduler", {**SD, "prediction_type": "v_prediction", "clip_sample": True,
                                    "clip_sample_range": 0.8}, steps(10)),
@@ -139,7 +140,8 @@ DDPM = [
 
 # ------------------------------------------------------------------------------------------------------- LCM
 LCM = [
-    Case("LCMScheduler", {"prediction_type": p}, steps(n), seed=n) for p, n in itertools.product(PREDICTIONS, [1, 2, 4, 8])
+    Case("LCMScheduler", {"prediction_type": p}, steps(n), seed=n)
+    for p, n in itertools.product(PREDICTIONS, [1, 2, 4, 8])
 ] + [
     Case("LCMScheduler", {"original_inference_steps": 100, "beta_schedule": "linear"}, steps(6), seed=1),
     Case("LCMScheduler", {"set_alpha_to_one": False, "timestep_scaling": 5.0}, steps(4), seed=1),

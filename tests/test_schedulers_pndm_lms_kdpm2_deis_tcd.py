@@ -21,13 +21,13 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from scheduler_harness import Case, assert_parity, run_diffusers, run_ours
 
 import diffrt.schedulers as schedulers
 from diffrt.errors import ConfigError
 from diffrt.rng import Generator
 from diffrt.schedulers.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from diffrt.schedulers.lms import LMSDiscreteScheduler, lms_coefficients
-from scheduler_harness import Case, assert_parity, run_diffusers, run_ours
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Diffusers' LMS warns about scale_model_input
 

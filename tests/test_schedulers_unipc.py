@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scheduler_harness import Case, assert_parity, run_diffusers, run_ours, tanh_model
 
 from diffrt.errors import ConfigError, InputError
 from diffrt.schedulers.unipc import UniPCMultistepScheduler, bh_system
-from scheduler_harness import Case, assert_parity, run_diffusers, run_ours, tanh_model
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # Stable Diffusion's betas
 RTOL = 1e-5

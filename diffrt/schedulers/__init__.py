@@ -9,7 +9,8 @@ import importlib
 from typing import Any
 
 from ..errors import ConfigError, invalid
-from .base import SchedulerOutput, load_config
+from .base import SchedulerOutput as SchedulerOutput  # re-exported: part of the public API
+from .base import load_config
 
 # Diffusers class name -> "module:Class" (module relative to this package)
 _REGISTRY: dict[str, str] = {

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -21,10 +20,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, InputError, invalid
+from ..package.files import write_json
+from ..package.names import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "scheduler_config.json"
+CONFIG_NAME = SCHEDULER_CONFIG.name  # scheduler_config.json, the file diffusers writes
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -138,20 +139,6 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise a ConfigError naming ``name`` unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
@@ -215,7 +202,8 @@ class SchedulerBase:
         if folder.is_file():
             raise invalid("save_directory", "a folder", str(save_directory))
         path = folder / CONFIG_NAME
-        write_json_atomic(path, {k: _json_value(v) for k, v in self._config.items()})
+        data = {k: _json_value(v) for k, v in self._config.items()}
+        write_json(path, dict(sorted(data.items())))
         return path
 
     @property
@@ -319,7 +307,8 @@ def check_finite(model_output: np.ndarray, step_index: int, timestep: Any) -> No
     bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
     if bad:
         raise InputError(
-            f"`model_output` must be finite; got {bad} NaN/Inf values at step {step_index} (timestep {_scalar(timestep)})"
+            f"`model_output` must be finite; got {bad} NaN/Inf values at step {step_index} "
+            f"(timestep {_scalar(timestep)})"
         )
 
 
@@ -494,7 +483,8 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
 
 
-def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6,
+                beta: float = 0.6) -> np.ndarray:
     """Lee et al. 2024, "Beta Sampling is All You Need": sigmas at Beta(alpha, beta) quantiles."""
     quantiles = [betaincinv(alpha, beta, q) for q in 1 - np.linspace(0, 1, num_steps)]
     return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])

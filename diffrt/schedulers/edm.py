@@ -27,7 +27,7 @@ from .base import (
     torch_linspace_f32,
 )
 from .dpm_solver import SOLVER_TYPES, DPMSolverMultistepScheduler, NoiseLevel
-from .sigma_base import SigmaScheduler, euler_update
+from .sigma_base import SigmaScheduler, add_sigma_noise, euler_update
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ class EDMPreconditioning:
         self.is_scale_input_called = True
         return self.precondition_inputs(sample, self.sigmas[self._step_index])
 
-    add_noise = SigmaScheduler.add_noise  # x0 + sigma noise, the same forward process
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
+        """x0 + sigma noise: EDM's forward process in sigma space (also under the DPM-Solver variant)."""
+        return add_sigma_noise(self, original_samples, noise, timesteps)
 
 
 # ---------------------------------------------------------------------------------------------------- EDM Euler

@@ -153,18 +153,8 @@ class SigmaScheduler(SchedulerBase):
         return sample / np.sqrt(sigma * sigma + np.float32(1))
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
-        """x0 + sigma(t) * noise. Before a run, looks up each timestep; after ``set_begin_index`` (img2img) or
-        mid-run (inpainting) uses that index, as Diffusers does."""
-        timesteps = np.asarray(timesteps).reshape(-1)
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        elif self._step_index is not None:
-            indices = [self._step_index] * len(timesteps)
-        else:
-            indices = [self._begin_index] * len(timesteps)
-        sigma = self.sigmas.astype(original_samples.dtype)[indices]
-        sigma = sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1))
-        return original_samples + noise * sigma
+        """x0 + sigma(t) * noise (`add_sigma_noise`)."""
+        return add_sigma_noise(self, original_samples, noise, timesteps)
 
     def _begin_sigma_step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """Checks shared by the sigma-space steps; returns the sample as float32 (Diffusers upcasts too)."""
@@ -202,3 +192,18 @@ def ancestral_step(sigma_from: Any, sigma_to: Any, eta: float = 1.0) -> tuple[An
     sigma_up = np.minimum(sigma_to, eta * np.sqrt(to_sq * (from_sq - to_sq) / from_sq))
     sigma_down = np.sqrt(to_sq - sigma_up * sigma_up)
     return sigma_down, sigma_up
+
+
+def add_sigma_noise(scheduler: Any, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
+    """x0 + sigma(t) * noise, the forward process of every sigma-space scheduler. Before a run, looks up each
+    timestep; after ``set_begin_index`` (img2img) or mid-run (inpainting) uses that index, as Diffusers does."""
+    timesteps = np.asarray(timesteps).reshape(-1)
+    if scheduler._begin_index is None:
+        indices = [scheduler.index_for_timestep(t) for t in timesteps]
+    elif scheduler._step_index is not None:
+        indices = [scheduler._step_index] * len(timesteps)
+    else:
+        indices = [scheduler._begin_index] * len(timesteps)
+    sigma = scheduler.sigmas.astype(original_samples.dtype)[indices]
+    sigma = sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1))
+    return original_samples + noise * sigma
