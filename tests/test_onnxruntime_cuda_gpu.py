@@ -16,6 +16,8 @@ import onnxruntime as ort
 import pytest
 from concurrency import run_in_threads
 
+from diffrt.bench.report import psnr
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -52,11 +54,6 @@ def pipeline(package: Path, provider: str = "cuda", **options):
 
 def images(pipe, seed: int = 0, **overrides) -> np.ndarray:
     return np.asarray(pipe(generator=seed, **{**CALL, **overrides}).images)
-
-
-def psnr(reference: np.ndarray, test: np.ndarray) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def test_fp32_on_cuda_matches_the_cpu(packages, cpu_reference):
 def test_fp16_on_cuda_is_within_35_db_of_cpu_fp32(packages, cpu_reference, name):
     got = images(pipeline(packages[name]))
     assert np.isfinite(got).all()
-    assert psnr(cpu_reference, got) >= 35.0
+    assert psnr(cpu_reference, got, peak=1.0) >= 35.0
 
 
 @pytest.mark.parametrize("name", ["fp32", "cuda_fp16"])

@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from concurrency import run_in_threads
 from onnx import TensorProto, helper, numpy_helper
+from onnx_builders import save_graph
 
 from diffrt.errors import EngineError, InputError
 from diffrt.package.reader import ComponentInfo
@@ -40,16 +40,8 @@ def build_model(path: Path, external_data: bool = False) -> Path:
         helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "n", HIDDEN]),
         helper.make_tensor_value_info("t_out", TensorProto.INT64, ["batch"]),
     ]
-    graph = helper.make_graph(nodes, "add_matmul", inputs, outputs, [numpy_helper.from_array(weight(), "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external_data:
-        onnx.save(model, path, save_as_external_data=True, location=path.name + "_data", size_threshold=0)
-    else:
-        onnx.save(model, path)
-    return path
+    return save_graph(path, nodes, inputs, outputs, [numpy_helper.from_array(weight(), "W")], "add_matmul",
+                      external_data)
 
 
 def feeds(batch: int = 2, n: int = 3, seed: int = 0) -> dict[str, np.ndarray]:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_builders import save_graph
 
+from diffrt.bench.report import psnr
 from diffrt.errors import ConfigError, EngineError, InputError
 from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import TensorSpec, check_provider, create_engine
@@ -42,18 +44,14 @@ def build_model(path: Path) -> Path:
     """out = relu(x @ W) with x [batch, n, 16] float32: compiles in milliseconds."""
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph(
+    return save_graph(
+        path,
         [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["out"])],
-        "matmul_relu",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", HIDDEN])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "n", HIDDEN])],
         [numpy_helper.from_array(weight(), "W")],
+        "matmul_relu",
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
 
 
 def weight() -> np.ndarray:
@@ -77,11 +75,6 @@ def component_feeds(name: str, seed: int = 0, batch: int = 2) -> dict[str, np.nd
     if name == "vae_decoder":
         return {"latent_sample": rng.standard_normal((batch, 4, 8, 8), dtype=np.float32)}
     return {"sample": rng.uniform(-1, 1, (batch, 3, 64, 64)).astype(np.float32)}
-
-
-def psnr_db(image: np.ndarray, reference_image: np.ndarray) -> float:
-    mse = float(np.mean((image.astype(np.float64) - reference_image.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)  # images in [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +136,7 @@ def test_bf16_pipeline_image_is_within_30_db_of_fp32(package: ModelPackage, ort_
 
     pipe = DiffusionPipeline.from_pretrained(package.root, provider="openvino", inference_precision="bf16")
     image = pipe(generator=0, **PIPE_ARGS).images
-    db = psnr_db(image, ort_image)
+    db = psnr(image, ort_image, peak=1.0)
     record_property("bf16_psnr_db", db)
     logging.getLogger(__name__).warning("bf16 image PSNR vs fp32: %.1f dB", db)
     assert db >= MIN_BF16_PSNR_DB

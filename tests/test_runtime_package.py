@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnx_builders import save_graph
 
 from diffrt.errors import InputError, PackageError
 from diffrt.package.reader import ModelPackage, strip_class_prefix
@@ -39,16 +39,9 @@ DTYPES = {FLOAT: "float32", INT64: "int64"}
 
 def write_onnx(path: Path, name: str) -> None:
     inputs, outputs = IO[name]
-    graph = helper.make_graph(
-        [helper.make_node("Identity", [inputs[0][0]], [outputs[0][0]])],
-        name,
-        [helper.make_tensor_value_info(*spec) for spec in inputs],
-        [helper.make_tensor_value_info(*spec) for spec in outputs],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
+    save_graph(path, [helper.make_node("Identity", [inputs[0][0]], [outputs[0][0]])],
+               [helper.make_tensor_value_info(*spec) for spec in inputs],
+               [helper.make_tensor_value_info(*spec) for spec in outputs], name=name)
 
 
 def write_json(path: Path, data: Any) -> None:

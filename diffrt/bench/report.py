@@ -116,11 +116,11 @@ def _gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when they are equal)."""
+def psnr(image: np.ndarray, reference: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB (inf when equal): uint8 images (peak 255), or float ones in [0, 1] (peak 1)."""
     diff = image.astype(np.float64) - reference.astype(np.float64)
     mse = float(np.mean(diff * diff))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(peak**2 / mse))
 
 
 def image_quality(folder: Path, sides: list[str]) -> dict[str, dict[str, Any]]:

@@ -151,7 +151,7 @@ def _check_options(file: Path | None, config_folder: str | Path | None = None, c
     if config_folder is not None:
         folder = Path(config_folder).expanduser().resolve()
         if not (folder / INDEX_NAME).is_file():
-            raise ExportError(f"config_folder has no model_index.json: {folder / 'model_index.json'}")
+            raise ExportError(f"config_folder has no {INDEX_NAME}: {folder / INDEX_NAME}")
     return ConfigOptions(folder, overrides, original_config, prediction_type)
 
 
