@@ -153,8 +153,9 @@ _HI = 1 if sys.byteorder == "little" else 0  # which uint32 of a uint64 holds th
 H100_MULTIPROCESSORS = 132  # H100 SXM5 and H200; H100 PCIe has 114, A100 108, RTX 4090 128
 
 
-def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-    """Philox4x32-10 (Salmon et al. 2011, as in curand) on a (4, N) uint32 counter array."""
+def philox4x32_10(counter: np.ndarray | Sequence[np.ndarray], key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 (Salmon et al. 2011, as in curand) on a (4, N) uint32 counter array, or four rows that
+    broadcast against each other."""
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint32) for c in counter)  # broadcastable rows
     k0, k1 = int(key[0]) & _U32, int(key[1]) & _U32
     size = np.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
@@ -221,7 +222,7 @@ def _sin_or_cos(angle: np.ndarray, use_sin: np.ndarray) -> np.ndarray:
 # ---- torch CPU kernels --------------------------------------------------------------------------------
 
 
-def _uniforms(gen: Generator, count: int, dtype: np.dtype) -> np.ndarray:
+def _uniforms(gen: Generator, count: int, dtype: type[np.float32] | type[np.float64]) -> np.ndarray:
     """uniform_real_distribution: float keeps the low 24 bits of one draw, double the low 53 bits
     of random64() = (first draw << 32) | second draw."""
     if dtype == _F64:
@@ -420,10 +421,12 @@ def _check_dtype(dtype: Any) -> np.dtype:
     return dt
 
 
-def _check_generator(generator: Any) -> None:
-    if generator is not None and not isinstance(generator, (Generator, np.random.Generator)):
-        raise invalid("generator", "a diffrt.rng.Generator, a numpy.random.Generator, a list of them, or None",
-                      type(generator).__name__)
+def _check_generator(generator: object) -> GeneratorLike:
+    """``generator`` itself if ``randn`` takes it (None included), else an error naming what it got."""
+    if generator is None or isinstance(generator, (Generator, np.random.Generator)):
+        return generator
+    raise invalid("generator", "a diffrt.rng.Generator, a numpy.random.Generator, a list of them, or None",
+                  type(generator).__name__)
 
 
 def _draw(shape: tuple[int, ...], generator: GeneratorLike, dtype: np.dtype) -> np.ndarray:
@@ -465,5 +468,4 @@ def randn(shape: int | Sequence[int], generator: GeneratorLike | Sequence[Genera
             return randn_batch(_check_shape(shape), generator, dtype)
         generator = generator[0]
     dims, dt = _check_shape(shape), _check_dtype(dtype)
-    _check_generator(generator)
-    return _draw(dims, generator, dt)
+    return _draw(dims, _check_generator(generator), dt)

@@ -6,11 +6,14 @@ is one line in ``_REGISTRY``. ``from_config`` picks the class from a config's ``
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, invalid
 from .base import SchedulerOutput as SchedulerOutput  # re-exported: part of the public API
 from .base import load_config
+
+if TYPE_CHECKING:
+    from .base import SchedulerBase
 
 # Diffusers class name -> "module:Class" (module relative to this package)
 _REGISTRY: dict[str, str] = {
@@ -51,7 +54,7 @@ def registered_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_scheduler_class(class_name: str) -> type:
+def get_scheduler_class(class_name: str) -> type[SchedulerBase]:
     """The diffrt scheduler class for a Diffusers scheduler class name."""
     target = _REGISTRY.get(class_name)
     if target is None:

@@ -34,7 +34,7 @@ class AlphaScheduler(SchedulerBase):
     the training sigma table: t = round(sigma_to_t(sigma)); the final sigma is implied by the scheduler (its
     final alpha), so it is not used."""
 
-    timesteps: np.ndarray
+    final_alpha_cumprod: np.float32  # the alpha-bar after the last step; set by the schedulers that use it
 
     def _init_tables(self, beta_schedules: Sequence[str] = BETA_SCHEDULES) -> None:
         check_choice("timestep_spacing", self.config.timestep_spacing, TIMESTEP_SPACINGS)
@@ -61,8 +61,9 @@ class AlphaScheduler(SchedulerBase):
         return add_noise_alpha(self.alphas_cumprod, original_samples, noise, timesteps)
 
     # ---- schedule
-    def _parse_schedule(self, num_inference_steps: Any, timesteps: Any, sigmas: Any) -> tuple[int | None, Any]:
-        """Validate ``set_timesteps`` arguments; returns (step count or None, int64 custom timesteps or None)."""
+    def _parse_schedule(self, num_inference_steps: Any, timesteps: Any,
+                        sigmas: Any) -> tuple[int, np.ndarray | None]:
+        """Validate ``set_timesteps`` arguments; returns (step count, int64 custom timesteps or None)."""
         cfg = self.config
         steps, custom, sigmas = check_set_timesteps(num_inference_steps, timesteps, sigmas,
                                                     cfg.num_train_timesteps, max_steps=cfg.num_train_timesteps)
@@ -98,7 +99,8 @@ class AlphaScheduler(SchedulerBase):
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     # ---- x0
-    def _x0_eps(self, model_output: np.ndarray, sample: np.ndarray, alpha_prod_t: np.float32) -> tuple:
+    def _x0_eps(self, model_output: np.ndarray, sample: np.ndarray,
+                alpha_prod_t: np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(x0, eps) from the model output, with x0 thresholded (Imagen) or clipped as configured."""
         x0, eps = alpha_space_x0_eps(model_output, sample, alpha_prod_t, self.config.prediction_type)
         return self._process_x0(x0), eps

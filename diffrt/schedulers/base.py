@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
@@ -29,7 +29,7 @@ CONFIG_NAME = SCHEDULER_CONFIG.name  # scheduler_config.json, the file diffusers
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-KARRAS_COMPATIBLES = (
+KARRAS_COMPATIBLES: tuple[str, ...] = (
     "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
@@ -58,6 +58,8 @@ class FrozenConfig(dict):
     ``defaulted`` names the keys that took their constructor default (Diffusers' ``_use_default_values``), kept
     off the dict so configs compare and save cleanly, yet honoured when another class converts this config."""
 
+    defaulted: tuple[str, ...]
+
     def __init__(self, data: Any = (), defaulted: Iterable[str] = ()) -> None:
         super().__init__(data)
         object.__setattr__(self, "defaulted", tuple(defaulted))
@@ -68,11 +70,11 @@ class FrozenConfig(dict):
         except KeyError:
             raise AttributeError(f"scheduler config has no key {name!r}") from None
 
-    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+    def _readonly(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("a scheduler config is read-only; build a new scheduler with from_config(config, key=value)")
 
-    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _readonly  # type: ignore[assignment]
-    update = pop = popitem = setdefault = clear = __ior__ = _readonly  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _readonly
+    update = pop = popitem = setdefault = clear = __ior__ = _readonly
 
     def __reduce__(self) -> tuple:  # pickle rebuilds from a plain dict instead of item assignment
         return (FrozenConfig, (dict(self), self.defaulted))
@@ -102,7 +104,7 @@ def register_config(init: Callable) -> Callable:
     return wrapper
 
 
-def init_keys(cls: type) -> set[str]:
+def init_keys(cls: type[SchedulerBase]) -> set[str]:
     """The config keys of a scheduler class: its ``__init__`` parameters."""
     return {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")}
 
@@ -113,8 +115,9 @@ def load_config(source: Any) -> dict[str, Any]:
         source = source.config
     if isinstance(source, Mapping):
         data = dict(source)
-        if getattr(source, "defaulted", None) and "_use_default_values" not in data:
-            data["_use_default_values"] = list(source.defaulted)
+        defaulted = getattr(source, "defaulted", None)  # a FrozenConfig's; plain mappings have none
+        if defaulted and "_use_default_values" not in data:
+            data["_use_default_values"] = list(defaulted)
         return data
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -147,6 +150,9 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the scheduler base
+_S = TypeVar("_S", bound="SchedulerBase")
+
+
 class SchedulerBase:
     """Config, run state and bookkeeping shared by every scheduler. Subclasses decorate ``__init__`` with
     ``@register_config`` and keep per-run state (step index, solver history) resettable by ``_reset_run_state``.
@@ -155,6 +161,9 @@ class SchedulerBase:
     order: int = 1
     _compatibles: tuple[str, ...] = ()
     _config: FrozenConfig
+    timesteps: np.ndarray
+    _step_index: int | None  # None until a run's first scale_model_input / step
+    _begin_index: int | None  # None unless set_begin_index was called
 
     # ---- config
     @property
@@ -162,7 +171,7 @@ class SchedulerBase:
         return self._config
 
     @classmethod
-    def from_config(cls, config: Any = None, **overrides: Any) -> SchedulerBase:
+    def from_config(cls: type[_S], config: Any = None, **overrides: Any) -> _S:
         """Build from a config (dict, a scheduler's ``.config``, JSON path or folder) plus keyword overrides.
 
         Like Diffusers: ``_use_default_values`` keys fall back to defaults, private keys are dropped, keys of other
@@ -241,7 +250,7 @@ class SchedulerBase:
         self._step_index = None
         self._begin_index = None
 
-    def clone(self) -> SchedulerBase:
+    def clone(self: _S) -> _S:
         """A fresh run on the same config and schedule: tables are shared (read-only), run state is reset."""
         other = copy.copy(self)
         other._reset_run_state()
@@ -256,19 +265,32 @@ class SchedulerBase:
             raise invalid("timestep", "one of the scheduler's timesteps", _scalar(timestep))
         return int(indices[1] if len(indices) > 1 else indices[0])
 
-    def _init_step_index(self, timestep: Any) -> None:
+    def _init_step_index(self, timestep: Any) -> int:
+        """Place a run at its first call: the begin index if set, else the position of ``timestep``; returns it."""
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        return self._step_index
 
-    def _start_step(self, model_output: np.ndarray, timestep: Any) -> None:
-        """Common start of ``step``: a schedule must be set, the step index known, the model output finite."""
+    def _current_step_index(self, timestep: Any) -> int:
+        """The index of the current step, placing the run first if this is its first call."""
+        return self._init_step_index(timestep) if self._step_index is None else self._step_index
+
+    def _active_step_index(self) -> int:
+        """The index of the step in progress, for the helpers ``step`` calls; an error before a run has begun."""
+        if self._step_index is None:
+            raise InputError("no step in progress: a run begins with its first `step` or `scale_model_input`")
+        return self._step_index
+
+    def _start_step(self, model_output: np.ndarray, timestep: Any) -> int:
+        """Common start of ``step``: a schedule must be set, the step index known, the model output finite.
+        Returns the step index; the step stores index + 1 when it is done."""
         if getattr(self, "num_inference_steps", None) is None:
             raise InputError("call `set_timesteps` before `step`")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        check_finite(model_output, self._step_index, timestep)
+        step_index = self._current_step_index(timestep)
+        check_finite(model_output, step_index, timestep)
+        return step_index
 
 
-def _foreign_keys(cls: type, source_class: str) -> set[str] | None:
+def _foreign_keys(cls: type[SchedulerBase], source_class: str) -> set[str] | None:
     """Config keys ``cls`` drops without a warning: those of its compatible classes and of the class the config
     was written for. None (drop all quietly) when that class is one diffrt does not implement: its keys are
     unknown to us, and Diffusers drops a compatible class's keys silently too."""
@@ -318,10 +340,11 @@ def check_set_timesteps(
     sigmas: Any,
     num_train_timesteps: int,
     max_steps: int | None = None,
-) -> tuple[int | None, np.ndarray | None, np.ndarray | None]:
+) -> tuple[int, np.ndarray | None, np.ndarray | None]:
     """Validate ``set_timesteps`` arguments: exactly one given; a step count >= 1; custom timesteps nonempty,
     strictly descending, in [0, num_train_timesteps); custom sigmas (n steps -> n + 1 values, the last the final
-    sigma, as in Diffusers) strictly descending and >= 0. Returns them as (int, float64 array, float64 array)."""
+    sigma, as in Diffusers) strictly descending and >= 0. Returns (the step count, custom timesteps or None,
+    custom sigmas or None), the arrays as float64; the count is that of the custom schedule when one is given."""
     given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                             ("sigmas", sigmas)) if v is not None]
     if len(given) != 1:
@@ -338,11 +361,11 @@ def check_set_timesteps(
         values = _descending("timesteps", timesteps, minimum_len=1)
         if values[-1] < 0 or values[0] >= num_train_timesteps:
             raise invalid("timesteps", f"within [0, {num_train_timesteps})", _short(values))
-        return None, values, None
+        return len(values), values, None
     values = _descending("sigmas", sigmas, minimum_len=2)
     if values[-1] < 0:
         raise invalid("sigmas", "all >= 0", _short(values))
-    return None, None, values
+    return len(values) - 1, None, values
 
 
 def _descending(name: str, values: Any, minimum_len: int) -> np.ndarray:
@@ -460,8 +483,8 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_steps: int, ste
         ratio = num_train_timesteps // num_steps
         return (np.arange(0, num_steps) * ratio).round()[::-1] + steps_offset
     if spacing == "trailing":
-        ratio = num_train_timesteps / num_steps
-        return np.arange(num_train_timesteps, 0, -ratio).round() - 1
+        stride = num_train_timesteps / num_steps  # a float here: trailing keeps the fractional ratio
+        return np.arange(num_train_timesteps, 0, -stride).round() - 1
     raise invalid("timestep_spacing", "one of " + ", ".join(map(repr, TIMESTEP_SPACINGS)), spacing, ConfigError)
 
 

@@ -75,7 +75,7 @@ class DDIMScheduler(AlphaScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z, s = eta * sigma_t(eta = 1) (eq. 12, 16)."""
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         t = int(np.asarray(timestep).item())
         prev_t = self._prev_timestep(t)
         alpha_prod_t, alpha_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
@@ -94,7 +94,7 @@ class DDIMScheduler(AlphaScheduler):
             if variance_noise is None:
                 variance_noise = draw_noise(model_output.shape, generator, model_output.dtype)
             prev_sample += std_dev_t * variance_noise
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -100,7 +100,7 @@ class DDPMScheduler(AlphaScheduler):
     ) -> SchedulerOutput | tuple:
         """Posterior mean mu~(x_t, x0) (eq. 7) plus std * z for t > 0. With ``learned`` / ``learned_range``
         variance the model output carries twice the sample's channels: prediction, then variance."""
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         t = int(np.asarray(timestep).item())
         prev_t = self.previous_timestep(t)
         predicted_variance = None
@@ -120,7 +120,7 @@ class DDPMScheduler(AlphaScheduler):
             noise = draw_noise(model_output.shape, generator, model_output.dtype)
             noise *= self._noise_std(t, prev_t, predicted_variance)
             prev_sample += noise
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -36,6 +36,7 @@ from .dpm_solver import (
     exponential_integrator_step,
     flow_sigmas,
     noise_level,
+    recent_outputs,
 )
 
 DEIS_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
@@ -234,16 +235,16 @@ class DEISMultistepScheduler(SchedulerBase):
 
     def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """eps at the current step, through x0 (so dynamic thresholding of x0 can apply), as Diffusers does."""
-        level = self._level(self._step_index)
+        level = self._level(self._active_step_index())
         x0 = data_prediction(model_output, sample, level, self.config.prediction_type)
         if self.config.thresholding:
             x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         return (sample - level.alpha * x0) / level.sigma
 
-    def _step_order(self) -> int:
+    def _step_order(self, i: int) -> int:
         """Lower orders at the start (not enough history) and, under 15 steps with ``lower_order_final``, at the
         end: first order for the last step, at most second for the one before."""
-        cfg, i, n = self.config, self._step_index, len(self.timesteps)
+        cfg, n = self.config, len(self.timesteps)
         short = cfg.lower_order_final and n < 15
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or (short and i == n - 1):
             return 1
@@ -259,20 +260,19 @@ class DEISMultistepScheduler(SchedulerBase):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """One multistep update from sigma_i to sigma_{i+1} in float32; the result has the model output's dtype."""
-        self._start_step(model_output, timestep)
-        order = self._step_order()
+        i = self._start_step(model_output, timestep)
+        order = self._step_order(i)
         x = sample.astype(np.float32, copy=False)
         eps = self.convert_model_output(model_output, x)
         self.model_outputs = self.model_outputs[1:] + [eps]
-        i = self._step_index
         target, levels = self._level(i + 1), [self._level(i - k) for k in range(order)]
         if order == 1:
             prev_sample = exponential_integrator_step(x, [eps], target, levels[0], "dpmsolver")
         else:
-            prev_sample = deis_multistep_update(x, self.model_outputs[::-1][:order], target, levels)
+            prev_sample = deis_multistep_update(x, recent_outputs(self.model_outputs, order)[::-1], target, levels)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)

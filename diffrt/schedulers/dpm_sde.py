@@ -19,7 +19,7 @@ parity by injecting the same noise sampler on both sides, which Diffusers allows
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from .brownian import BrownianTreeNoiseSampler
 from .sigma_base import SigmaScheduler, ancestral_step, euler_update
 
 SDE_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+NoiseSampler = Callable[[Any, Any], Any]  # (sigma, sigma_next) -> standard normal noise, array-like
 
 
 def log_midpoints(sigmas: np.ndarray) -> np.ndarray:
@@ -84,7 +85,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         super()._reset_run_state()
         self.sample: np.ndarray | None = None  # the interval's start, kept for the second call
         self.mid_point_sigma: np.float32 | None = None
-        self.noise_sampler: Any = None
+        self.noise_sampler: NoiseSampler | None = None
 
     @property
     def state_in_first_order(self) -> bool:
@@ -114,7 +115,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         if custom_s is not None:
             times, step_sigmas, final = sigma_to_t(custom_s[:-1], self.log_sigmas), custom_s[:-1], custom_s[-1]
         else:
-            times, step_sigmas = self._sde_schedule(steps if custom_t is None else len(custom_t), custom_t)
+            times, step_sigmas = self._sde_schedule(steps, custom_t)
             final = 0.0
         full = np.append(step_sigmas, final)
         midpoints = log_midpoints(full if final > 0 else step_sigmas)
@@ -141,9 +142,9 @@ class DPMSolverSDEScheduler(SigmaScheduler):
     # ---- per-step
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
         """Divide by sqrt(sigma^2 + 1), with the midpoint sigma on an interval's second call."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index] if self.state_in_first_order else self.mid_point_sigma
+        i = self._current_step_index(timestep)
+        # the midpoint sigma is set, with `sample`, by an interval's first call
+        sigma = self.sigmas[i] if self.mid_point_sigma is None else self.mid_point_sigma
         self.is_scale_input_called = True
         return sample / np.sqrt(sigma * sigma + np.float32(1))
 
@@ -169,10 +170,11 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         """First call of an interval: ancestral step sigma -> sigma_mid. Second call: ancestral step over the whole
         interval from the kept start with the midpoint's x0. To sigma 0: one Euler step. ``s_noise`` scales the
         injected noise (0 makes the sampler deterministic)."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
         if self.noise_sampler is None:
             self.noise_sampler = self._make_noise_sampler(sample.shape, generator)
-        first, i = self.state_in_first_order, self._step_index
+        kept = self.sample  # the interval's start, kept by the first call; None before it
+        first = kept is None
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         with np.errstate(divide="ignore"):  # sigma_next = 0 gives t_next = inf, unused on that branch
             t, t_next = -np.log(sigma), -np.log(sigma_next)
@@ -182,22 +184,24 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         if sigma_next == 0:
             prev_sample = euler_update(sample, x0, sigma, sigma_next)
         else:
-            start = sample if first else self.sample
-            prev_sample = self._ancestral_update(start, x0, t, t_mid if first else t_next, s_noise)
+            start = sample if kept is None else kept
+            prev_sample = self._ancestral_update(self.noise_sampler, start, x0, t, t_mid if first else t_next,
+                                                 s_noise)
             self.sample, self.mid_point_sigma = (start, np.exp(-t_mid)) if first else (None, None)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
-    def _ancestral_update(self, sample: np.ndarray, x0: np.ndarray, t: np.float32, t_next: np.float32,
-                          s_noise: float) -> np.ndarray:
+    @staticmethod
+    def _ancestral_update(noise_sampler: NoiseSampler, sample: np.ndarray, x0: np.ndarray, t: np.float32,
+                          t_next: np.float32, s_noise: float) -> np.ndarray:
         """k-diffusion's ancestral step in t = -log sigma (``ancestral_step`` with eta = 1): the exponential
         integrator down to sigma_down, then sigma_up times the Brownian noise over [sigma_next, sigma]."""
         sigma_from, sigma_to = np.exp(-t), np.exp(-t_next)
         sigma_down, sigma_up = ancestral_step(sigma_from, sigma_to)
         t_down = -np.log(sigma_down)
         prev_sample = (np.exp(-t_down) / np.exp(-t)) * sample - np.expm1(t - t_down) * x0
-        noise = np.asarray(self.noise_sampler(sigma_from, sigma_to), dtype=np.float32)
+        noise = np.asarray(noise_sampler(sigma_from, sigma_to), dtype=np.float32)
         return prev_sample + noise * np.float32(s_noise) * sigma_up

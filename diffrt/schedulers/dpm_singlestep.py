@@ -38,6 +38,7 @@ from .dpm_solver import (
     dpm_spaced_timesteps,
     exponential_integrator_step,
     flow_sigmas,
+    recent_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -239,31 +240,33 @@ class DPMSolverSinglestepScheduler(ForwardScheduleMixin, DPMSolverBase):
         """One call of the current group: record the converted output; the group's k-th call steps from the
         anchor sample to sigma_{i+1}. SDE-DPM-Solver++ draws noise from ``generator`` on every call (or takes
         ``variance_noise``), as Diffusers does. Computed in float32; the result has the model output's dtype."""
-        self._start_step(model_output, timestep)
-        if self._step_index >= len(self.order_list):  # e.g. a repeated first timestep (Diffusers' 2nd-match rule)
+        i = self._start_step(model_output, timestep)
+        if i >= len(self.order_list):  # e.g. a repeated first timestep (Diffusers' 2nd-match rule)
             raise InputError(f"`step` was called past the end of the {len(self.order_list)}-step schedule; "
                              "call `set_timesteps` to start a new run")
         x = sample.astype(np.float32, copy=False)
         converted = self.convert_model_output(model_output, x)
         self.model_outputs = self.model_outputs[1:] + [converted]
         noise = self._noise(converted.shape, generator, variance_noise)
-        order = self.order_list[self._step_index]
+        order = self.order_list[i]
         while self.model_outputs[-order] is None:  # img2img may start inside a group
             order -= 1
-        if order == 1:
-            self.sample = x
-        i = self._step_index
+        anchor = x if order == 1 else self.sample  # a group's first call starts it from this sample
+        if anchor is None:
+            raise InputError("this step continues a group whose first call the run has not made; call "
+                             "`set_timesteps` to start a new run")
+        self.sample = anchor
         levels = [self._level(i - k) for k in range(order - 1, -1, -1)]  # the anchor first
         target = self._level(i + 1)
-        derivatives, d1_rule = singlestep_derivatives(self.model_outputs[-order:], target, levels,
+        derivatives, d1_rule = singlestep_derivatives(recent_outputs(self.model_outputs, order), target, levels,
                                                       self.config.solver_type)
-        prev_sample = exponential_integrator_step(self.sample, derivatives, target, levels[0],
+        prev_sample = exponential_integrator_step(anchor, derivatives, target, levels[0],
                                                   self.config.algorithm_type, d1_rule, noise)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         pred_original_sample = converted
         if self.config.algorithm_type == "dpmsolver":
             pred_original_sample = (x - levels[-1].sigma * converted) / levels[-1].alpha
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

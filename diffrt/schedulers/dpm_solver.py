@@ -8,8 +8,8 @@ differences D1, D2 from past outputs) and ``exponential_integrator_step`` (one s
 Scalar coefficients are float32 and every expression keeps Diffusers' operation order, so float32 rounding matches.
 
 The scheduler classes share by inheritance rather than by copying methods: ``DPMSolverBase`` (per-step machinery of
-every DPM-Solver scheduler), ``DPMSolverMultistepBase`` (the multistep update, also the inversion's) and
-``ForwardScheduleMixin`` (schedule pieces of the denoising solvers, also the singlestep one's).
+every DPM-Solver scheduler), ``DPMSolverMultistepBase`` (the multistep update, also the inversion's and EDM
+DPM-Solver's) and ``ForwardScheduleMixin`` (schedule pieces of the denoising solvers, also the singlestep one's).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, invalid
+from ..errors import ConfigError, InputError, invalid
 from .base import (
     KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
@@ -124,6 +124,16 @@ def multistep_derivatives(outputs: Sequence[np.ndarray], t: NoiseLevel,
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
     d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
     return [m0, d1, d2]
+
+
+def recent_outputs(history: Sequence[np.ndarray | None], count: int) -> list[np.ndarray]:
+    """The last ``count`` entries of a solver's output history (None-padded at the start of a run), oldest
+    first. The solvers' order logic never asks for more outputs than the run has made."""
+    outputs = [m for m in history[-count:] if m is not None]
+    if len(outputs) != count:
+        raise InputError(f"this step needs {count} past model outputs and the run has {len(outputs)}; call "
+                         "`set_timesteps` to start a new run")
+    return outputs
 
 
 def step_coefficients(
@@ -268,7 +278,7 @@ class DPMSolverBase(SchedulerBase):
         cfg = self.config
         if cfg.variance_type is not None:  # learned variance rides in the second half of the channels
             model_output = model_output[:, : sample.shape[1]]
-        level = self._level(self._step_index)
+        level = self._level(self._active_step_index())
         if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
             x0 = data_prediction(model_output, sample, level, cfg.prediction_type)
             if cfg.thresholding:
@@ -315,14 +325,14 @@ class DPMSolverMultistepBase(DPMSolverBase):
         self.model_outputs: list[np.ndarray | None] = [None] * self.config.solver_order
         self.lower_order_nums = 0
 
-    def _step_order(self) -> int:
+    def _step_order(self, i: int) -> int:
         """The order of this step: lower at the start (not enough history) and, for stability, at the end:
         the last step is first order when stepping to sigma 0, with ``euler_at_final``, or with
         ``lower_order_final`` under 15 steps, which also caps the second-to-last step at second order.
         A zero-length step (karras / exponential / beta / lu sigmas end at sigma_min, and so does the final
         sigma with ``final_sigmas_type="sigma_min"``) is first order too, giving its exact result, x unchanged;
         Diffusers takes it at second order, where the heun weight (e^h - 1) / h is 0 / 0 and the run ends in NaN."""
-        cfg, i, n = self.config, self._step_index, len(self.timesteps)
+        cfg, n = self.config, len(self.timesteps)
         short = cfg.lower_order_final and n < 15
         zero_length = self._level(i + 1).lam == self._level(i).lam  # float32 lambdas can tie on 1-ulp sigmas
         last = i == n - 1 and (cfg.euler_at_final or short or self.sigmas[-1] == 0)
@@ -345,15 +355,14 @@ class DPMSolverMultistepBase(DPMSolverBase):
         """One multistep update from sigma_i to sigma_{i+1} in float32 (Diffusers upcasts too); the result has
         the model output's dtype. The SDE variants draw their noise from ``generator`` on every step, or take
         ``variance_noise``."""
-        self._start_step(model_output, timestep)
-        order = self._step_order()
+        i = self._start_step(model_output, timestep)
+        order = self._step_order(i)
         x = sample.astype(np.float32, copy=False)
         converted = self.convert_model_output(model_output, x)
         self.model_outputs = self.model_outputs[1:] + [converted]
         noise = self._noise(converted.shape, generator, variance_noise)
-        i = self._step_index
         levels = [self._level(i - k) for k in range(order)]
-        outputs = self.model_outputs[::-1][:order]
+        outputs = recent_outputs(self.model_outputs, order)[::-1]
         target = self._level(i + 1)
         derivatives = multistep_derivatives(outputs, target, levels)
         d1_rule = self.config.solver_type if order == 2 else "heun"  # third order always uses the phi_2 weight
@@ -364,7 +373,7 @@ class DPMSolverMultistepBase(DPMSolverBase):
         pred_original_sample = converted
         if not self.config.algorithm_type.endswith("++"):
             pred_original_sample = (x - levels[0].sigma * converted) / levels[0].alpha
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

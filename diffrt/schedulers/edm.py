@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ConfigError, InputError, invalid
 from .base import (
     FrozenConfig,
+    SchedulerBase,
     SchedulerOutput,
     check_choice,
     check_set_timesteps,
@@ -26,7 +27,7 @@ from .base import (
     register_config,
     torch_linspace_f32,
 )
-from .dpm_solver import SOLVER_TYPES, DPMSolverMultistepScheduler, NoiseLevel
+from .dpm_solver import SOLVER_TYPES, DPMSolverMultistepBase, NoiseLevel
 from .sigma_base import SigmaScheduler, add_sigma_noise, euler_update
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,11 @@ def reject_custom_timesteps(timesteps: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ shared EDM parts
-class EDMPreconditioning:
+class EDMPreconditioning(SchedulerBase):
     """Config checks, sigma schedule, c_in / c_noise / c_skip / c_out and ``add_noise`` of both EDM schedulers."""
 
-    config: FrozenConfig
     sigmas: np.ndarray
+    is_scale_input_called: bool
 
     def _check_edm_config(self) -> None:
         """``sigma_min`` / ``sigma_max`` of None (as Euler-family configs carry) read as the EDM defaults and are
@@ -155,10 +156,9 @@ class EDMPreconditioning:
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
         """c_in x at the current step's sigma."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        i = self._current_step_index(timestep)
         self.is_scale_input_called = True
-        return self.precondition_inputs(sample, self.sigmas[self._step_index])
+        return self.precondition_inputs(sample, self.sigmas[i])
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
         """x0 + sigma noise: EDM's forward process in sigma space (also under the DPM-Solver variant)."""
@@ -230,8 +230,8 @@ class EDMEulerScheduler(EDMPreconditioning, SigmaScheduler):
         """One Euler step sigma_i -> sigma_{i+1} on x0 = c_skip x + c_out F; with ``s_churn`` > 0 the noise level
         is first raised to sigma_hat = sigma (1 + gamma) with fresh noise. A given ``pred_original_sample`` is used
         instead of the model's."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
-        sigma = self.sigmas[self._step_index]
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
+        sigma = self.sigmas[i]
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * np.float32(gamma + 1)
         if gamma > 0:
@@ -239,16 +239,16 @@ class EDMEulerScheduler(EDMPreconditioning, SigmaScheduler):
             sample = sample + eps * np.sqrt(sigma_hat * sigma_hat - sigma * sigma)
         if pred_original_sample is None:
             pred_original_sample = self.precondition_outputs(sample, model_output, sigma_hat)
-        prev_sample = euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[self._step_index + 1])
+        prev_sample = euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[i + 1])
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
 
 # --------------------------------------------------------------------------------------------- EDM DPM-Solver++
-class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepScheduler):
+class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepBase):
     """DPM-Solver++ (orders 1-3, ODE or SDE) on the EDM schedule: DPM-Solver's step with alpha = 1 and
     lambda = -log sigma, and x0 from the EDM preconditioning (CosXL, Playground v2.5).
 
@@ -321,7 +321,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
 
     def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """x0 from the EDM preconditioning, dynamically thresholded when configured (Saharia et al. 2022)."""
-        x0 = self.precondition_outputs(sample, model_output, self.sigmas[self._step_index])
+        x0 = self.precondition_outputs(sample, model_output, self.sigmas[self._active_step_index()])
         if self.config.thresholding:
             x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         return x0

@@ -17,10 +17,10 @@ from .base import (
     register_config,
     sigma_space_x0,
 )
-from .sigma_base import SigmaScheduler, ancestral_step, euler_update
+from .sigma_base import StandardSigmaScheduler, ancestral_step, euler_update
 
 
-class EulerDiscreteScheduler(SigmaScheduler):
+class EulerDiscreteScheduler(StandardSigmaScheduler):
     """Euler method on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2 with optional churn)."""
 
     _compatibles = KARRAS_COMPATIBLES
@@ -67,8 +67,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
     ) -> SchedulerOutput | tuple:
         """One Euler step from sigma_i to sigma_{i+1}; with ``s_churn`` > 0, first raise the noise level to
         sigma_hat = sigma (1 + gamma) with fresh noise (Karras et al. 2022, Algorithm 2, lines 5-7)."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
-        sigma = self.sigmas[self._step_index]
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
+        sigma = self.sigmas[i]
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * np.float32(gamma + 1)
         if gamma > 0:
@@ -77,15 +77,15 @@ class EulerDiscreteScheduler(SigmaScheduler):
         # epsilon is scaled by the churned level; v-prediction's c_skip / c_out use the scheduled sigma
         sigma_x0 = sigma_hat if self.config.prediction_type == "epsilon" else sigma
         pred_original_sample = sigma_space_x0(model_output, sample, sigma_x0, self.config.prediction_type)
-        prev_sample = euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[self._step_index + 1])
+        prev_sample = euler_update(sample, pred_original_sample, sigma_hat, self.sigmas[i + 1])
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
 
-class EulerAncestralDiscreteScheduler(SigmaScheduler):
+class EulerAncestralDiscreteScheduler(StandardSigmaScheduler):
     """Euler-Ancestral: an Euler step down to sigma_down, then fresh noise of std sigma_up, so the marginal
     matches sigma_next (k-diffusion ``get_ancestral_step`` with eta = 1). Beyond Diffusers: custom
     ``timesteps=`` / ``sigmas=`` and ``prediction_type="sample"``."""
@@ -119,9 +119,9 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     ) -> SchedulerOutput | tuple:
         """Ancestral step sigma_i -> sigma_down (Euler), + sigma_up * noise. Noise is drawn on every step,
         the last included, so a seeded generator advances exactly as in Diffusers."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
-        sigma = self.sigmas[self._step_index]
-        sigma_to = self.sigmas[self._step_index + 1]
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
+        sigma = self.sigmas[i]
+        sigma_to = self.sigmas[i + 1]
         pred_original_sample = sigma_space_x0(model_output, sample, sigma, self.config.prediction_type)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_to)
         prev_sample = euler_update(sample, pred_original_sample, sigma, sigma_down)
@@ -129,7 +129,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         noise *= sigma_up
         prev_sample += noise
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

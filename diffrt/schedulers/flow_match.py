@@ -139,8 +139,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             sigmas = np.linspace(self.sigma_max * cfg.num_train_timesteps, self.sigma_min * cfg.num_train_timesteps,
                                  n) / cfg.num_train_timesteps
         with np.errstate(divide="ignore"):  # 1 / sigma at a custom sigma of 0 is the exact limit
-            sigmas = time_shift(sigmas, mu, cfg.time_shift_type) if cfg.use_dynamic_shifting \
-                else shift_sigmas(sigmas, self.shift)
+            sigmas = self._shift_schedule(sigmas, mu)
         if cfg.shift_terminal:
             sigmas = stretch_to_terminal(sigmas, cfg.shift_terminal)
         sigmas = sigma_schedule(cfg, sigmas, n).astype(np.float32)
@@ -155,6 +154,14 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self.num_inference_steps = n
         self._reset_run_state()
 
+    def _shift_schedule(self, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
+        """Flux's time shift by ``mu`` with ``use_dynamic_shifting``, else SD3's fixed ``shift``."""
+        if not self.config.use_dynamic_shifting:
+            return shift_sigmas(sigmas, self.shift)
+        if mu is None:
+            raise invalid("mu", "a finite float when `use_dynamic_shifting` is True", mu)
+        return time_shift(sigmas, mu, self.config.time_shift_type)
+
     def _check_schedule_args(self, num_inference_steps: Any, sigmas: Any, timesteps: Any,
                              mu: Any) -> tuple[int, np.ndarray | None, np.ndarray | None]:
         """Validate before any work: returns (steps, float32 sigmas or None, float32 timesteps or None)."""
@@ -162,8 +169,6 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             raise invalid("mu", "a finite float when `use_dynamic_shifting` is True", mu)
         if mu is not None and not self.config.use_dynamic_shifting:
             logger.debug("mu=%r ignored: use_dynamic_shifting is False", mu)
-        if num_inference_steps is None and sigmas is None and timesteps is None:
-            raise InputError("one of `num_inference_steps`, `sigmas`, `timesteps` must be given; got none")
         if num_inference_steps is not None and (not isinstance(num_inference_steps, (int, np.integer))
                                                 or isinstance(num_inference_steps, bool) or num_inference_steps < 1):
             raise invalid("num_inference_steps", "an int >= 1", num_inference_steps)
@@ -175,6 +180,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             raise invalid("timesteps", f"as many values as `sigmas` ({len(sigmas)})", len(timesteps))
         custom = sigmas if sigmas is not None else timesteps
         if custom is None:
+            if num_inference_steps is None:
+                raise InputError("one of `num_inference_steps`, `sigmas`, `timesteps` must be given; got none")
             return int(num_inference_steps), None, None
         if num_inference_steps is not None and len(custom) != num_inference_steps:
             name = "sigmas" if sigmas is not None else "timesteps"
@@ -223,13 +230,13 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             raise InputError("`timestep` must be one of `scheduler.timesteps` (floats), not an integer index; got "
                              f"{timestep!r}")
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         sample = sample.astype(np.float32, copy=False)
         if per_token_timesteps is not None:
             sigma, sigma_next = self._per_token_sigmas(per_token_timesteps)
             dt = sigma - sigma_next  # Diffusers' sign for per-token stepping
         else:
-            sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
+            sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
             dt = sigma_next - sigma
         pred_original_sample = None
         if self.config.stochastic_sampling:
@@ -238,7 +245,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             prev_sample = (1 - sigma_next) * pred_original_sample + sigma_next * noise
         else:
             prev_sample = sample + dt * model_output
-        self._step_index += 1
+        self._step_index = i + 1
         if per_token_timesteps is None:
             prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         if not return_dict:

@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from .base import BETA_SCHEDULES, KARRAS_COMPATIBLES, SchedulerOutput, freeze, register_config, sigma_space_x0
-from .sigma_base import SigmaScheduler
+from .sigma_base import StandardSigmaScheduler
 
 HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")
 
 
-class HeunDiscreteScheduler(SigmaScheduler):
+class HeunDiscreteScheduler(StandardSigmaScheduler):
     """Second-order sampler: two model evaluations per sigma interval (``order = 2``); the final interval
     to sigma = 0 is a plain Euler step, as in Karras et al. (a second evaluation at sigma = 0 is undefined)."""
 
@@ -56,6 +57,13 @@ class HeunDiscreteScheduler(SigmaScheduler):
         """True when the next ``step`` is a predictor (Euler) step."""
         return self.dt is None
 
+    def _predictor_state(self) -> tuple[np.ndarray, np.float32, np.ndarray]:
+        """(slope, step, start sample) the predictor kept for the corrector."""
+        if self.prev_derivative is None or self.dt is None or self.sample is None:
+            raise InputError("a Heun corrector step needs the predictor's state (prev_derivative, dt, sample); "
+                             "call `set_timesteps` to start a new run")
+        return self.prev_derivative, self.dt, self.sample
+
     def step(
         self,
         model_output: np.ndarray,
@@ -65,9 +73,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
     ) -> SchedulerOutput | tuple:
         """Predictor: Euler from sigma to sigma_next, remembering the slope. Corrector: average that slope with
         the one at sigma_next and redo the step from the remembered sample."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
         first = self.state_in_first_order
-        i = self._step_index
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         x0 = sigma_space_x0(model_output, sample, sigma if first else sigma_next, self.config.prediction_type)
         if self.config.clip_sample:
@@ -79,14 +86,14 @@ class HeunDiscreteScheduler(SigmaScheduler):
             self.prev_derivative, self.dt, self.sample = derivative, sigma_next - sigma, sample
             dt, base = self.dt, sample
         else:
+            prev_derivative, dt, base = self._predictor_state()
             derivative /= sigma_next
-            derivative += self.prev_derivative
+            derivative += prev_derivative
             derivative /= np.float32(2)
-            dt, base = self.dt, self.sample
             self.prev_derivative = self.dt = self.sample = None
         derivative = derivative * dt  # not in place: a predictor's slope is kept for the corrector
         prev_sample = np.add(base, derivative, out=derivative).astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

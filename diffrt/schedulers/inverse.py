@@ -47,11 +47,11 @@ INVERSE_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_be
 
 def check_inverse_set_timesteps(
     num_inference_steps: Any, timesteps: Any, sigmas: Any, num_train_timesteps: int, max_steps: int | None = None
-) -> tuple[int | None, np.ndarray | None, np.ndarray | None]:
+) -> tuple[int, np.ndarray | None, np.ndarray | None]:
     """``check_set_timesteps`` for ascending schedules: exactly one argument; custom timesteps strictly ascending
     in [0, num_train_timesteps); custom sigmas (n + 1 values) >= 0 and strictly ascending, except that the final
     sigma may repeat the last one (a zero-length last step: how Diffusers' karras / exponential / beta inversions
-    end)."""
+    end). Returns (the step count, custom timesteps or None, custom sigmas or None), as ``check_set_timesteps``."""
     if timesteps is None and sigmas is None:
         return check_set_timesteps(num_inference_steps, None, None, num_train_timesteps, max_steps)
     if num_inference_steps is not None or (timesteps is not None and sigmas is not None):
@@ -75,10 +75,10 @@ def check_inverse_set_timesteps(
     if name == "timesteps":
         if array[0] < 0 or array[-1] >= num_train_timesteps or not np.all(array == np.round(array)):
             raise invalid(name, f"integers within [0, {num_train_timesteps})", array.tolist())
-        return None, array, None
+        return len(array), array, None
     if array[0] < 0:
         raise invalid(name, "all >= 0", array.tolist())
-    return None, None, array
+    return len(array) - 1, None, array
 
 
 # ------------------------------------------------------------------------------------------------------ DDIM
@@ -151,7 +151,7 @@ class DDIMInverseScheduler(AlphaScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, with (x0, eps) predicted at the previous level (DDIM, eta = 0)."""
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         t = int(np.asarray(timestep).item())
         previous = self._previous_level(t)
         alpha_prod_t = self.alphas_cumprod[previous] if previous >= 0 else self.initial_alpha_cumprod
@@ -161,7 +161,7 @@ class DDIMInverseScheduler(AlphaScheduler):
             x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
         prev_sample = np.sqrt(alpha_next) * x0
         prev_sample += np.sqrt(np.float32(1) - alpha_next) * eps
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -251,17 +251,18 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepBase):
             raise invalid("prediction_type", f"not 'flow_prediction' for algorithm_type {cfg.algorithm_type!r}",
                           cfg.prediction_type, ConfigError)
 
-    def _init_step_index(self, timestep: Any) -> None:
+    def _init_step_index(self, timestep: Any) -> int:
         """A run starts at the first occurrence of its timestep. Diffusers takes the second when it repeats (its
         img2img rule), and truncated exponential / beta timesteps repeat at the clean end: it then skips a sigma
         and runs off the end of the schedule."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
-            return
+            return self._step_index
         matches = np.flatnonzero(self.timesteps == np.asarray(timestep).item())
         if len(matches) == 0:
             raise invalid("timestep", "one of the scheduler's timesteps", np.asarray(timestep).item())
         self._step_index = int(matches[0])
+        return self._step_index
 
     # ---- schedule
     def set_timesteps(

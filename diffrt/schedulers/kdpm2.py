@@ -63,12 +63,12 @@ class _KDPM2Base(SigmaScheduler):
         timesteps: Any = None,
         sigmas: Any = None,
     ) -> None:
-        """As ``SigmaScheduler.set_timesteps``; ``num_train_timesteps`` is Diffusers' positional argument, accepted
-        when it equals the config's (Diffusers only passes it from its constructor)."""
+        """As ``StandardSigmaScheduler.set_timesteps``; ``num_train_timesteps`` is Diffusers' positional argument,
+        accepted when it equals the config's (Diffusers only passes it from its constructor)."""
         if num_train_timesteps is not None and num_train_timesteps != self.config.num_train_timesteps:
             raise invalid("num_train_timesteps", f"None or the config's {self.config.num_train_timesteps}",
                           num_train_timesteps)
-        super().set_timesteps(num_inference_steps, device, timesteps=timesteps, sigmas=sigmas)
+        self._set_sigma_schedule(num_inference_steps, timesteps, sigmas)
 
     def _sigma_schedule(self, num_steps: int, custom: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         timesteps, sigmas = super()._sigma_schedule(num_steps, custom)
@@ -95,9 +95,10 @@ class _KDPM2Base(SigmaScheduler):
         self.is_scale_input_called = True
         return sample / np.sqrt(sigma * sigma + np.float32(1))
 
-    def _output(self, prev_sample: np.ndarray, x0: np.ndarray, dtype: Any, return_dict: bool) -> Any:
+    def _output(self, step_index: int, prev_sample: np.ndarray, x0: np.ndarray, dtype: Any,
+                return_dict: bool) -> SchedulerOutput | tuple:
         prev_sample = prev_sample.astype(dtype, copy=False)
-        self._step_index += 1
+        self._step_index = step_index + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -133,10 +134,9 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
         """Divide by sqrt(sigma^2 + 1), sigma being the midpoint on a second-order call."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        i = self._current_step_index(timestep)
         table = self.sigmas if self.state_in_first_order else self.sigmas_interpol
-        return self._scale(sample, table[self._step_index])
+        return self._scale(sample, table[i])
 
     def step(
         self,
@@ -147,20 +147,20 @@ class KDPM2DiscreteScheduler(_KDPM2Base):
     ) -> SchedulerOutput | tuple:
         """First call: Euler from sigma to the midpoint, remembering the sample. Second call: the slope at the
         midpoint carries the remembered sample from sigma to sigma_next."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
-        i, first = self._step_index, self.state_in_first_order
-        if first:
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
+        kept = self.sample  # the interval's start, kept by the first call; None before it
+        if kept is None:
             sigma, midpoint = self.sigmas[i], self.sigmas_interpol[i + 1]
         else:
             sigma, midpoint, sigma_next = self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i]
-        x0 = sigma_space_x0(model_output, sample, sigma if first else midpoint, self.config.prediction_type)
-        if first:
+        x0 = sigma_space_x0(model_output, sample, sigma if kept is None else midpoint, self.config.prediction_type)
+        if kept is None:
             derivative, dt = (sample - x0) / sigma, midpoint - sigma
             self.sample = sample
         else:
             derivative, dt = (sample - x0) / midpoint, sigma_next - sigma
-            sample, self.sample = self.sample, None
-        return self._output(sample + derivative * dt, x0, model_output.dtype, return_dict)
+            sample, self.sample = kept, None
+        return self._output(i, sample + derivative * dt, x0, model_output.dtype, return_dict)
 
 
 class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
@@ -207,9 +207,7 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
         """Divide by sqrt(sigma^2 + 1), sigma being the midpoint on a second-order call."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_step_index(timestep)
         return self._scale(sample, self.sigmas[i] if self.state_in_first_order else self.sigmas_interpol[i - 1])
 
     def step(
@@ -222,18 +220,18 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2Base):
     ) -> SchedulerOutput | tuple:
         """First call: Euler to the midpoint. Second call: from the remembered sample to sigma_down with the
         midpoint slope, plus sigma_up * noise (drawn on second calls only, as in Diffusers)."""
-        sample = self._begin_sigma_step(model_output, timestep, sample)
-        first = self.state_in_first_order
-        i = self._step_index if first else self._step_index - 1
+        sample, step_index = self._begin_sigma_step(model_output, timestep, sample)
+        kept = self.sample  # the interval's start, kept by the first call; None before it
+        i = step_index if kept is None else step_index - 1
         sigma, midpoint = self.sigmas[i], self.sigmas_interpol[i]
-        x0 = sigma_space_x0(model_output, sample, sigma if first else midpoint, self.config.prediction_type)
-        if first:
+        x0 = sigma_space_x0(model_output, sample, sigma if kept is None else midpoint, self.config.prediction_type)
+        if kept is None:
             derivative = (sample - x0) / sigma
             self.sample, self.dt = sample, midpoint - sigma
-            return self._output(sample + derivative * self.dt, x0, model_output.dtype, return_dict)
+            return self._output(step_index, sample + derivative * self.dt, x0, model_output.dtype, return_dict)
         derivative = (sample - x0) / midpoint
-        prev_sample = self.sample + derivative * (self.sigmas_down[i] - sigma)
+        prev_sample = kept + derivative * (self.sigmas_down[i] - sigma)
         self.sample = None
         noise = draw_noise(model_output.shape, generator, model_output.dtype)
         prev_sample += noise * self.sigmas_up[i]
-        return self._output(prev_sample, x0, model_output.dtype, return_dict)
+        return self._output(step_index, prev_sample, x0, model_output.dtype, return_dict)

@@ -112,23 +112,23 @@ class LCMScheduler(AlphaScheduler):
     ) -> LCMSchedulerOutput | tuple:
         """denoised = c_skip x_t + c_out x0; then x_prev = sqrt(a_prev) denoised + sqrt(1 - a_prev) z, except on
         the last step (and so for one-step sampling), which returns ``denoised`` itself."""
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         t = int(np.asarray(timestep).item())
-        next_index = self._step_index + 1
+        next_index = i + 1
         prev_t = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else t
         alpha_prod_t, alpha_prev = self.alphas_cumprod[t], self._alpha_prev(prev_t)
         c_skip, c_out = boundary_scalings(t, self.config.timestep_scaling)
         x0 = self._process_x0(alpha_space_x0(model_output, sample, alpha_prod_t, self.config.prediction_type))
         denoised = c_out * x0
         denoised += c_skip * sample
-        if self._step_index != self.num_inference_steps - 1:
+        if next_index != self.num_inference_steps:  # not the last step
             noise = draw_noise(model_output.shape, generator, model_output.dtype)
             noise *= np.sqrt(np.float32(1) - alpha_prev)
             prev_sample = np.sqrt(alpha_prev) * denoised
             prev_sample += noise
         else:
             prev_sample = denoised
-        self._step_index += 1
+        self._step_index = next_index
         if not return_dict:
             return (prev_sample, denoised)
         return LCMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0, denoised=denoised)

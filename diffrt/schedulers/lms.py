@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import invalid
 from .base import KARRAS_COMPATIBLES, SchedulerOutput, register_config, sigma_space_x0
-from .sigma_base import SigmaScheduler
+from .sigma_base import StandardSigmaScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _basis_integral(nodes: list[float], j: int, end: float) -> float:
     return sum(c * end ** (n + 1) / (n + 1) for n, c in enumerate(coefficients)) / scale
 
 
-class LMSDiscreteScheduler(SigmaScheduler):
+class LMSDiscreteScheduler(StandardSigmaScheduler):
     """Linear multistep sampler of order up to ``step(order=...)`` (4 by default), one model call per step; the
     first steps use the lower orders the history allows. Beyond Diffusers: custom ``timesteps=`` / ``sigmas=``."""
 
@@ -88,11 +88,10 @@ class LMSDiscreteScheduler(SigmaScheduler):
         """x_{i+1} = x_i + sum_j c_j d_{i-j} with the newest ``min(i + 1, order)`` derivatives."""
         if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
             raise invalid("order", "an int >= 1", order)
-        sample = self._begin_sigma_step(model_output, timestep, sample)
+        sample, i = self._begin_sigma_step(model_output, timestep, sample)
         if not self.is_scale_input_called and not self._warned_unscaled:
             logger.warning("call `scale_model_input` before `step`: the model saw an unscaled sample")
             self._warned_unscaled = True
-        i = self._step_index
         sigma = self.sigmas[i]
         pred_original_sample = sigma_space_x0(model_output, sample, sigma, self.config.prediction_type)
         self.derivatives.append((sample - pred_original_sample) / sigma)
@@ -105,7 +104,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         for weight, derivative in zip(weights, reversed(self.derivatives)):
             update = update + np.float32(weight) * derivative
         prev_sample = (sample + update).astype(model_output.dtype, copy=False)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

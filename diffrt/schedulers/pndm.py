@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import invalid
+from ..errors import InputError, invalid
 from .alpha_base import AlphaScheduler
 from .base import (
     BETA_SCHEDULES,
@@ -156,18 +156,19 @@ class PNDMScheduler(AlphaScheduler):
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         """One model call's update: a PRK stage during the warm-up, a PLMS step after it."""
-        t = self._check_step(model_output, timestep)
+        t, i = self._check_step(model_output, timestep)
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             prev_sample = self._step_prk(model_output, t, sample)
         else:
             prev_sample = self._step_plms(model_output, t, sample)
         self.counter += 1
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
 
-    def _check_step(self, model_output: np.ndarray, timestep: Any) -> int:
+    def _check_step(self, model_output: np.ndarray, timestep: Any) -> tuple[int, int]:
+        """(the integer timestep, the step index), after the checks every step makes."""
         value = np.asarray(timestep)
         if value.size != 1 or value.item() != round(value.item()):
             raise invalid("timestep", "an integer training timestep", timestep)
@@ -176,8 +177,7 @@ class PNDMScheduler(AlphaScheduler):
             raise invalid("timestep", f"in [0, {self.config.num_train_timesteps})", t)
         if self._step_index is None:  # the counter, not a lookup, places us: PNDM's timesteps repeat
             self._step_index = self._begin_index or 0
-        self._start_step(model_output, timestep)
-        return t
+        return t, self._start_step(model_output, timestep)
 
     def _step_prk(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:
         """Stage ``counter % 4`` of the RK4 interval that starts at ``prk_timesteps[counter // 4 * 4]``: each stage
@@ -208,6 +208,9 @@ class PNDMScheduler(AlphaScheduler):
         if len(self.ets) == 1 and self.counter == 0:
             self.cur_sample = sample
         elif len(self.ets) == 1 and self.counter == 1:
+            if self.cur_sample is None:
+                raise InputError("the pseudo-Heun step redoes the run's first step from its sample, which is "
+                                 "missing; call `set_timesteps` to start a new run")
             model_output = (model_output + self.ets[-1]) / 2
             sample, self.cur_sample = self.cur_sample, None
         else:

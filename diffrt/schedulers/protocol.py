@@ -1,7 +1,8 @@
 """What a pipeline needs from a scheduler: the Diffusers scheduler API on NumPy arrays (../shared/design.md).
 
-Every class of `diffrt.schedulers` satisfies it; a user's own scheduler with these members can drive a pipeline
-too (`pipe.scheduler = MyScheduler(...)`). `runtime_checkable` so a pipeline can refuse anything else clearly.
+Every class of `diffrt.schedulers` satisfies it, statically too; a user's own scheduler with these members can drive
+a pipeline (`pipe.scheduler = MyScheduler(...)`). `runtime_checkable` so a pipeline can refuse anything else clearly.
+The signatures are what the pipelines call: the classes take more (`device`, `mu`, a scheduler's own keywords).
 """
 from __future__ import annotations
 
@@ -23,16 +24,16 @@ class Scheduler(Protocol):
     def timesteps(self) -> np.ndarray: ...
 
     @property
-    def init_noise_sigma(self) -> float: ...
+    def init_noise_sigma(self) -> float | np.floating[Any]:
+        """A float, or a NumPy float32 where the schedule's own sigma sets it (sigma-space schedulers)."""
 
     @property
     def order(self) -> int: ...
 
-    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any,
-                      timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-                      **kwargs: Any) -> None: ...
+    def set_timesteps(self, num_inference_steps: int | None = None, *, timesteps: Sequence[float] | None = None,
+                      sigmas: Sequence[float] | None = None) -> None: ...
 
-    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray: ...
+    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray: ...
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, *args: Any, **kwargs: Any) -> Any: ...
 

@@ -1,5 +1,6 @@
 """What the k-diffusion family of schedulers shares: ``SigmaScheduler`` (training sigma table, schedule
-construction, ``init_noise_sigma``, ``scale_model_input``, ``add_noise``) and the sigma-space update helpers.
+construction, ``init_noise_sigma``, ``scale_model_input``, ``add_noise``), ``StandardSigmaScheduler`` (its
+``set_timesteps`` with Diffusers' usual arguments) and the sigma-space update helpers.
 
 These schedulers integrate x = x0 + sigma * eps over a descending sigma list (Karras et al. 2022): Euler and Euler
 Ancestral, Heun, LMS, KDPM2 and KDPM2 Ancestral, DPM++ SDE, EDM Euler build on the class; ``euler_update`` is the
@@ -7,7 +8,7 @@ Euler step they share and ``ancestral_step`` the noise split of the ancestral sa
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -36,10 +37,11 @@ class SigmaScheduler(SchedulerBase):
     """Base of the schedulers that integrate x = x0 + sigma * eps over a descending sigma list.
 
     Config keys a subclass lacks (``use_karras_sigmas``, ``interpolation_type``, ``final_sigmas_type``, ...)
-    read as their Diffusers defaults, so one ``set_timesteps`` serves Euler, Euler Ancestral and Heun."""
+    read as their Diffusers defaults, so one schedule construction (``_set_sigma_schedule``) serves Euler, Euler
+    Ancestral, Heun, LMS and KDPM2. The public ``set_timesteps`` is the subclasses': their positional arguments
+    differ as in Diffusers (KDPM2 and DPM++ SDE take ``num_train_timesteps`` third, EDM Euler ``sigmas``)."""
 
     sigmas: np.ndarray
-    timesteps: np.ndarray
 
     def _init_tables(self, beta_schedules: Sequence[str] = BETA_SCHEDULES,
                      prediction_types: Sequence[str] = PREDICTION_TYPES) -> None:
@@ -67,15 +69,9 @@ class SigmaScheduler(SchedulerBase):
         self.timesteps = freeze(self._model_timesteps(sigmas, np.linspace(0, steps - 1, steps)[::-1]))
 
     # ---- schedule
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: Any = None,
-        timesteps: Any = None,
-        sigmas: Any = None,
-    ) -> None:
+    def _set_sigma_schedule(self, num_inference_steps: Any, timesteps: Any, sigmas: Any) -> None:
         """Build the schedule from a step count, custom timesteps or custom sigmas (n steps -> n + 1 sigmas, the
-        last the final sigma). ``device`` is accepted for API compatibility and ignored (NumPy lives on the CPU)."""
+        last the final sigma)."""
         steps, timesteps, sigmas = check_set_timesteps(num_inference_steps, timesteps, sigmas,
                                                        self.config.num_train_timesteps)
         if timesteps is not None:
@@ -83,9 +79,7 @@ class SigmaScheduler(SchedulerBase):
         if sigmas is not None:
             full = sigmas.astype(np.float32)
             times = sigma_to_t(full[:-1], self.log_sigmas)
-            steps = len(full) - 1
         else:
-            steps = steps if steps is not None else len(timesteps)
             times, full = self._sigma_schedule(steps, timesteps)
         self.num_inference_steps = steps
         self._install_schedule(self._model_timesteps(full[:-1], times), full)
@@ -136,9 +130,9 @@ class SigmaScheduler(SchedulerBase):
 
     # ---- per-step helpers
     @property
-    def init_noise_sigma(self) -> np.float32:
+    def init_noise_sigma(self) -> float | np.float32:
         """Standard deviation of the initial noise: sigma_max, or sqrt(sigma_max^2 + 1) for ``leading`` spacing
-        (whose first timestep is below the last training step)."""
+        (whose first timestep is below the last training step). float32 here; EDM Euler's is a float."""
         max_sigma = np.float32(self.sigmas.max())
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return max_sigma
@@ -146,9 +140,7 @@ class SigmaScheduler(SchedulerBase):
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
         """Divide by sqrt(sigma^2 + 1) so the model sees unit-variance input (the EDM c_in)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
+        sigma = self.sigmas[self._current_step_index(timestep)]
         self.is_scale_input_called = True
         return sample / np.sqrt(sigma * sigma + np.float32(1))
 
@@ -156,15 +148,33 @@ class SigmaScheduler(SchedulerBase):
         """x0 + sigma(t) * noise (`add_sigma_noise`)."""
         return add_sigma_noise(self, original_samples, noise, timesteps)
 
-    def _begin_sigma_step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
-        """Checks shared by the sigma-space steps; returns the sample as float32 (Diffusers upcasts too)."""
+    def _begin_sigma_step(self, model_output: np.ndarray, timestep: Any,
+                          sample: np.ndarray) -> tuple[np.ndarray, int]:
+        """Checks shared by the sigma-space steps; returns the sample as float32 (Diffusers upcasts too) and the
+        step index."""
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             # sigma-space timesteps are floats; an int is almost always an ``enumerate`` index by mistake
             raise InputError(
                 f"`timestep` must be one of `scheduler.timesteps` (floats), not an integer index; got {timestep!r}"
             )
-        self._start_step(model_output, timestep)
-        return sample.astype(np.float32, copy=False)
+        step_index = self._start_step(model_output, timestep)
+        return sample.astype(np.float32, copy=False), step_index
+
+
+class StandardSigmaScheduler(SigmaScheduler):
+    """A ``SigmaScheduler`` with Diffusers' usual ``set_timesteps(num_inference_steps, device, timesteps, sigmas)``
+    (Euler, Euler Ancestral, Heun, LMS)."""
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: Any = None,
+        timesteps: Any = None,
+        sigmas: Any = None,
+    ) -> None:
+        """Build the schedule from a step count, custom timesteps or custom sigmas (n steps -> n + 1 sigmas, the
+        last the final sigma). ``device`` is accepted for API compatibility and ignored (NumPy lives on the CPU)."""
+        self._set_sigma_schedule(num_inference_steps, timesteps, sigmas)
 
 
 def euler_update(sample: np.ndarray, x0: np.ndarray, sigma: np.float32, sigma_next: np.float32) -> np.ndarray:
@@ -194,7 +204,18 @@ def ancestral_step(sigma_from: Any, sigma_to: Any, eta: float = 1.0) -> tuple[An
     return sigma_down, sigma_up
 
 
-def add_sigma_noise(scheduler: Any, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
+class SigmaRun(Protocol):
+    """What ``add_sigma_noise`` reads of a scheduler: its sigma table, where its run stands, the timestep lookup."""
+
+    sigmas: np.ndarray
+    _step_index: int | None
+    _begin_index: int | None
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: np.ndarray | None = None) -> int: ...
+
+
+def add_sigma_noise(scheduler: SigmaRun, original_samples: np.ndarray, noise: np.ndarray,
+                    timesteps: Any) -> np.ndarray:
     """x0 + sigma(t) * noise, the forward process of every sigma-space scheduler. Before a run, looks up each
     timestep; after ``set_begin_index`` (img2img) or mid-run (inpainting) uses that index, as Diffusers does."""
     timesteps = np.asarray(timesteps).reshape(-1)

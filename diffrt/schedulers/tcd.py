@@ -100,14 +100,14 @@ class TCDScheduler(AlphaScheduler):
         self.timesteps = freeze(np.asarray(chosen, dtype=np.int64))
         self._reset_run_state()
 
-    def _grid_subset(self, steps: int, grid: np.ndarray, original: int, strength: float) -> np.ndarray:
+    def _grid_subset(self, steps: int, grid: np.ndarray, original: int | np.integer, strength: float) -> np.ndarray:
         if len(grid) // steps < 1 or steps > original:
             raise invalid("num_inference_steps", f"<= min(original_inference_steps = {original}, grid length "
                           f"{len(grid)} at strength {strength})", steps)
         indices = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
         return grid[::-1][indices]
 
-    def _warn_off_grid(self, custom: np.ndarray, grid: np.ndarray, original: int) -> None:
+    def _warn_off_grid(self, custom: np.ndarray, grid: np.ndarray, original: int | np.integer) -> None:
         if custom[0] != self.config.num_train_timesteps - 1:
             logger.warning("custom timesteps start at %d, not %d: results may be unexpected", custom[0],
                            self.config.num_train_timesteps - 1)
@@ -130,9 +130,9 @@ class TCDScheduler(AlphaScheduler):
         last step, x_prev = sqrt(a_prev / a_s) x_s + sqrt(1 - a_prev / a_s) z."""
         if not (isinstance(eta, (int, float, np.floating)) and 0 <= eta <= 1):
             raise invalid("eta", "a number in [0, 1]", eta)
-        self._start_step(model_output, timestep)
+        i = self._start_step(model_output, timestep)
         t = int(np.asarray(timestep).item())
-        next_index = self._step_index + 1
+        next_index = i + 1
         prev_t = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else 0  # Diffusers: 0, not -1
         # float32 product, as torch computes (1 - eta) * an int64 tensor
         s = int(np.floor(np.float32(1 - eta) * np.float32(prev_t)))
@@ -140,14 +140,14 @@ class TCDScheduler(AlphaScheduler):
         x0, eps = alpha_space_x0_eps(model_output, sample, alpha_t, self.config.prediction_type)
         noised = np.sqrt(alpha_s) * x0
         noised += np.sqrt(np.float32(1) - alpha_s) * eps
-        if eta > 0 and self._step_index != self.num_inference_steps - 1:
+        if eta > 0 and next_index != self.num_inference_steps:  # not the last step
             noise = draw_noise(model_output.shape, generator, noised.dtype)
             ratio = alpha_prev / alpha_s
             prev_sample = np.sqrt(ratio) * noised
             prev_sample += np.sqrt(np.float32(1) - ratio) * noise
         else:
             prev_sample = noised
-        self._step_index += 1
+        self._step_index = next_index
         if not return_dict:
             return (prev_sample, noised)
         return TCDSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0, pred_noised_sample=noised)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, InputError, invalid
+from ..errors import ConfigError, DiffrtError, InputError, invalid
 from .base import (
     KARRAS_COMPATIBLES,
     TIMESTEP_SPACINGS,
@@ -138,7 +138,7 @@ def uni_c(
 
 def final_step_error(
     predict_x0: bool, final_order: int, final_sigma: float, previous_sigma: float, sigma_key: str
-) -> ConfigError | None:
+) -> DiffrtError | None:
     """The error for a schedule whose last UniP step gives NaN / Inf or fails (as it does in Diffusers), else
     None. At sigma = 0, lambda = +inf: the noise-prediction update computes 0 * inf and the divided differences
     divide by r_k = 0; equal final sigmas give h = 0, whose order conditions (order > 2) are singular."""
@@ -226,7 +226,7 @@ class UniPCMultistepScheduler(SchedulerBase):
                 isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in corrector):
             raise invalid("disable_corrector", "a list of step indices (ints)", corrector, ConfigError)
         if cfg.final_sigmas_type == "zero":  # fails at the last step of every run: say so now
-            final_order = 1 if cfg.lower_order_final else order
+            final_order = 1 if cfg.lower_order_final else int(order)
             error = final_step_error(cfg.predict_x0, final_order, 0.0, 1.0, "final_sigmas_type")
             if error is not None:
                 raise error
@@ -335,13 +335,13 @@ class UniPCMultistepScheduler(SchedulerBase):
         """Correct ``sample`` with UniC (unless disabled for the previous step), then predict the next sample
         with UniP. ``pred_original_sample`` is the x0 prediction at this step. ``generator`` is accepted for API
         uniformity; UniPC is deterministic."""
-        self._start_step(model_output, timestep)
-        cfg, i = self.config, self._step_index
+        i = self._start_step(model_output, timestep)
+        cfg = self.config
         if i >= len(self.timesteps):
             raise InputError(f"`step` called past the end of the schedule (step index {i} of {len(self.timesteps)});"
                              " call `set_timesteps` again (or set_begin_index(0) if the first timestep repeats)")
         x0, converted = self._convert(model_output, sample, i)
-        if i > 0 and (i - 1) not in self._disabled and self.last_sample is not None:
+        if i > 0 and (i - 1) not in self._disabled and self.last_sample is not None and self.this_order is not None:
             sample = uni_c(self.last_sample, converted, self.model_outputs, self._levels(i, self.this_order),
                            self.this_order, cfg.predict_x0, cfg.solver_type)
         self.model_outputs = [converted, *self.model_outputs[: cfg.solver_order - 1]]
@@ -351,7 +351,7 @@ class UniPCMultistepScheduler(SchedulerBase):
         prev_sample = uni_p(sample, self.model_outputs, self._levels(i + 1, self.this_order), self.this_order,
                             cfg.predict_x0, cfg.solver_type)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
-        self._step_index += 1
+        self._step_index = i + 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
