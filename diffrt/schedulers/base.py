@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 import numpy as np
 
 from ..errors import ConfigError, InputError, invalid
-from ..package.files import write_json
+from ..package.files import read_json, write_json
 from ..package.names import SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -123,11 +123,7 @@ def load_config(source: Any) -> dict[str, Any]:
         path = Path(source)
         for candidate in (path, path / CONFIG_NAME, path / "scheduler" / CONFIG_NAME):
             if candidate.is_file():
-                with open(candidate, encoding="utf-8") as f:
-                    data = json.load(f)
-                if not isinstance(data, dict):
-                    raise invalid("config", "a JSON object", type(data).__name__, ConfigError)
-                return data
+                return read_json(candidate, required=True, error=ConfigError)
         raise invalid("config", f"a {CONFIG_NAME} file or a folder containing one", str(source), ConfigError)
     raise invalid("config", "a dict, a scheduler config, a JSON file path or a folder", type(source).__name__)
 
