@@ -77,7 +77,7 @@ def cache_root() -> Path:
 def load_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise invalid("preset", f"a package folder or one of {', '.join(PRESETS)}", name)
-    text = resources.files("diffrt.bench").joinpath("configs", f"{name}.json").read_text()
+    text = resources.files("diffrt.bench").joinpath("configs").joinpath(f"{name}.json").read_text()
     return Preset(name, json.loads(text))
 
 
@@ -119,7 +119,9 @@ def build_tiny_vae(preset: Preset) -> Path:
 
     def write(folder: Path) -> None:
         torch.manual_seed(SEED)
-        diffusers.AutoencoderTiny().eval().save_pretrained(folder, safe_serialization=True)
+        # mypy resolves diffusers' top-level names to its torch-less placeholders (utils.dummy_pt_objects)
+        diffusers.AutoencoderTiny().eval().save_pretrained(  # type: ignore[attr-defined]
+            folder, safe_serialization=True)
 
     return _build_folder(preset.tiny_vae, CONFIG_NAME, write)
 

@@ -79,7 +79,8 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
 
 
 def machine_info() -> dict[str, Any]:
-    cpu, flags = platform.processor(), []
+    cpu = platform.processor()
+    flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and cpu == platform.processor():
@@ -129,7 +130,7 @@ def image_quality(folder: Path, sides: list[str]) -> dict[str, dict[str, Any]]:
     references = {"first": sides[0], "diffusers": "diffusers" if "diffusers" in sides else None}
     out: dict[str, dict[str, Any]] = {}
     for side in sides:
-        row: dict[str, float | None] = {}
+        row: dict[str, float | str | None] = {}
         for label, ref in references.items():
             if ref is None or ref == side:
                 continue

@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO, cast
 
 from diffrt.bench.side import GpuMemoryOnce, RunConfig, Side, peak_rss_mb, save_image
+
+if TYPE_CHECKING:
+    from diffrt.schedulers.base import SchedulerBase
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,9 @@ class DiffrtSide:
         options.update({flag: True for flag in cfg.engine_flags})
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
         if cfg.scheduler:
-            pipe.scheduler = get_scheduler_class(cfg.scheduler).from_config(pipe.package.scheduler_config)
+            # get_scheduler_class is typed as a bare `type`; every registered class is a SchedulerBase
+            scheduler_class = cast("type[SchedulerBase]", get_scheduler_class(cfg.scheduler))
+            pipe.scheduler = scheduler_class.from_config(pipe.package.scheduler_config)
         for name in ("text_encoder", "text_encoder_2", "unet", pipe.vae_components["vae_decoder"]):
             if pipe.has_component(name):
                 # Engines create their sessions lazily; touch them here so session creation (graph

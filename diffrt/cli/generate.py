@@ -6,10 +6,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from diffrt.cli.args import float_list, int_list
 from diffrt.errors import InputError
+
+if TYPE_CHECKING:
+    from diffrt.runtime.pipelines.base import PipelineOutput
+    from diffrt.schedulers.base import SchedulerBase
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,9 @@ def _scheduler(pipe: Any, name: str) -> Any:
     from diffrt import schedulers
 
     if name in schedulers.registered_names():
-        return schedulers.get_scheduler_class(name).from_config(pipe.scheduler.config)
+        # get_scheduler_class is typed as a bare `type`; every registered class is a SchedulerBase
+        scheduler_class = cast("type[SchedulerBase]", schedulers.get_scheduler_class(name))
+        return scheduler_class.from_config(pipe.scheduler.config)
     return schedulers.from_name(name, pipe.scheduler.config)
 
 
@@ -118,13 +124,14 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graph and args.provider not in ("trt", "cuda"):
         raise InputError(f"`--cuda-graph` needs `--provider cuda` or `--provider trt`; got --provider "
                          f"{args.provider!r}")
-    options = {"cuda_graph": True} if args.cuda_graph else {}
+    options: dict[str, Any] = {"cuda_graph": True} if args.cuda_graph else {}
     pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
     if args.scheduler:
         pipe.scheduler = _scheduler(pipe, args.scheduler)
     load_seconds = time.perf_counter() - start
     kwargs = _call_kwargs(args, pipe)
-    result = pipe(**kwargs)
+    # Every concrete pipeline class defines __call__; the DiffusionPipeline base that from_pretrained returns does not.
+    result = cast("Callable[..., PipelineOutput]", pipe)(**kwargs)
     metadata = {k: v for k, v in kwargs.items() if k not in ("image", "mask_image")}
     metadata.update(package=str(args.package), scheduler=type(pipe.scheduler).__name__, provider=args.provider,
                     vae=args.vae)

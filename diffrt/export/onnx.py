@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from diffrt.errors import ConfigError, invalid
 from diffrt.export.precision import PRECISIONS, BoundaryCast, convert_module, upcast_softmax
 from diffrt.package.names import CONFIG_NAME, EXTERNAL_DATA_NAME, MODEL_FILE
+
+if TYPE_CHECKING:
+    from diffrt.export.models import AutoencoderKL, AutoencoderTiny
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class _OutputsByName(nn.Module):
                 picked.append(result.hidden_states[int(name.split(".")[1])])
             elif name.startswith("normed_hidden_states."):
                 # SD clip skip: final_layer_norm of an earlier layer, as Diffusers' encode_prompt computes it.
-                norm = getattr(self.model, "text_model", self.model).final_layer_norm
+                norm = cast(nn.LayerNorm, getattr(self.model, "text_model", self.model).final_layer_norm)
                 picked.append(norm(result.hidden_states[int(name.split(".")[1])]))
             else:
                 picked.append(getattr(result, name))
@@ -216,7 +219,7 @@ def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
     return autoencoder_graph(name, vae, folder / "vae" / CONFIG_NAME)
 
 
-def autoencoder_graph(name: str, vae: nn.Module, config_file: Path | None) -> ComponentGraph:
+def autoencoder_graph(name: str, vae: AutoencoderKL | AutoencoderTiny, config_file: Path | None) -> ComponentGraph:
     """A loaded AutoencoderKL or AutoencoderTiny as `name` (vae_encoder[_tiny] / vae_decoder[_tiny]).
 
     The tiny encoder (TAESD) outputs the latents themselves, named `latents`: there is no distribution to sample.
@@ -262,7 +265,8 @@ def make_inputs(specs: list[IOSpec], sizes: Mapping[str, int], seed: int = 0) ->
         shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
         kind, *params = spec.sample
         if kind == "ids":
-            tensors.append(_token_ids(shape, *params, generator=generator))
+            vocab, bos, eos, pad = params
+            tensors.append(_token_ids(shape, vocab, bos, eos, pad, generator=generator))
         elif kind == "uniform":
             low, high = params
             tensors.append(torch.rand(shape, generator=generator) * (high - low) + low)
@@ -316,6 +320,7 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
             dynamic_shapes={"inputs": dynamic},  # every module here takes `*inputs`
             custom_translation_table=dict(translations) if translations else None,
         )
+    assert program is not None  # torch.onnx.export returns an ONNXProgram whenever dynamo=True
     model = program.model
     if graph.precision != "fp32":
         upcast_softmax(model)

@@ -230,6 +230,8 @@ def _plans(shapes: Shapes, family: Family) -> tuple[dict[str, Plan], dict[str, s
 
 def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, token: str | bool | None) -> None:
     """Write everything into a temporary folder beside `target`, then rename it into place."""
+    file = plan.file
+    assert file is not None  # only materialize_single_file calls this, with a plan read from a file
     record = {"format_version": FORMAT_VERSION, "source": str(plan.file), "model_type": plan.model_type,
               "pipeline_class": plan.pipeline_class, "clip_skip": plan.clip_skip}
     tmp = temp_folder(target)
@@ -239,7 +241,7 @@ def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, to
         write_json(tmp / INDEX_NAME, _index(plan, options))
         _copy_tokenizers(tmp, plan, options, token)
         for name, component_plan in plan.plans.items():
-            _write_weights(plan.file, plan.prefixes[name], component_plan, tmp / name / WEIGHT_FILES[name])
+            _write_weights(file, plan.prefixes[name], component_plan, tmp / name / WEIGHT_FILES[name])
         write_json(tmp / RECORD, record)
         try:
             os.replace(tmp, target)

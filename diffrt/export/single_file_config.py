@@ -219,7 +219,9 @@ def build_configs(shapes: Shapes, family: Family, inpainting: bool, plans: dict[
         configs = {"unet": unet_config(family, unet_structure, len(vae_structure["block_out_channels"]), pooled),
                    "vae": vae_config(family, vae_structure), **texts}
         configs["scheduler"] = scheduler_config(family, inpainting, warn=not _sets_prediction(options))
-        clip_skip, pipeline = family.clip_skip, family.pipelines[inpainting]
+        clip_skip, pipeline_class = family.clip_skip, family.pipelines[inpainting]
+        assert pipeline_class is not None  # detect_family refuses a 9-channel UNet of a family without inpainting
+        pipeline = pipeline_class
     updates = [options.overrides]
     if options.original_config is not None:
         updates.insert(0, overrides_from_original_config(options.original_config, unet_structure["block_out_channels"]))
@@ -263,7 +265,7 @@ def _folder_configs(folder: Path, structures: dict[str, dict], family: Family) -
     for name in [*structures, "scheduler"]:
         path = folder / name / CONFIG_FILES.get(name, "config.json")
         configs[name] = read_json(path, required=True, error=ConfigError)
-        checked = structures.get(name, {})
+        checked: list[str] = list(structures.get(name, {}))
         if name in texts:  # a model without projection ignores `projection_dim`
             checked = [k for k in CLIP_STRUCTURE_KEYS if k != "projection_dim" or texts[name].with_projection]
         for key in checked:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffrt.errors import ExportError
 from diffrt.package.files import copy_file, write_text
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +45,12 @@ def write_tokenizer(source: Path, target: Path) -> None:
     length = int(reference.model_max_length)
     backend.enable_truncation(max_length=length)
     backend.enable_padding(length=length, pad_id=int(reference.pad_token_id), pad_token=str(reference.pad_token))
-    write_text(target / TOKENIZER_JSON, backend.to_str(pretty=True))  # type: ignore[attr-defined]
+    write_text(target / TOKENIZER_JSON, backend.to_str(pretty=True))
     if not (target / "vocab.json").is_file() or not (target / "merges.txt").is_file():
         _save_bpe_files(backend, target)
 
 
-def _backend_of(reference: object) -> "object":
+def _backend_of(reference: object) -> Tokenizer:
     """The `tokenizers.Tokenizer` behind a transformers CLIP tokenizer (a copy, so settings stay local)."""
     from tokenizers import Tokenizer
 
@@ -56,10 +60,10 @@ def _backend_of(reference: object) -> "object":
     return Tokenizer.from_str(backend.to_str())
 
 
-def _save_bpe_files(backend: object, target: Path) -> None:
+def _save_bpe_files(backend: Tokenizer, target: Path) -> None:
     """vocab.json + merges.txt from the BPE model of tokenizer.json (written only where missing)."""
     with tempfile.TemporaryDirectory(prefix=".bpe-", dir=target) as scratch:
-        written = [Path(p) for p in backend.model.save(scratch)]  # type: ignore[attr-defined]
+        written = [Path(p) for p in backend.model.save(scratch)]
         for path in written:
             if not (target / path.name).is_file():
                 copy_file(path, target / path.name)

@@ -128,6 +128,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
 
+    norm2: nn.LayerNorm | None  # None, with attn2, in a block without cross-attention
+    attn2: Attention | None
+
     def __init__(
         self,
         dim: int,
@@ -153,7 +156,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         attn1_context = context if self.only_cross_attention else None
         hidden_states = self.attn1(self.norm1(hidden_states), attn1_context) + hidden_states
-        if self.attn2 is not None:
+        if self.attn2 is not None and self.norm2 is not None:
             hidden_states = self.attn2(self.norm2(hidden_states), context) + hidden_states
         return self.ff(self.norm3(hidden_states)) + hidden_states
 
@@ -161,6 +164,9 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """Spatial transformer on feature maps: GroupNorm, project in (1x1 conv or linear), blocks, project out,
     residual."""
+
+    proj_in: nn.Linear | nn.Conv2d
+    proj_out: nn.Linear | nn.Conv2d
 
     def __init__(
         self,

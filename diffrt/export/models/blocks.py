@@ -209,6 +209,7 @@ class ConfiguredModel(nn.Module):
 
     config_defaults: ClassVar[dict[str, Any]] = {}
     weights_name: ClassVar[str] = "diffusion_pytorch_model"
+    _config: dict[str, Any]  # the resolved config, set by each subclass's __init__
 
     @classmethod
     def resolve_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

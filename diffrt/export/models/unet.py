@@ -6,7 +6,7 @@ with no hooks, processors or branches on tensor values. Options outside the supp
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -181,6 +181,8 @@ class UNet2DConditionModel(ConfiguredModel):
     """Conditional UNet; `UNet2DConditionModel(**diffusers_config)` or `.from_config(config)`."""
 
     config_defaults = UNET_DEFAULTS
+    add_time_proj: Timesteps | None  # SDXL's text_time conditioning only; set with add_embedding
+    add_embedding: TimestepEmbedding | None
 
     def __init__(self, **config: Any):
         super().__init__()
@@ -293,7 +295,8 @@ class UNet2DConditionModel(ConfiguredModel):
             skips.extend(states)
         if self.mid_block is not None:
             hidden_states = self.mid_block(hidden_states, emb, encoder_hidden_states)
-        for up_block in self.up_blocks:
+        for module in self.up_blocks:
+            up_block = cast(UpBlock, module)  # a ModuleList iterates as plain nn.Module
             count = len(up_block.resnets)
             block_skips, skips = skips[-count:], skips[:-count]
             # Upsample to the next skip connection's size, so odd latent sides (e.g. 1000 px / 8) round-trip.
@@ -324,9 +327,13 @@ class UNet2DConditionModel(ConfiguredModel):
         self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
         """SDXL micro-conditioning: pooled text embedding + sinusoidal embeddings of the size/crop/score ids."""
-        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
-            if value is None:
-                raise invalid(name, "a tensor for a UNet with addition_embed_type 'text_time' (SDXL)", None, InputError)
+        expected = "a tensor for a UNet with addition_embed_type 'text_time' (SDXL)"
+        if text_embeds is None:
+            raise invalid("text_embeds", expected, None, InputError)
+        if time_ids is None:
+            raise invalid("time_ids", expected, None, InputError)
+        # _embed_time calls this only when add_embedding is set, and _build_time_embedding sets both together
+        assert self.add_time_proj is not None and self.add_embedding is not None
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
         add_embeds = torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1).to(dtype)
         return self.add_embedding(add_embeds)
