@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, TextIO, cast
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from diffrt.bench.side import GpuMemoryOnce, RunConfig, Side, peak_rss_mb, save_image
 
 if TYPE_CHECKING:
-    from diffrt.schedulers.base import SchedulerBase
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class DiffrtSide:
         options.update({flag: True for flag in cfg.engine_flags})
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
         if cfg.scheduler:
-            # get_scheduler_class is typed as a bare `type`; every registered class is a SchedulerBase
-            scheduler_class = cast("type[SchedulerBase]", get_scheduler_class(cfg.scheduler))
+            scheduler_class = get_scheduler_class(cfg.scheduler)
             pipe.scheduler = scheduler_class.from_config(pipe.package.scheduler_config)
         for name in ("text_encoder", "text_encoder_2", "unet", pipe.vae_components["vae_decoder"]):
             if pipe.has_component(name):

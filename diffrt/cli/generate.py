@@ -6,14 +6,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any
 
 from diffrt.cli.args import float_list, int_list
 from diffrt.errors import InputError
 
 if TYPE_CHECKING:
-    from diffrt.runtime.pipelines.base import PipelineOutput
-    from diffrt.schedulers.base import SchedulerBase
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ def _scheduler(pipe: Any, name: str) -> Any:
     from diffrt import schedulers
 
     if name in schedulers.registered_names():
-        # get_scheduler_class is typed as a bare `type`; every registered class is a SchedulerBase
-        scheduler_class = cast("type[SchedulerBase]", schedulers.get_scheduler_class(name))
+        scheduler_class = schedulers.get_scheduler_class(name)
         return scheduler_class.from_config(pipe.scheduler.config)
     return schedulers.from_name(name, pipe.scheduler.config)
 
@@ -131,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - start
     kwargs = _call_kwargs(args, pipe)
     # Every concrete pipeline class defines __call__; the DiffusionPipeline base that from_pretrained returns does not.
-    result = cast("Callable[..., PipelineOutput]", pipe)(**kwargs)
+    result = pipe(**kwargs)
     metadata = {k: v for k, v in kwargs.items() if k not in ("image", "mask_image")}
     metadata.update(package=str(args.package), scheduler=type(pipe.scheduler).__name__, provider=args.provider,
                     vae=args.vae)
