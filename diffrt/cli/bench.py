@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)
-    if args.json_path:
+    if args.json_path and journal:
         write_json(args.json_path, record)
         os.unlink(journal)  # the record holds every sample now
         logger.info("wrote %s", args.json_path)
