@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    args, unknown = build_parser(argv).parse_known_args(argv)
+    if unknown:  # argparse reports these as the top-level `diffrt`; they belong to the subcommand
+        return _fail(args.command, f"unrecognized arguments: {' '.join(unknown)}", 2)
     _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.run(args) or 0)
