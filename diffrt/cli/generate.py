@@ -294,4 +294,4 @@ def _steps(kwargs: dict[str, Any], defaults: dict[str, Any]) -> int:
 def _model_name(package: str) -> str:
     """A1111's `Model`: a short name, not a path (a path would tell a shared image's reader about this machine):
     a local folder's name; built-in names and Hub ids as given."""
-    return Path(package).resolve().name if os.path.isdir(package) else package
+    return Path(os.path.abspath(package)).name if os.path.isdir(package) else package  # abspath: links kept
