@@ -9,31 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import REPO, one_line_error, run_cli
 
 from diffrt.cli import SUBCOMMANDS, main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    """The real entry point in a fresh interpreter (what a user's shell runs)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "diffrt.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def one_line_error(stderr: str, *fragments: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("diffrt export: error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], stderr
 
 
 def test_bad_precision_is_a_one_line_error_with_exit_code_2(tiny_checkpoint, tmp_path):
     result = run_cli("export", tiny_checkpoint("sd15"), tmp_path / "out", "--precision", "fp8")
     assert result.returncode == 2
-    one_line_error(result.stderr, "--precision", "fp8", "fp16")
+    one_line_error(result.stderr, "export", "--precision", "fp8", "fp16")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -46,14 +30,14 @@ def test_bad_precision_is_a_one_line_error_with_exit_code_2(tiny_checkpoint, tmp
 def test_argument_errors_exit_2_before_anything_is_written(tiny_checkpoint, tmp_path, capsys, extra, fragments):
     code = main(["export", str(tiny_checkpoint("sd15")), str(tmp_path / "out"), *extra])
     assert code == 2
-    one_line_error(capsys.readouterr().err, *fragments)
+    one_line_error(capsys.readouterr().err, "export", *fragments)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_source_exits_2_and_creates_nothing(tmp_path, capsys):
     code = main(["export", str(tmp_path / "no_such_checkpoint"), str(tmp_path / "out")])
     assert code == 2
-    one_line_error(capsys.readouterr().err, "`source`", "no_such_checkpoint")
+    one_line_error(capsys.readouterr().err, "export", "`source`", "no_such_checkpoint")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -63,7 +47,7 @@ def test_existing_output_needs_overwrite(tiny_checkpoint, tmp_path, capsys):
     (output / "keep.txt").write_text("mine")
     code = main(["export", str(tiny_checkpoint("sd15")), str(output)])
     assert code == 2
-    one_line_error(capsys.readouterr().err, "`output`", "--overwrite")
+    one_line_error(capsys.readouterr().err, "export", "`output`", "--overwrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (output / "keep.txt").read_text() == "mine"
 
 

@@ -3,6 +3,7 @@ naming what was expected)."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import Callable
 
@@ -68,3 +69,55 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (steps, images, threads, pixels): an integer >= 1."""
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def number_in(low: float, high: float | None = None, *, open_low: bool = False) -> Callable[[str], float]:
+    """argparse type of a finite number in [low, high] (or (low, high] with `open_low`); nan and inf are refused,
+    since float() accepts them and they would reach the pipeline as silent garbage."""
+    left = "(" if open_low else "["
+    allowed = f"a number in {left}{low}, {high}]" if high is not None else f"a number {'>' if open_low else '>='} {low}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        too_low = value <= low if open_low else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+# torch (and diffrt.rng) take seeds up to 2**64 - 1; images of a batch use seed, seed + 1, ..., so the top is kept
+# well clear of that. A drawn seed stays below 2**32, as AUTOMATIC1111 draws them, so its UI can take it back.
+SEED_MAX = 2**63 - 1
+RANDOM_SEED = -1
+
+
+def seed(text: str) -> int:
+    """argparse type of `--seed`: an integer in [0, 2**63 - 1], or -1 for a random seed (A1111's convention)."""
+    if not re.fullmatch(r"\s*-?\d+\s*", text) or not RANDOM_SEED <= int(text) <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], or -1 for a random seed; got "
+                                         f"{text!r}")
+    return int(text)
+
+
+def utf8_text(text: str) -> str:
+    """argparse type of prompts: text that is valid UTF-8. Python decodes argv with surrogate escapes, so invalid
+    bytes arrive as lone surrogates that no tokenizer takes; name the first one instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = text[error.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"expected UTF-8 text; got the invalid byte {byte!r} at character "
+                                         f"{error.start} of {text!r}") from None
+    return text

@@ -1,54 +1,214 @@
-"""`diffrt generate PACKAGE "prompt" ...`: one command from a model package to PNG files."""
+"""`diffrt generate PACKAGE "prompt" ...`: one command from a model package to image files.
+
+Every argument is checked before the package loads (inputs readable, outputs writable), so a mistake costs no
+generation. Seeds follow AUTOMATIC1111: `--seed` omitted or -1 draws one; image i of `--num-images N` has seed
+`seed + i` and its own generator, so any one of them is made again alone with its seed. Each file carries its
+parameters as A1111's infotext (`cli/infotext.py`), which `--from-png` reads back.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import logging
+import os
+import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from diffrt.cli.args import float_list, int_list
-from diffrt.errors import InputError
-
-if TYPE_CHECKING:
-    pass
+from diffrt.cli.args import RANDOM_SEED, SEED_MAX, float_list, int_list, number_in, positive_int, seed, utf8_text
+from diffrt.errors import DiffrtError, InputError, PackageError
 
 logger = logging.getLogger(__name__)
 
+TASKS = ("text2image", "image2image", "inpainting")
+WEIGHT_FILES = ("*/*.safetensors", "*/*.bin")  # what a diffusers checkpoint folder holds instead of ONNX
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("package", help="model package folder, Hub repo id, or a built-in name")
-    parser.add_argument("prompt")
-    parser.add_argument("-n", "--negative-prompt", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (pipeline default if omitted)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (pipeline default if omitted)")
+    parser.add_argument("package", nargs="?", help="model package folder, Hub repo id, or a built-in name (digits); "
+                        "with --from-png, default: the image's `Model`")
+    parser.add_argument("prompt", nargs="?", type=utf8_text, help="with --from-png, default: the image's prompt")
+    parser.add_argument("-n", "--negative-prompt", type=utf8_text, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps (pipeline default)")
+    parser.add_argument("--guidance", type=number_in(0), default=None, help="guidance_scale (pipeline default)")
     parser.add_argument("--scheduler", default=None, help='Diffusers class name or A1111 name ("DPM++ 2M Karras")')
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--sigmas", type=float_list, default=None, help="custom sigmas, descending, comma-separated")
     schedule.add_argument("--timesteps", type=int_list, default=None, help="custom timesteps, descending")
-    schedule.add_argument("--ays", action="store_true", help="Align-Your-Steps schedule for this model family")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--num-images", type=int, default=1)
+    schedule.add_argument("--ays", action="store_true", default=None,
+                          help="Align-Your-Steps schedule for this model family")
+    parser.add_argument("--seed", type=seed, default=None,
+                        help="seed of the first image; image i gets seed + i (default or -1: a random seed)")
+    parser.add_argument("--height", type=positive_int, default=None)
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--num-images", type=positive_int, default=1,
+                        help="images to make, each with its own seed; files are then named OUTPUT-SEED.EXT")
     parser.add_argument("--image", type=Path, default=None, help="input image: image-to-image (or inpainting)")
-    parser.add_argument("--strength", type=float, default=None)
+    parser.add_argument("--strength", type=number_in(0, 1, open_low=True), default=None,
+                        help="with --image: how much of it to repaint, (0, 1] (pipeline default)")
     parser.add_argument("--mask", type=Path, default=None, help="mask image: inpainting (white = repaint)")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
                              "built with `diffrt build-engines`)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads per engine (default: the physical cores this process may use)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="with --provider cuda or trt: replay each shape's GPU work as a CUDA graph")
-    parser.add_argument("--vae", default="full", choices=("full", "tiny"),
-                        help="full: the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
-    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"))
+    parser.add_argument("--vae", default=None, choices=("full", "tiny"),
+                        help="full (default): the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("image.png"),
+                        help="image file: .png (with the parameters as text), .jpg/.jpeg or .webp (in EXIF)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--from-png", type=Path, default=None, metavar="IMAGE",
+                        help="make an image again from the parameters in IMAGE (PNG text or JPEG/WebP EXIF, as "
+                        "diffrt and AUTOMATIC1111 write them); options given here override them")
 
 
-def _task(args: argparse.Namespace) -> str:
+def run(args: argparse.Namespace) -> int:
+    from diffrt.cli import image_files
+
+    made_with = _apply_png(args) if args.from_png is not None else None
+    task = _check_arguments(args)
+    seeds = _seeds(args.seed, args.num_images)
+    paths = image_files.output_paths(args.output, seeds)
+    for path in paths:
+        image_files.check_output(path, args.overwrite)
+    inputs = _input_images(args)
+    start = time.perf_counter()
+    pipe = _load(args, task, from_png=made_with is not None)
+    load_seconds = time.perf_counter() - start
+    kwargs = {**_call_kwargs(args, pipe), **inputs, "generator": list(seeds)}
+    _warn_other_model(args, pipe, made_with)
+    result = pipe(**kwargs)
+    for image, image_seed, path in zip(result.images, seeds, paths):
+        text, record = _parameters(args, pipe, task, kwargs, image, image_seed)
+        image_files.write_image(image, path, text, record, args.overwrite)
+        print(f"wrote {os.fsdecode(path)} (seed {image_seed})")
+    timings = {"load": load_seconds, **result.timings}
+    print("  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items()))
+    return 0
+
+
+# ----- arguments -----
+def _apply_png(args: argparse.Namespace) -> str | None:
+    """Fill every option not given on the command line from the image's infotext (and, for what the infotext
+    cannot say, diffrt's JSON beside it); returns the image's model hash (or None)."""
+    from diffrt.cli import image_files, infotext
+
+    text, record = image_files.read_parameters(args.from_png)
+    parsed = infotext.parse_infotext(text)
+    fields = parsed.fields
+    where = f"`--from-png` {os.fsdecode(args.from_png)!r}"
+
+    def fill(name: str, value: Any) -> None:
+        if getattr(args, name) is None and value is not None:
+            setattr(args, name, value)
+
+    def field(key: str, parse: Any) -> Any:
+        if key not in fields:
+            return None
+        try:
+            return parse(fields[key])
+        except (argparse.ArgumentTypeError, DiffrtError) as error:
+            raise InputError(f"{where}: infotext `{key}`: {error}") from None
+
+    fill("package", fields.get("Model"))
+    fill("prompt", parsed.prompt)
+    fill("negative_prompt", parsed.negative_prompt or None)
+    fill("steps", field("Steps", positive_int))
+    fill("guidance", field("CFG scale", number_in(0)))
+    fill("seed", field("Seed", seed))
+    if "Denoising strength" in fields:
+        if args.image is None:
+            raise InputError(f"{where} was made from an input image (it has a `Denoising strength`): pass that "
+                             "image with --image")
+        fill("strength", field("Denoising strength", number_in(0, 1, open_low=True)))
+    elif args.image is None and args.height is None and args.width is None and "Size" in fields:
+        args.height, args.width = field("Size", infotext.parse_size)
+    if args.scheduler is None and not args.ays and args.sigmas is None and args.timesteps is None:
+        args.scheduler, args.ays = infotext.scheduler_from_fields(fields)
+        if not args.ays:  # custom schedules exist in diffrt's JSON only
+            args.sigmas, args.timesteps = record.get("sigmas"), record.get("timesteps")
+    fill("vae", record.get("vae"))
+    return fields.get("Model hash", "")
+
+
+def _check_arguments(args: argparse.Namespace) -> str:
+    """The task; InputError for combinations argparse cannot check."""
+    if args.package is None or args.prompt is None:
+        raise InputError("`PACKAGE` and `PROMPT` are required (or `--from-png IMAGE`, which has both)")
     if args.mask is not None and args.image is None:
-        raise InputError("`--mask` needs `--image`")
+        raise InputError("`--mask` needs `--image`: the image to inpaint")
+    if args.strength is not None and args.image is None:
+        raise InputError("`--strength` needs `--image`: it says how much of the input image to repaint")
+    if args.image is not None and args.mask is None and (args.height or args.width):
+        raise InputError("`--height`/`--width` do not apply to image-to-image: resize the input image instead")
+    if args.cuda_graph and args.provider not in ("trt", "cuda"):
+        raise InputError(f"`--cuda-graph` needs `--provider cuda` or `--provider trt`; got --provider "
+                         f"{args.provider!r}")
+    if args.seed is not None and args.seed != RANDOM_SEED and args.seed + args.num_images - 1 > SEED_MAX:
+        raise InputError(f"`--seed` {args.seed} + `--num-images` {args.num_images} passes the largest seed, 2**63 - 1")
+    args.vae = args.vae or "full"
     return "inpainting" if args.mask is not None else "image2image" if args.image is not None else "text2image"
+
+
+def _seeds(first: int | None, count: int) -> list[int]:
+    """seed, seed + 1, ... (A1111's rule); a random first seed below 2**32, as A1111 draws it."""
+    if first is None or first == RANDOM_SEED:
+        first = random.SystemRandom().randrange(2**32)
+    return [first + i for i in range(count)]
+
+
+def _input_images(args: argparse.Namespace) -> dict[str, Any]:
+    from diffrt.cli.image_files import open_image
+
+    images = {}
+    if args.image is not None:
+        images["image"] = open_image(args.image, "--image", "RGB")
+    if args.mask is not None:
+        images["mask_image"] = open_image(args.mask, "--mask", "L")
+    return images
+
+
+# ----- the pipeline -----
+def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
+    from diffrt.runtime.pipelines.auto import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+    )
+
+    auto = dict(zip(TASKS, (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)))[task]
+    _refuse_checkpoint(args.package)
+    options: dict[str, Any] = {"cuda_graph": True} if args.cuda_graph else {}
+    if args.threads is not None:
+        options["threads"] = args.threads
+    try:
+        pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
+    except PackageError as error:
+        if not from_png:
+            raise
+        raise InputError(f"{error} (the package named by the image's `Model`; pass PACKAGE to use another)") from None
+    pipe.set_progress_bar_config(disable=True if getattr(args, "quiet", False) else None)  # None: terminals only
+    if args.scheduler:
+        pipe.scheduler = _scheduler(pipe, args.scheduler)
+    return pipe
+
+
+def _refuse_checkpoint(package: str) -> None:
+    """A diffusers checkpoint (weights, no ONNX) is what `diffrt export` reads, not what the runtime runs: say so
+    instead of naming the first missing model.onnx."""
+    from diffrt.package.names import INDEX_NAME, MODEL_FILE
+    from diffrt.runtime.builtin import resolve_builtin
+
+    path = Path(resolve_builtin(package))
+    is_folder = (path / INDEX_NAME).is_file() and not any(path.glob(f"*/{MODEL_FILE}"))
+    checkpoint = is_folder and any(any(path.glob(pattern)) for pattern in WEIGHT_FILES)
+    single_file = path.is_file() and path.suffix in (".safetensors", ".ckpt")
+    if checkpoint or single_file:
+        raise InputError(f"{package!r} is a diffusers checkpoint, not a model package: run `diffrt export {package} "
+                         f"{path.stem}-onnx` first, then generate from {path.stem}-onnx")
 
 
 def _scheduler(pipe: Any, name: str) -> Any:
@@ -73,69 +233,65 @@ def _ays(pipe: Any, steps: int | None) -> dict[str, Any]:
 
 
 def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
-    from PIL import Image
-
     kwargs: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
-                              "num_images_per_prompt": args.num_images, "generator": args.seed}
+                              "num_images_per_prompt": args.num_images}
     optional = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
                 "width": args.width, "strength": args.strength, "sigmas": args.sigmas, "timesteps": args.timesteps}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if args.ays:
         kwargs.update(_ays(pipe, args.steps))
-    if args.image is not None:
-        kwargs["image"] = Image.open(args.image).convert("RGB")
-    if args.image is not None and args.mask is None:  # image-to-image takes its size from the image
-        if args.height or args.width:
-            raise InputError("`--height`/`--width` do not apply to image-to-image: resize the input image instead")
-    if args.mask is not None:
-        kwargs["mask_image"] = Image.open(args.mask).convert("L")
     return kwargs
 
 
-def _save(images: list, output: Path, metadata: dict[str, Any]) -> list[Path]:
-    from PIL import PngImagePlugin
+def _warn_other_model(args: argparse.Namespace, pipe: Any, made_with: str | None) -> None:
+    from diffrt.cli.infotext import model_hash
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(metadata, default=str))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
-        paths.append(path)
-    return paths
+    ours = model_hash(pipe.package.manifest)
+    if made_with and ours and made_with != ours:
+        logger.warning("%s was made with model hash %s; %s has %s, so the image will differ",
+                       os.fsdecode(args.from_png), made_with, args.package, ours)
 
 
-def run(args: argparse.Namespace) -> int:
-    from diffrt.runtime.pipelines.auto import (
-        AutoPipelineForImage2Image,
-        AutoPipelineForInpainting,
-        AutoPipelineForText2Image,
-    )
+# ----- what each file records -----
+def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str, Any], image: Any,
+                image_seed: int) -> tuple[str, dict[str, Any]]:
+    """(A1111 infotext, diffrt's JSON record) of one image."""
+    from diffrt import __version__
+    from diffrt.cli.infotext import format_infotext, model_hash, sampler_fields
 
-    task = _task(args)
-    auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
-            "inpainting": AutoPipelineForInpainting}[task]
-    start = time.perf_counter()
-    if args.cuda_graph and args.provider not in ("trt", "cuda"):
-        raise InputError(f"`--cuda-graph` needs `--provider cuda` or `--provider trt`; got --provider "
-                         f"{args.provider!r}")
-    options: dict[str, Any] = {"cuda_graph": True} if args.cuda_graph else {}
-    pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
-    if args.scheduler:
-        pipe.scheduler = _scheduler(pipe, args.scheduler)
-    load_seconds = time.perf_counter() - start
-    kwargs = _call_kwargs(args, pipe)
-    # Every concrete pipeline class defines __call__; the DiffusionPipeline base that from_pretrained returns does not.
-    result = pipe(**kwargs)
-    metadata = {k: v for k, v in kwargs.items() if k not in ("image", "mask_image")}
-    metadata.update(package=str(args.package), scheduler=type(pipe.scheduler).__name__, provider=args.provider,
-                    vae=args.vae)
-    paths = _save(result.images, args.output, metadata)
-    for path in paths:
-        print(f"wrote {path}")
-    timings = {"load": load_seconds, **result.timings}
-    print("  ".join(f"{stage} {seconds:.2f}s" for stage, seconds in timings.items()))
-    return 0
+    defaults = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()}
+    steps = _steps(kwargs, defaults)
+    guidance = kwargs.get("guidance_scale", defaults.get("guidance_scale"))
+    strength = kwargs.get("strength", defaults.get("strength")) if task != "text2image" else None
+    sampler, schedule = sampler_fields(pipe.scheduler, pipe.package.scheduler_config, bool(args.ays))
+    width, height = image.size
+    digest = model_hash(pipe.package.manifest)
+    fields = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": guidance,
+              "Seed": image_seed, "Size": f"{width}x{height}", "Model hash": digest, "Model": _model_name(args.package),
+              "Denoising strength": strength}
+    record = {
+        "diffrt": __version__, "package": args.package, "model_hash": digest, "pipeline": pipe.package.pipeline_class,
+        "task": task, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": image_seed,
+        "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+        "strength": strength, "sigmas": args.sigmas, "timesteps": args.timesteps, "ays": bool(args.ays),
+        "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
+        "provider": args.provider, "vae": args.vae,
+        "image": None if args.image is None else os.fsdecode(args.image),
+        "mask": None if args.mask is None else os.fsdecode(args.mask),
+    }
+    return format_infotext(args.prompt, args.negative_prompt, fields), record
+
+
+def _steps(kwargs: dict[str, Any], defaults: dict[str, Any]) -> int:
+    """The steps the schedule has: custom timesteps or sigmas (less the final 0) override num_inference_steps."""
+    if kwargs.get("timesteps") is not None:
+        return len(kwargs["timesteps"])
+    if kwargs.get("sigmas") is not None:
+        return sum(1 for sigma in kwargs["sigmas"] if sigma > 0)
+    return int(kwargs.get("num_inference_steps") or defaults["num_inference_steps"])
+
+
+def _model_name(package: str) -> str:
+    """A1111's `Model`: a short name, not a path (a path would tell a shared image's reader about this machine):
+    a local folder's name; built-in names and Hub ids as given."""
+    return Path(os.path.abspath(package)).name if os.path.isdir(package) else package  # abspath: links kept
