@@ -11,7 +11,7 @@ import pytest
 from cli_runner import run_cli
 from PIL import Image, PngImagePlugin
 
-from diffrt.cli.infotext import parse_infotext
+from diffrt.runtime.infotext import parse_infotext
 
 PROMPT = "a handwritten seven"
 FAST = ("--steps", "6")  # a real generation in well under a second; the files are what is tested here

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from diffrt.cli.infotext import (
+from diffrt.errors import InputError
+from diffrt.runtime.builtin import resolve_builtin
+from diffrt.runtime.infotext import (
     format_infotext,
     model_hash,
     parse_infotext,
@@ -13,8 +15,6 @@ from diffrt.cli.infotext import (
     sampler_fields,
     scheduler_from_fields,
 )
-from diffrt.errors import InputError
-from diffrt.runtime.builtin import resolve_builtin
 from diffrt.schedulers import from_name, load_config
 from diffrt.schedulers.names import SAMPLERS, SCHEDULES
 

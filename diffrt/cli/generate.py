@@ -3,7 +3,7 @@
 Every argument is checked before the package loads (inputs readable, outputs writable), so a mistake costs no
 generation. Seeds follow AUTOMATIC1111: `--seed` omitted or -1 draws one; image i of `--num-images N` has seed
 `seed + i` and its own generator, so any one of them is made again alone with its seed. Each file carries its
-parameters as A1111's infotext (`cli/infotext.py`), which `--from-png` reads back.
+parameters as A1111's infotext (`runtime/infotext.py`), which `--from-png` reads back.
 """
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 def _apply_png(args: argparse.Namespace) -> str | None:
     """Fill every option not given on the command line from the image's infotext (and, for what the infotext
     cannot say, diffrt's JSON beside it); returns the image's model hash (or None)."""
-    from diffrt.cli import image_files, infotext
+    from diffrt.cli import image_files
+    from diffrt.runtime import infotext
 
     text, record = image_files.read_parameters(args.from_png)
     parsed = infotext.parse_infotext(text)
@@ -244,7 +245,7 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
 
 
 def _warn_other_model(args: argparse.Namespace, pipe: Any, made_with: str | None) -> None:
-    from diffrt.cli.infotext import model_hash
+    from diffrt.runtime.infotext import model_hash
 
     ours = model_hash(pipe.package.manifest)
     if made_with and ours and made_with != ours:
@@ -257,7 +258,7 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
                 image_seed: int) -> tuple[str, dict[str, Any]]:
     """(A1111 infotext, diffrt's JSON record) of one image."""
     from diffrt import __version__
-    from diffrt.cli.infotext import format_infotext, model_hash, sampler_fields
+    from diffrt.runtime.infotext import format_infotext, model_hash, sampler_fields
 
     defaults = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()}
     steps = _steps(kwargs, defaults)
