@@ -207,7 +207,7 @@ def test_generate_cli_with_tiny_vae(sd_package, tmp_path, capsys):
     assert main([*args, "--vae", "tiny", "-o", str(tmp_path / "tiny.png")]) == 0
     assert main([*args, "-o", str(tmp_path / "full.png")]) == 0
     with Image.open(tmp_path / "tiny.png") as png:
-        tiny, metadata = np.asarray(png), json.loads(png.text["parameters"])
+        tiny, metadata = np.asarray(png), json.loads(png.text["diffrt"])
     pipe = DiffusionPipeline.from_pretrained(sd_package, vae="tiny")
     pipe.set_progress_bar_config(disable=True)
     direct = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=3).images[0]
