@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from diffrt.errors import ConfigError, ExportError, invalid
 from diffrt.package.files import files_sha256, read_json
@@ -28,6 +28,8 @@ VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
 WEIGHT_NAME = re.compile(r"^(?P<base>[^.]+)(?:\.(?P<variant>[^.-]+))?(?:-\d{5}-of-\d{5})?\.safetensors$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+#: `check(source, pipeline_class, components)`, see `resolve_source`
+IndexCheck = Callable[[str, str, dict[str, tuple[str, str]]], None]
 
 
 @dataclass
@@ -64,13 +66,15 @@ def resolve_source(
     original_config: dict[str, Any] | None = None,
     prediction_type: str | None = None,
     cache_dir: str | Path | None = None,
+    check: IndexCheck | None = None,
 ) -> CheckpointSource:
     """Resolve a folder, Hub repo id (`owner/name`) or `.safetensors` single file into a `CheckpointSource`.
 
     The keyword-only arguments apply to single files: `config_folder` (a diffusers folder whose configs and
     tokenizers to use), `config_overrides` ({component: {key: value}}), `original_config` (the parsed LDM
     yaml), `prediction_type`, and `cache_dir` (where the converted folder is kept; default $DIFFRT_CACHE or
-    ~/.cache/diffrt).
+    ~/.cache/diffrt). `check(source, pipeline_class, components)` runs as soon as model_index.json is read, before
+    component folders are inspected or Hub weights downloaded: the exporter refuses what it cannot export there.
     """
     if variant is not None and (not isinstance(variant, str) or not VARIANT.match(variant)):
         raise invalid("variant", "None or a weight variant name such as 'fp16'", variant)
@@ -82,26 +86,27 @@ def resolve_source(
         for name, value in (("revision", revision), ("variant", variant)):
             if value is not None:
                 raise invalid(name, "None for a single-file checkpoint (it applies to folders and Hub repos)", value)
-        return _single_file(path, text, token, single)
+        return _single_file(path, text, token, single, check)
     given = [name for name, value in single.items() if value is not None]
     if given:
         raise invalid(given[0], "None unless the source is a single .safetensors file", single[given[0]])
     if path.is_dir():
         if revision is not None:
             raise invalid("revision", "None for a local folder (it applies to Hub repo ids)", revision)
-        return _from_folder(path.resolve(), "folder", text, None, variant)
+        return _from_folder(path.resolve(), "folder", text, None, variant, check)
     if REPO_ID.match(text) and text.split("/")[0] not in (".", ".."):
-        folder = _download_repo(text, revision, variant, token)
-        return _from_folder(folder, "hub", text, folder.name, variant)
+        folder = _download_repo(text, revision, variant, token, check)
+        return _from_folder(folder, "hub", text, folder.name, variant, check)
     raise ExportError(f"checkpoint source not found: {text!r} is neither a local folder, a .safetensors file nor "
                       "a Hub repo id (owner/name)")
 
 
-def _single_file(path: Path, text: str, token: str | bool | None, options: dict[str, Any]) -> CheckpointSource:
+def _single_file(path: Path, text: str, token: str | bool | None, options: dict[str, Any],
+                 check: IndexCheck | None) -> CheckpointSource:
     from diffrt.export.single_file import materialize_single_file
 
     result = materialize_single_file(path, token=token, **options)
-    source = _from_folder(result.path, "single_file", text, None, None)
+    source = _from_folder(result.path, "single_file", text, None, None, check)
     source.model_type, source.clip_skip = result.model_type, result.clip_skip
     return source
 
@@ -124,19 +129,28 @@ def read_components(index: dict[str, Any], index_path: Path) -> dict[str, tuple[
     return components
 
 
-def _from_folder(folder: Path, kind: str, text: str, revision: str | None, variant: str | None) -> CheckpointSource:
+def _from_folder(folder: Path, kind: str, text: str, revision: str | None, variant: str | None,
+                 check: IndexCheck | None = None) -> CheckpointSource:
     index_path = folder / INDEX_NAME
     if not index_path.is_file():
         raise ExportError(f"not a diffusers checkpoint folder: {index_path} not found")
     index = read_checkpoint_json(index_path)
-    if not isinstance(index.get("_class_name"), str):
-        raise ConfigError(f"{index_path}: `_class_name` (the pipeline class) is missing")
+    class_name = _pipeline_class(index, index_path)
     components = read_components(index, index_path)
+    if check is not None:
+        check(text, class_name, components)
     weight_files: dict[str, Path] = {}
     for name in components:
         for weights in _check_component(folder, name, variant):
             weight_files[weights.relative_to(folder).as_posix()] = weights
-    return CheckpointSource(kind, text, folder, revision, variant, index["_class_name"], components, weight_files)
+    return CheckpointSource(kind, text, folder, revision, variant, class_name, components, weight_files)
+
+
+def _pipeline_class(index: dict[str, Any], index_path: Path) -> str:
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{index_path}: `_class_name` (the pipeline class) is missing")
+    return name
 
 
 def _check_component(folder: Path, name: str, variant: str | None) -> list[Path]:
@@ -185,12 +199,17 @@ def hub_patterns(components: dict[str, tuple[str, str]], variant: str | None) ->
     return allow, ignore
 
 
-def _download_repo(repo_id: str, revision: str | None, variant: str | None, token: str | bool | None) -> Path:
+def _download_repo(repo_id: str, revision: str | None, variant: str | None, token: str | bool | None,
+                   check: IndexCheck | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     index_path = Path(hub_call(lambda: hf_hub_download(repo_id, INDEX_NAME, revision=revision, token=token),
                                repo_id, revision, f"{INDEX_NAME} (not a diffusers pipeline repo?)", ExportError))
-    allow, ignore = hub_patterns(read_components(read_checkpoint_json(index_path), index_path), variant)
+    index = read_checkpoint_json(index_path)
+    components = read_components(index, index_path)
+    if check is not None:  # before the weights are downloaded
+        check(repo_id, _pipeline_class(index, index_path), components)
+    allow, ignore = hub_patterns(components, variant)
     return hub_snapshot(repo_id, revision=revision, allow_patterns=allow, ignore_patterns=ignore, token=token,
                         purpose="the checkpoint files", error=ExportError)
 

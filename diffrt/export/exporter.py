@@ -10,36 +10,35 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffrt.errors import ConfigError, ExportError, InputError, invalid
+from diffrt.errors import ExportError, InputError
 from diffrt.export.component import Options, Rows, check_options, export_component, summary_table
 from diffrt.export.onnx import (
     COMPONENTS,
     EXTERNAL_DATA_THRESHOLD,
     TARGET_OPSETS,
-    TEXT_ENCODER_CLASSES,
     ComponentGraph,
     text_encoder_graph,
     unet_graph,
     vae_graph,
 )
+from diffrt.export.plan import TOKENIZER_OF, WEIGHTS_OF, check_index, plan_components
 from diffrt.export.precision import component_precision
+from diffrt.export.preflight import check_free_space, check_weight_files
+from diffrt.export.taesd import WEIGHTS_FILE as TINY_WEIGHTS
 from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
 from diffrt.export.tokenizers import write_tokenizer
 from diffrt.package.files import copy_file, read_json, write_json
+from diffrt.package.leftovers import remove_stale_temp
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
-from diffrt.package.writer import PackageWriter, build_manifest, check_output, model_index
+from diffrt.package.output import check_output, output_path
+from diffrt.package.writer import PackageWriter, build_manifest, model_index
 
 __all__ = ["export_pipeline", "COMPONENTS", "TARGET_OPSETS"]
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-              "vae_encoder": "vae", "vae_decoder": "vae"}
 EXPORTER_DISTRIBUTIONS = {"torch": ("torch",), "onnx": ("onnx",), "onnxscript": ("onnxscript",),
                           "transformers": ("transformers",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
-SOURCE_CLASSES = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
-                  "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES}
 
 
 def export_pipeline(source: str | Path, output: str | Path, *, revision: str | None = None,
@@ -58,17 +57,23 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     `diffrt.export.taesd`.
     """
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
-    output = Path(output)
-    check_output(output, overwrite)
+    output = output_path(output)
+    remove_stale_temp(output)  # a killed earlier run's temp folders (and maybe the package it was replacing)
+    local = _local_sources(source, tiny_vae)
+    check_output(output, overwrite, local)
     # The tiny VAE first: its files are small, so a wrong one fails before a large checkpoint download.
     tiny = resolve_tiny_vae(tiny_vae, token=token) if tiny_vae is not None else None
-    src = _resolve(source, revision, variant, token)
+    src = _resolve(source, revision, variant, token, options.components)
     names = plan_components(src, options.components)
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
         check_fits(tiny, read_json(src.path / "unet" / CONFIG_NAME), read_json(src.path / "vae" / CONFIG_NAME))
+    sources = local + _resolved_sources(src, tiny)
+    check_output(output, overwrite, sources)
+    weights = _weight_files(src, names) + ([tiny.path / TINY_WEIGHTS] if tiny is not None else [])
+    check_free_space(output, check_weight_files(weights), options.precision)
     rows: Rows = []
-    with PackageWriter(output, overwrite) as folder:
+    with PackageWriter(output, overwrite, sources) as folder:
         entries = _export_components(src, names, folder, options, rows)
         if tiny is not None:
             entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
@@ -78,37 +83,38 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     return output
 
 
-def _resolve(source: str | Path, revision: str | None, variant: str | None, token: str | bool | None) -> Any:
-    """The checkpoint as a local diffusers folder; a source that cannot be found is an argument error."""
+def _resolve(source: str | Path, revision: str | None, variant: str | None, token: str | bool | None,
+             components: Sequence[str] | None) -> Any:
+    """The checkpoint as a local diffusers folder; a source that cannot be found is an argument error. What diffrt
+    cannot export is refused as soon as model_index.json is read (before weights are downloaded or read)."""
     from diffrt.export.checkpoint import resolve_source
 
     try:
-        return resolve_source(source, revision=revision, variant=variant, token=token)
+        return resolve_source(source, revision=revision, variant=variant, token=token,
+                              check=check_index(components))
     except ExportError as error:
         raise InputError(f"`source`: {error}") from error
 
 
-def available_components(src: Any) -> list[str]:
-    """The package components a checkpoint can give, in export order."""
-    have = src.components
-    names = [name for name in ("text_encoder", "text_encoder_2", "unet") if name in have]
-    return names + (["vae_encoder", "vae_decoder"] if "vae" in have else [])
+def _local_sources(source: str | Path, tiny_vae: str | Path | None) -> list[tuple[str, Path]]:
+    """The sources that are local paths, known before anything is resolved (Hub ids are not paths)."""
+    given = [("source checkpoint", source), ("tiny VAE", tiny_vae)]
+    return [(what, Path(path).expanduser()) for what, path in given
+            if path is not None and Path(path).expanduser().exists()]
 
 
-def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
-    """The components to export; InputError for one the checkpoint lacks, ConfigError for an unsupported class."""
-    available = available_components(src)
-    if requested is not None:
-        missing = [name for name in requested if name not in available]
-        if missing:
-            raise invalid("components", f"a subset of what {src.id} has ({', '.join(available)})", missing[0])
-    names = [name for name in available if requested is None or name in requested]
-    for name in names:
-        folder = WEIGHTS_OF[name]
-        allowed, class_name = SOURCE_CLASSES[folder], src.components[folder][1]
-        if class_name not in allowed:
-            raise invalid(f"{folder} class", f"one of {', '.join(allowed)}", class_name, ConfigError)
-    return names
+def _resolved_sources(src: Any, tiny: Any) -> list[tuple[str, Path]]:
+    """Where the resolved sources' files really are: the checkpoint folder (a Hub snapshot, a converted single
+    file), each weight file (Hub cache blobs), the tiny VAE."""
+    found = [("source checkpoint", Path(src.path))]
+    found += [("source checkpoint's weight file", path) for path in src.weight_files.values()]
+    return found + ([("tiny VAE", Path(tiny.path))] if tiny is not None else [])
+
+
+def _weight_files(src: Any, names: list[str]) -> list[Path]:
+    """The checkpoint's weight files the export of `names` reads."""
+    folders = {WEIGHTS_OF[name] for name in names}
+    return [path for rel, path in sorted(src.weight_files.items()) if rel.split("/")[0] in folders]
 
 
 def _load_graph(src: Any, name: str) -> ComponentGraph:
@@ -130,8 +136,9 @@ def _export_components(src: Any, names: list[str], folder: Path, options: Option
     entries = {}
     # The bar shows on terminals only; the per-component log line also reaches CI logs, without breaking the bar.
     with logging_redirect_tqdm(), tqdm(names, desc="export", unit="component", disable=None) as bar:
-        for name in bar:
+        for number, name in enumerate(bar, 1):
             bar.set_postfix_str(name)
+            logger.info("exporting %s (%d/%d)", name, number, len(names))
             entries[name] = _export_component(src, name, folder, options, rows)
             seconds, diff = rows[-1][2:]
             logger.info("%s: %s in %.1f s, max abs diff %s", name, entries[name]["precision"], seconds,

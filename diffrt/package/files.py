@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diffrt.errors import DiffrtError, PackageError
+from diffrt.package.leftovers import remove_stale_temp, temp_prefix
 
 
 def read_json(path: Path, required: bool = False, error: type[DiffrtError] = PackageError) -> dict[str, Any]:
@@ -92,9 +93,11 @@ def temp_file(folder: Path, name: str, data: bytes | bytearray | memoryview) -> 
 
 
 def temp_folder(beside: Path) -> Path:
-    """A new empty folder `.NAME.tmp-*` beside `beside` (same file system, so it can be renamed onto it)."""
+    """A new empty folder `.NAME.tmp-PID@HOST-*` beside `beside` (same file system, so it can be renamed onto it).
+    The name records the writing process, so a later writer can tell a killed run's leftover from a live one's
+    (`remove_stale_temp`)."""
     beside.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.tmp-", dir=beside.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(beside.name, "tmp"), dir=beside.parent))
     os.chmod(folder, default_mode(directory=True))  # shared like any folder, not mkdtemp's 0700
     return folder
 
@@ -105,7 +108,7 @@ def replace_folder(source: Path, target: Path) -> None:
     if not target.exists():
         os.replace(source, target)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    aside = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name, "old"), dir=target.parent))
     os.replace(target, aside / target.name)
     try:
         os.replace(source, target)
@@ -119,7 +122,8 @@ def replace_folder(source: Path, target: Path) -> None:
 class AtomicFolder:
     """`with AtomicFolder(target) as folder:` write into `folder` (a temp folder beside `target`); it replaces
     `target` when the block succeeds and is deleted when it fails. `check()` runs again right before the rename
-    (the target may have appeared meanwhile)."""
+    (the target may have appeared meanwhile). Temp folders that killed writers left beside `target` are removed
+    first (`diffrt.package.leftovers`)."""
 
     def __init__(self, target: Path, check: Any = None):
         self.target = Path(target)
@@ -127,6 +131,7 @@ class AtomicFolder:
         self.folder: Path | None = None
 
     def __enter__(self) -> Path:
+        remove_stale_temp(self.target)
         self.folder = temp_folder(self.target)
         return self.folder
 

@@ -3,7 +3,7 @@
 Everything is written into `.NAME.tmp-XXXX` beside the output and renamed into place only when complete
 (`diffrt.package.files.AtomicFolder`), so an interrupted or failed export never leaves a half-written package where
 a runtime would find it. Replacing an existing package renames the old one aside first, then the new one in, then
-deletes the old one.
+deletes the old one; which folders may be replaced at all is `diffrt.package.output`'s rule.
 """
 from __future__ import annotations
 
@@ -12,33 +12,45 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from diffrt.errors import invalid
+from diffrt.errors import ExportError
 from diffrt.package.files import AtomicFolder
 from diffrt.package.names import FORMAT_NAME, FORMAT_VERSION, ONNX_ENTRY
+from diffrt.package.output import check_output, output_path
 
 logger = logging.getLogger(__name__)
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless `overwrite`; refuse a file where the package folder would go."""
-    if output.exists() and not overwrite:
-        raise invalid("output", "a path that does not exist yet (pass overwrite=True, or --overwrite, to replace it)",
-                      str(output))
-    if output.exists() and not output.is_dir():
-        raise invalid("output", "a folder path (an existing file is never replaced)", str(output))
-
-
 class PackageWriter(AtomicFolder):
-    """`with PackageWriter(output, overwrite) as folder:` write into `folder`; renamed to `output` on success."""
+    """`with PackageWriter(output, overwrite, sources) as folder:` write into `folder`; renamed to `output` on
+    success. The output rules of `diffrt.package.output` are checked on entry and again right before the rename;
+    a file system error while writing (disk full, read-only, ...) becomes an ExportError naming the output, with
+    the temp folder removed."""
 
-    def __init__(self, output: Path, overwrite: bool = False):
-        super().__init__(Path(output), check=lambda: check_output(self.target, overwrite))
+    def __init__(self, output: Path, overwrite: bool = False, sources: Iterable[tuple[str, Path]] = ()):
+        self.sources = list(sources)
+        super().__init__(output_path(output), check=lambda: check_output(self.target, overwrite, self.sources))
         self.output = self.target
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
-        check_output(self.output, self.overwrite)
-        return super().__enter__()
+        check_output(self.output, self.overwrite, self.sources)
+        try:
+            return super().__enter__()
+        except OSError as error:
+            raise _write_error(self.output, error) from error
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        try:
+            super().__exit__(kind, error, traceback)
+        except OSError as failure:  # the final rename
+            raise _write_error(self.output, failure) from failure
+        if isinstance(error, OSError):
+            raise _write_error(self.output, error) from error
+
+
+def _write_error(output: Path, error: OSError) -> ExportError:
+    where = f" ({error.filename})" if error.filename and str(error.filename) not in str(error) else ""
+    return ExportError(f"exporting to {output} failed (nothing was left behind): {error}{where}")
 
 
 def model_index(source_index: Mapping[str, Any], onnx_components: Iterable[str], others: Iterable[str]) -> dict:

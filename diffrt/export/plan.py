@@ -1,0 +1,98 @@
+"""What an export writes: the package components a checkpoint gives, and the refusal of what diffrt cannot export.
+
+A checkpoint the exporter does not fully understand must not become a package that looks complete and fails at
+load (an SD3 checkpoint would otherwise give a package of its CLIP encoders and VAE, its transformer, T5 encoder and
+tokenizer silently dropped). So, from model_index.json alone, before any weights are read or anything is written:
+
+- without `components`, the pipeline class must be one the runtime runs and every component one diffrt exports
+  (or one a deployment package leaves out on purpose: safety checker, feature extractor, image encoder);
+- with `components`, the user asks for a subset on purpose: only the requested components (and the scheduler the
+  UNet needs) must be exportable.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+from diffrt.errors import ConfigError, invalid
+from diffrt.export.onnx import TEXT_ENCODER_CLASSES
+from diffrt.runtime.pipelines.registry import PIPELINES
+from diffrt.schedulers import registered_names
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+#: checkpoint folder -> the classes diffrt exports from it
+SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+    "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES,
+    "tokenizer": TOKENIZER_CLASSES, "tokenizer_2": TOKENIZER_CLASSES,
+}
+#: package component -> the checkpoint folder its weights come from
+WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+              "vae_encoder": "vae", "vae_decoder": "vae"}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+Components = Mapping[str, tuple[str, str]]  # model_index.json: name -> (library, class)
+
+
+def available_components(components: Components) -> list[str]:
+    """The package components a checkpoint can give, in export order."""
+    names = [name for name in ("text_encoder", "text_encoder_2", "unet") if name in components]
+    return names + (["vae_encoder", "vae_decoder"] if "vae" in components else [])
+
+
+def check_exportable(source_id: str, pipeline_class: str, components: Components,
+                     requested: Sequence[str] | None) -> None:
+    """ConfigError naming every pipeline class or component of the checkpoint diffrt cannot export (see the module
+    docstring); reads nothing but the arguments, so it runs before any download or weight is loaded."""
+    if requested is not None:
+        _check_requested(source_id, pipeline_class, components, requested)
+        return
+    problems = [] if pipeline_class in PIPELINES else [f"the pipeline class {pipeline_class}"]
+    problems += [f"the component `{name}` ({cls})" for name, (_, cls) in components.items()
+                 if not _exportable(name, cls)]
+    if problems:
+        exportable = [name for name in available_components(components)
+                      if _exportable(WEIGHTS_OF[name], components[WEIGHTS_OF[name]][1])]
+        subset = (f"; pass `components` (--components) to export a subset of {', '.join(exportable)} on purpose"
+                  if exportable else "")
+        raise ConfigError(f"{source_id}: diffrt cannot export {', '.join(problems)}; it exports the pipelines "
+                          f"{', '.join(sorted(PIPELINES))}{subset}")
+
+
+def _check_requested(source_id: str, pipeline_class: str, components: Components, requested: Sequence[str]) -> None:
+    available = available_components(components)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise invalid("components", f"a subset of what {source_id} has ({', '.join(available)})", missing[0])
+    folders = [WEIGHTS_OF[name] for name in requested]
+    folders += [TOKENIZER_OF[name] for name in requested if TOKENIZER_OF.get(name) in components]
+    for folder in folders:
+        class_name = components[folder][1]
+        if not _exportable(folder, class_name):
+            raise invalid(f"{folder} class", f"one of {', '.join(SOURCE_CLASSES[folder])}", class_name, ConfigError)
+    scheduler = components.get("scheduler")
+    if "unet" in requested and scheduler is not None and not _exportable("scheduler", scheduler[1]):
+        raise invalid("scheduler class", "a scheduler diffrt implements", scheduler[1], ConfigError)
+    if pipeline_class not in PIPELINES:
+        logger.warning("%s is a %s, which diffrt has no pipeline for: the package holds the components %s for use "
+                       "one by one", source_id, pipeline_class, ", ".join(requested))
+
+
+def _exportable(name: str, class_name: str) -> bool:
+    if name == "scheduler":
+        return class_name in registered_names()
+    return class_name in SOURCE_CLASSES.get(name, ())
+
+
+def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
+    """The components to export from the resolved checkpoint `src`, in export order (errors as `check_exportable`)."""
+    check_exportable(src.id, src.pipeline_class, src.components, requested)
+    return [name for name in available_components(src.components) if requested is None or name in requested]
+
+
+def check_index(requested: Sequence[str] | None) -> Any:
+    """`check_exportable` for `resolve_source(check=...)`, called with model_index.json's facts once it is read."""
+    return lambda source_id, pipeline_class, components: check_exportable(source_id, pipeline_class, components,
+                                                                          requested)
