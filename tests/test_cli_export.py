@@ -52,11 +52,10 @@ def test_existing_output_needs_overwrite(tiny_checkpoint, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def replaced_package(tiny_checkpoint, tmp_path_factory) -> Path:
-    """`diffrt export SOURCE OUT --components text_encoder --overwrite` over a folder holding a stale file."""
+def replaced_package(tiny_checkpoint, tiny_package, tmp_path_factory) -> Path:
+    """`diffrt export SOURCE OUT --components text_encoder --overwrite` over a complete earlier package."""
     output = tmp_path_factory.mktemp("cli") / "out"
-    output.mkdir()
-    (output / "stale.txt").write_text("old package")
+    shutil.copytree(tiny_package("sd15"), output)
     assert main(["export", str(tiny_checkpoint("sd15")), str(output), "--components", "text_encoder",
                  "--overwrite"]) == 0
     return output
@@ -65,7 +64,7 @@ def replaced_package(tiny_checkpoint, tmp_path_factory) -> Path:
 def test_export_with_overwrite_replaces_the_folder_atomically(replaced_package):
     output = replaced_package
     assert sorted(p.name for p in output.parent.iterdir()) == ["out"]  # no temp or old folder left beside it
-    assert not (output / "stale.txt").exists()
+    assert not (output / "unet").exists() and not (output / "vae_decoder").exists()  # the old package is gone
     manifest = json.loads((output / "diffrt.json").read_text())
     assert list(manifest["components"]) == ["text_encoder"]
     index = json.loads((output / "model_index.json").read_text())

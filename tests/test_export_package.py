@@ -212,14 +212,15 @@ def test_writer_renames_into_place_only_on_success(tmp_path):
 
 def test_writer_replaces_an_existing_package_only_with_overwrite(tmp_path):
     output = tmp_path / "pkg"
-    output.mkdir()
-    (output / "old.txt").write_text("old")
+    (output / "unet").mkdir(parents=True)
+    (output / "diffrt.json").write_text(json.dumps({"format": "diffrt-package", "components": {"unet": {}}}))
+    (output / "unet" / "model.onnx").write_bytes(b"old")
     with pytest.raises(InputError, match="`output`"):
         PackageWriter(output).__enter__()
-    assert _leftovers(tmp_path) == [] and (output / "old.txt").is_file()
+    assert _leftovers(tmp_path) == [] and (output / "unet" / "model.onnx").is_file()
     with PackageWriter(output, overwrite=True) as folder:
         (folder / "new.txt").write_text("new")
-        assert (output / "old.txt").is_file()  # the old package stays until the new one is complete
+        assert (output / "unet" / "model.onnx").is_file()  # the old package stays until the new one is complete
     assert sorted(p.name for p in output.iterdir()) == ["new.txt"] and _leftovers(tmp_path) == []
 
 
