@@ -1,8 +1,9 @@
 """Tiny random-weight diffusers checkpoints, built locally (no Hub access) once per test session.
 
 Every kind the project supports has a builder: SD 1.x, SD 2.x (v-prediction), SDXL base, SDXL refiner, SD inpaint
-and LCM. Shapes are realistic where it matters (VAE factor 8, CLIP tokenizer with real BPE rules, SDXL text_time
-conditioning), sizes are tiny so a whole pipeline runs in well under a second.
+and LCM (and SD3, which the exporter must refuse). Shapes are realistic where it matters (VAE factor 8, CLIP
+tokenizer with real BPE rules, SDXL text_time conditioning), sizes are tiny so a whole pipeline runs in well under
+a second.
 """
 from __future__ import annotations
 
@@ -213,6 +214,54 @@ def build_lcm(folder: Path, workdir: Path) -> None:
     pipe.save_pretrained(folder)
 
 
+def make_t5(workdir: Path):
+    """A tiny T5 encoder and its fast tokenizer (a Unigram vocabulary of letters, built locally)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    torch.manual_seed(SEED)
+    config = T5Config(vocab_size=len(vocab), d_model=CLIP_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def build_sd3(folder: Path, workdir: Path) -> None:
+    """SD3 shape (MMDiT transformer, two CLIP encoders with projection, T5): a pipeline diffrt does not export."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer, tokenizer_2 = make_tokenizer(workdir), make_tokenizer(workdir, pad_token="!")
+    text_encoder_3, tokenizer_3 = make_t5(workdir)
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=CLIP_HIDDEN, joint_attention_dim=CLIP_HIDDEN,
+        pooled_projection_dim=2 * CLIP_HIDDEN,
+    )
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        sample_size=64, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+        text_encoder=make_text_encoder(tokenizer, with_projection=True), tokenizer=tokenizer,
+        text_encoder_2=make_text_encoder(tokenizer_2, with_projection=True), tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(folder)
+
+
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "sd15": build_sd15,
     "sd2": build_sd2,
@@ -221,9 +270,11 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "sd_inpaint": build_sd_inpaint,
     "lcm": build_lcm,
     "sd15_cuda": build_sd15_cuda,
+    "sd3": build_sd3,
 }
-# Kinds built on demand only, not part of `any_tiny_checkpoint`'s sweep over the model families.
-EXTRA_KINDS = ("sd15_cuda",)
+# Kinds built on demand only, not part of `any_tiny_checkpoint`'s sweep over the model families (sd3: diffrt does
+# not export it; the export refuses it).
+EXTRA_KINDS = ("sd15_cuda", "sd3")
 
 
 def build_checkpoint(kind: str, root: Path) -> Path:
