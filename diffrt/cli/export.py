@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: per target)")
     parser.add_argument("--components", type=component_list, default=None,
                         help="comma-separated subset of text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it is a model package (diffrt or Optimum layout) holding nothing else; "
+                        "any other folder is refused (docs/package-format.md)")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="skip the ONNX Runtime vs torch check")
     parser.add_argument("--tolerance", type=float, default=None, help="validation bound, relative to output scale")
