@@ -176,6 +176,22 @@ def test_an_sd3_checkpoint_is_refused_by_name_before_any_weight_is_read(tiny_che
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3"]
 
 
+def test_an_sd3_hub_repo_is_refused_before_its_weights_are_downloaded(tiny_checkpoint, tmp_path):
+    """Offline, the Hub cache (models--owner--name/refs/main -> snapshots/<commit>/) holds only the repo's
+    model_index.json: the refusal needs nothing else."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "home" / "hub" / "models--someone--sd3"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copyfile(tiny_checkpoint("sd3") / "model_index.json", repo / "snapshots" / commit / "model_index.json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    result = run_cli("export", "someone/sd3", tmp_path / "out", HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
+                     HF_HUB_CACHE=None)
+    assert result.returncode == 2
+    one_line_error(result.stderr, "export", "someone/sd3", "StableDiffusion3Pipeline", "`transformer`")
+    assert not (tmp_path / "out").exists()
+
+
 def test_components_still_export_a_subset_of_an_sd3_checkpoint_on_purpose(tiny_checkpoint, tmp_path, caplog):
     output = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="diffrt.export.plan"):

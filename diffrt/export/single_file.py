@@ -32,6 +32,7 @@ from diffrt.export.single_file_config import (
 from diffrt.export.single_file_text import clip_plan, open_clip_plan
 from diffrt.export.single_file_unet import Plan, Shapes, unet_layers_per_block, unet_plan, vae_plan
 from diffrt.package.files import read_json, temp_folder, write_json
+from diffrt.package.leftovers import remove_stale_temp
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME
 from diffrt.runtime.hub import hub_snapshot
 
@@ -234,6 +235,7 @@ def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, to
     assert file is not None  # only materialize_single_file calls this, with a plan read from a file
     record = {"format_version": FORMAT_VERSION, "source": str(plan.file), "model_type": plan.model_type,
               "pipeline_class": plan.pipeline_class, "clip_skip": plan.clip_skip}
+    remove_stale_temp(target)  # conversions killed earlier
     tmp = temp_folder(target)
     try:
         for name, config in plan.configs.items():

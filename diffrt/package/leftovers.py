@@ -79,7 +79,7 @@ def _running(pid: int, folder: Path) -> bool:
     A zombie is not running; a pid the system has since given to a newer process (started after `folder` last
     changed) is not the writer. Unknown is treated as running: a live export's folder must never be deleted.
     """
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would send CTRL_C_EVENT, not probe
         return True
     try:
         os.kill(pid, 0)
