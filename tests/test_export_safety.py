@@ -120,6 +120,7 @@ def test_single_file_source_inside_the_output_is_refused(checkpoint_copy, tmp_pa
 
 def test_overwrite_replaces_a_diffrt_package_and_an_optimum_layout_package(tiny_checkpoint, tiny_package, tmp_path):
     ours = Path(shutil.copytree(tiny_package("sd15"), tmp_path / "ours"))
+    (ours / f".tiny_vae.tmp-{_dead_pid()}@{host_name()}-abcd1234").mkdir()  # a killed `--into` addition's scratch
     optimum = Path(shutil.copytree(tiny_package("sd15"), tmp_path / "optimum"))
     (optimum / "diffrt.json").unlink()  # Optimum's layout: model_index.json and ONNX component folders, no manifest
     empty = tmp_path / "empty"
@@ -133,11 +134,13 @@ def test_overwrite_replaces_a_diffrt_package_and_an_optimum_layout_package(tiny_
 
 @pytest.mark.parametrize(("extra", "fragments"), [
     ("README.md", ("README.md", "which a model package does not")),
+    (".git/config", (".git", "which a model package does not")),
     ("unet/diffusion_pytorch_model.safetensors", ("checkpoint weights", "unet/diffusion_pytorch_model.safetensors")),
 ])
 def test_a_package_holding_anything_else_is_not_replaced(tiny_checkpoint, tiny_package, tmp_path, capsys, extra,
                                                          fragments):
     package = Path(shutil.copytree(tiny_package("sd15"), tmp_path / "pkg"))
+    (package / extra).parent.mkdir(exist_ok=True)
     (package / extra).write_bytes(b"the user's")
     before = snapshot(package)
     export_refused(capsys, str(tiny_checkpoint("sd15")), str(package), "--components", "text_encoder", "--overwrite",

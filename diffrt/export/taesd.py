@@ -20,6 +20,7 @@ from diffrt.export.component import Options, Rows, check_options, export_compone
 from diffrt.export.onnx import autoencoder_graph
 from diffrt.export.precision import component_precision
 from diffrt.package.files import files_sha256, read_json, replace_folder, write_json
+from diffrt.package.leftovers import remove_stale_temp, temp_prefix
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, ONNX_ENTRY
 from diffrt.runtime.hub import hub_snapshot
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 TINY_COMPONENTS = {"vae_decoder": "vae_decoder_tiny", "vae_encoder": "vae_encoder_tiny"}
 CLASS_NAME = "AutoencoderTiny"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SCRATCH = "tiny_vae"  # `.tiny_vae.tmp-PID@HOST-*` inside the package while the components are exported
 EXPECTED = f"an {CLASS_NAME} folder ({CONFIG_NAME} + {WEIGHTS_FILE}) or a Hub repo id (owner/name)"
 
 
@@ -176,7 +178,8 @@ def add_tiny_vae(package: str | Path, source: str | Path, *, revision: str | Non
     tiny = resolve_tiny_vae(source, revision, token)
     check_fits(tiny, _component_config(root, "unet"), _component_config(root, "vae_decoder", "vae_encoder"))
     rows: Rows = []
-    with tempfile.TemporaryDirectory(prefix=".tiny_vae.tmp-", dir=root) as scratch:
+    remove_stale_temp(root / SCRATCH)  # additions killed earlier
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(SCRATCH, "tmp"), dir=root) as scratch:
         entries = export_tiny_components(tiny, names, Path(scratch), options, manifest["pipeline"], rows)
         for name in names:
             replace_folder(Path(scratch) / name, root / name)

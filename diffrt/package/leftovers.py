@@ -36,6 +36,15 @@ def temp_prefix(name: str, kind: str) -> str:
     return f".{name}.{kind}-{os.getpid()}@{host_name()}-"
 
 
+def is_temp_folder(path: Path) -> bool:
+    """Whether `path` is a folder named as diffrt's writers name their temp folders (`.NAME.tmp-*`, `.NAME.old-*`)."""
+    name = path.name
+    if not name.startswith(".") or not path.is_dir():
+        return False
+    starts = (match.end() for match in re.finditer(r"(?<=.)\.(?=(?:tmp|old)-)", name[1:]))
+    return any(_MARKED.match(name[1 + start:]) or _UNMARKED.match(name[1 + start:]) for start in starts)
+
+
 def remove_stale_temp(target: Path) -> list[Path]:
     """Remove the temp folders beside `target` that killed writers left; returns the removed paths.
 

@@ -1,14 +1,14 @@
 """Where a package may be written: the checks on an output folder before anything is exported into it.
 
 `--overwrite` replaces a folder only when nothing of the user's is lost with it. The rule (docs/package-format.md,
-"Replacing a package"): the folder is empty, or it is a model package, and it holds nothing else:
+"Writing a package"): the folder is empty, or it is a model package, and it holds nothing else:
 
 - a model package is a diffrt package (`diffrt.json` with `"format": "diffrt-package"`) or an Optimum-layout
   package (`model_index.json` listing at least one component folder that holds a `model.onnx`);
-- its top level holds only `diffrt.json`, `model_index.json` and the component folders model_index.json (or
-  diffrt.json) names; no file anywhere in it is checkpoint weights (`.safetensors`, `.bin`, `.ckpt`, `.pt`,
-  `.pth`, `.msgpack`, `.h5`): a diffusers checkpoint, or a repository mixing ONNX and PyTorch weights, is never
-  replaced.
+- its top level holds only `diffrt.json`, `model_index.json`, the component folders model_index.json (or
+  diffrt.json) names and diffrt's own temp folders (`.NAME.tmp-*` of an interrupted `--into` addition); no file
+  anywhere in it is checkpoint weights (`.safetensors`, `.bin`, `.ckpt`, `.pt`, `.pth`, `.msgpack`, `.h5`): a
+  diffusers checkpoint, or a repository mixing ONNX and PyTorch weights, is never replaced.
 
 Anything else is refused with an error naming the folder and what in it is not part of a package. The output must
 also lie apart from every source (not the source, not inside it, not holding it), and its nearest existing parent
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable
 
 from diffrt.errors import InputError, invalid
+from diffrt.package.leftovers import is_temp_folder
 from diffrt.package.names import FORMAT_NAME, INDEX_NAME, MANIFEST_NAME, MODEL_FILE
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
@@ -80,8 +81,8 @@ def not_replaceable(folder: Path) -> str | None:
         return (f"it is not a model package (no {MANIFEST_NAME} of a diffrt package, no {INDEX_NAME} with ONNX "
                 "components)")
     allowed = {MANIFEST_NAME, INDEX_NAME, *components}
-    others = [entry.name for entry in entries if entry.name not in allowed
-              or (entry.name in components and not entry.is_dir())]
+    others = [entry.name for entry in entries if not is_temp_folder(entry) and (
+        entry.name not in allowed or (entry.name in components and not entry.is_dir()))]
     if others:
         return f"it holds {_listing(others)}, which a model package does not"
     weights = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
