@@ -95,8 +95,8 @@ def resolve_source(
             raise invalid("revision", "None for a local folder (it applies to Hub repo ids)", revision)
         return _from_folder(path.resolve(), "folder", text, None, variant, check)
     if REPO_ID.match(text) and text.split("/")[0] not in (".", ".."):
-        folder = _download_repo(text, revision, variant, token, check)
-        return _from_folder(folder, "hub", text, folder.name, variant, check)
+        folder = _download_repo(text, revision, variant, token, check)  # checks the index before the download
+        return _from_folder(folder, "hub", text, folder.name, variant)
     raise ExportError(f"checkpoint source not found: {text!r} is neither a local folder, a .safetensors file nor "
                       "a Hub repo id (owner/name)")
 

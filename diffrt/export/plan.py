@@ -12,12 +12,15 @@ tokenizer silently dropped). So, from model_index.json alone, before any weights
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from diffrt.errors import ConfigError, invalid
 from diffrt.export.onnx import TEXT_ENCODER_CLASSES
 from diffrt.runtime.pipelines.registry import PIPELINES
 from diffrt.schedulers import registered_names
+
+if TYPE_CHECKING:
+    from diffrt.export.checkpoint import IndexCheck
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +78,6 @@ def _check_requested(source_id: str, pipeline_class: str, components: Components
     scheduler = components.get("scheduler")
     if "unet" in requested and scheduler is not None and not _exportable("scheduler", scheduler[1]):
         raise invalid("scheduler class", "a scheduler diffrt implements", scheduler[1], ConfigError)
-    if pipeline_class not in PIPELINES:
-        logger.warning("%s is a %s, which diffrt has no pipeline for: the package holds the components %s for use "
-                       "one by one", source_id, pipeline_class, ", ".join(requested))
 
 
 def _exportable(name: str, class_name: str) -> bool:
@@ -89,10 +89,14 @@ def _exportable(name: str, class_name: str) -> bool:
 def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
     """The components to export from the resolved checkpoint `src`, in export order (errors as `check_exportable`)."""
     check_exportable(src.id, src.pipeline_class, src.components, requested)
-    return [name for name in available_components(src.components) if requested is None or name in requested]
+    names = [name for name in available_components(src.components) if requested is None or name in requested]
+    if src.pipeline_class not in PIPELINES:  # a subset asked for on purpose (else refused above)
+        logger.warning("%s is a %s, which diffrt has no pipeline for: the package holds the components %s for use "
+                       "one by one", src.id, src.pipeline_class, ", ".join(names))
+    return names
 
 
-def check_index(requested: Sequence[str] | None) -> Any:
+def check_index(requested: Sequence[str] | None) -> IndexCheck:
     """`check_exportable` for `resolve_source(check=...)`, called with model_index.json's facts once it is read."""
     return lambda source_id, pipeline_class, components: check_exportable(source_id, pipeline_class, components,
                                                                           requested)
