@@ -27,7 +27,7 @@ from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny
 from diffrt.export.tokenizers import write_tokenizer
 from diffrt.package.files import copy_file, read_json, write_json
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
-from diffrt.package.writer import PackageWriter, build_manifest, check_output, model_index
+from diffrt.package.writer import PackageWriter, build_manifest, check_output, model_index, record_component_files
 
 __all__ = ["export_pipeline", "COMPONENTS", "TARGET_OPSETS"]
 
@@ -73,6 +73,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
         if tiny is not None:
             entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
         _write_support_files(src, names + tiny_components, folder)
+        record_component_files(folder, entries)
         write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries))
     logger.info("exported %s to %s\n%s", src.id, output, summary_table(rows))
     return output

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 from diffrt.errors import InputError, PackageError
@@ -209,17 +209,30 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def inside_package(relative: Any, where: str) -> PurePosixPath:
+    """A manifest's package-relative path, refused when it could leave the package (absolute, or with `..`).
+
+    The path as written is checked, never where it resolves to: the Hugging Face cache stores every file of a
+    snapshot as a symlink into its `blobs/` folder, outside the snapshot folder, and such packages must load.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise PackageError(f"{where} must be a non-empty package-relative path; got {relative!r}")
+    path = PurePosixPath(relative.replace("\\", "/"))
+    if path.is_absolute() or PureWindowsPath(relative).drive or ".." in path.parts:
+        raise PackageError(f"{where} must stay inside the package (a relative path without `..`); got {relative!r}")
+    return path
+
+
 def _manifest_component(root: Path, name: str, entry: Any) -> ComponentInfo:
     where = f"{root / MANIFEST_NAME}: component `{name}`"
     if not isinstance(entry, dict) or not isinstance(entry.get("file", f"{name}/{MODEL_FILE}"), str):
         raise PackageError(f"{where} must be an object with a `file` path")
-    path = root / entry.get("file", f"{name}/{MODEL_FILE}")
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise PackageError(f"{where}: `file` must stay inside the package; got {entry['file']!r}")
+    path = root / inside_package(entry.get("file", f"{name}/{MODEL_FILE}"), f"{where}: `file`")
     if not path.is_file():
         raise PackageError(f"{where}: model file {path} is missing")
     external = entry.get("external_data")
-    if external and not any((base / external).is_file() for base in (root, path.parent)):
+    if external and not any((base / inside_package(external, f"{where}: `external_data`")).is_file()
+                            for base in (root, path.parent)):
         raise PackageError(f"{where}: external data file {external} is missing")
     try:
         parse_dim_ranges(entry.get("dims"))

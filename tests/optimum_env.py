@@ -1,0 +1,75 @@
+"""A separate virtual environment holding the real Optimum (`optimum-onnx`), built once and cached across sessions.
+
+Optimum pins its own transformers (< 4.58) and runs with diffusers releases older than the main test environment's,
+so it cannot live in that environment. The venv sees the system site-packages (the CPU torch is reused, never
+re-downloaded, and no CUDA build can be pulled) and installs only Optimum and its pins on top of them, from PyPI.
+Its folder name is keyed by the requirements, so changing a pin builds a new one; a `diffrt-complete` marker is
+written last, so a build killed half-way is rebuilt instead of used.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# optimum-onnx 0.1.0 needs `optimum` 2.x and transformers < 4.58; diffusers 0.36 is the release its ORT pipelines
+# were written against. torch is pinned to the main environment's CPU build (already installed: nothing downloaded).
+REQUIREMENTS = (
+    "torch==2.13.0",
+    "optimum-onnx[onnxruntime]==0.1.0",
+    "optimum==2.1.0",
+    "transformers==4.57.6",
+    "diffusers==0.36.0",
+)
+MARKER = "diffrt-complete"
+BUILD_TIMEOUT_S = 1200
+
+
+def venv_dir() -> Path:
+    """DIFFRT_OPTIMUM_VENV, or a folder under ~/.cache/diffrt-tests keyed by the requirements."""
+    if os.environ.get("DIFFRT_OPTIMUM_VENV"):
+        return Path(os.environ["DIFFRT_OPTIMUM_VENV"]).expanduser()
+    key = hashlib.sha256(" ".join(REQUIREMENTS + ("system-site",)).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "diffrt-tests" / f"optimum-system-venv-{key}"
+
+
+def venv_python(folder: Path) -> Path:
+    return folder / "bin" / "python"
+
+
+def build_venv(folder: Path) -> Path:
+    """Build the venv (or reuse a complete one); returns its python. Raises CalledProcessError when pip fails."""
+    marker = folder / MARKER
+    if marker.is_file() and marker.read_text().strip() == " ".join(REQUIREMENTS):
+        return venv_python(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True)
+    subprocess.run([str(venv_python(folder)), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True,
+                   timeout=BUILD_TIMEOUT_S)
+    marker.write_text(" ".join(REQUIREMENTS) + "\n")
+    return venv_python(folder)
+
+
+def run_in_venv(python: Path, *args: str | Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python args...` with an environment that cannot reach the network or this checkout's diffrt."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([str(python), *map(os.fspath, args)], capture_output=True, text=True, env=env,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{args}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def optimum_python() -> Path:
+    """The python of the Optimum venv, built on first use (a few minutes, from PyPI; cached afterwards)."""
+    try:
+        return build_venv(venv_dir())
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        pytest.fail(f"could not build the Optimum test venv at {venv_dir()} ({' '.join(REQUIREMENTS)}): {error}")
