@@ -198,8 +198,8 @@ class ModelPackage:
     def verify(self) -> int:
         """Hash every component file against the sha256 the manifest records; returns how many files were checked.
 
-        Raises PackageError naming the first file that differs. Components of packages written before diffrt
-        recorded hashes (and Optimum's packages, which have no manifest) cannot be verified: a warning says which.
+        Raises PackageError naming the first file that differs, or when no file has a recorded hash (Optimum's
+        packages have no manifest; older diffrt packages no `files`); components without one are named in a warning.
         """
         checked, unrecorded = 0, []
         for name, info in self.components.items():
@@ -208,6 +208,9 @@ class ModelPackage:
             if not files:
                 unrecorded.append(name)
             checked += verify_hashes(files, where)
+        if checked == 0:
+            raise PackageError(f"package {self.root} records no sha256 for its files (it has no {MANIFEST_NAME}, or was "
+                               "written before diffrt recorded hashes): nothing to verify against; export it again")
         if unrecorded:
             logger.warning("%s: no sha256 recorded for %s (written without a manifest, or before diffrt recorded "
                            "hashes): not verified", self.root, ", ".join(unrecorded))
