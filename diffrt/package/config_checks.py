@@ -31,7 +31,7 @@ def check_component_config(name: str, config: Mapping[str, Any], config_path: Pa
         _check_unet(config, where, io)
     elif name.startswith("text_encoder"):
         _positive_int(config, "hidden_size", where)
-        _agrees(config.get("hidden_size"), "`hidden_size`", where, io, "last_hidden_state", -1)
+        _agrees(config.get("hidden_size"), "`hidden_size`", where, io, "last_hidden_state", 2)
 
 
 def _check_vae(name: str, config: Mapping[str, Any], where: str, io: IOShapes, dims: DimRanges) -> None:
@@ -75,14 +75,14 @@ def _check_unet(config: Mapping[str, Any], where: str, io: IOShapes) -> None:
     _agrees(config.get("in_channels"), "`in_channels`", where, io, "sample", 1)
     _agrees(config.get("out_channels"), "`out_channels`", where, io, "out_sample", 1)
     size = config.get("sample_size")
-    sizes = size if isinstance(size, list) else [size]
+    sizes: list[Any] = size if isinstance(size, list) else [size]
     if size is not None and (not sizes or not all(_is_int(s) and s > 0 for s in sizes)):
         raise PackageError(f"{where}: `sample_size` must be a positive integer (or a list of them); got {size!r}")
     cross = config.get("cross_attention_dim")
     if isinstance(cross, list):
         cross = cross[0] if cross and all(c == cross[0] for c in cross) else None
     if cross is not None:
-        _agrees(cross, "`cross_attention_dim`", where, io, "encoder_hidden_states", -1)
+        _agrees(cross, "`cross_attention_dim`", where, io, "encoder_hidden_states", 2)
 
 
 # ----- value checks -----

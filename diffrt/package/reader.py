@@ -209,8 +209,8 @@ class ModelPackage:
                 unrecorded.append(name)
             checked += verify_hashes(files, where)
         if checked == 0:
-            raise PackageError(f"package {self.root} records no sha256 for its files (it has no {MANIFEST_NAME}, or was "
-                               "written before diffrt recorded hashes): nothing to verify against; export it again")
+            raise PackageError(f"package {self.root} records no sha256 for its files (it has no {MANIFEST_NAME}, or "
+                               "was written before diffrt recorded hashes): nothing to verify against; export it again")
         if unrecorded:
             logger.warning("%s: no sha256 recorded for %s (written without a manifest, or before diffrt recorded "
                            "hashes): not verified", self.root, ", ".join(unrecorded))
