@@ -56,11 +56,12 @@ def build_venv(folder: Path) -> Path:
     return venv_python(folder)
 
 
-def run_in_venv(python: Path, *args: str | Path, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_in_venv(python: Path, *args: object, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `python args...` with an environment that cannot reach the network or this checkout's diffrt."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run([str(python), *map(os.fspath, args)], capture_output=True, text=True, env=env,
+    argv = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+    result = subprocess.run([str(python), *argv], capture_output=True, text=True, env=env,
                             timeout=timeout)
     assert result.returncode == 0, f"{args}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
