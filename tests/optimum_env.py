@@ -1,10 +1,13 @@
 """A separate virtual environment holding the real Optimum (`optimum-onnx`), built once and cached across sessions.
 
 Optimum pins its own transformers (< 4.58) and runs with diffusers releases older than the main test environment's,
-so it cannot live in that environment. The venv sees the system site-packages (the CPU torch is reused, never
-re-downloaded, and no CUDA build can be pulled) and installs only Optimum and its pins on top of them, from PyPI.
-Its folder name is keyed by the requirements, so changing a pin builds a new one; a `diffrt-complete` marker is
-written last, so a build killed half-way is rebuilt instead of used.
+so it cannot live in that environment. The venv sees the test environment's packages through a `.pth` file, after
+its own: the CPU torch already installed there satisfies the torch pin (nothing is downloaded, so no CUDA build can
+be pulled), and only Optimum and its pins are installed on top, from PyPI. A `.pth` file rather than
+`--system-site-packages`, because the test environment is itself a venv in CI (`.ci/run`), and
+`--system-site-packages` would expose the base interpreter's packages, not its. The folder name is keyed by the
+requirements and the test environment, so changing either builds a new one; a `diffrt-complete` marker is written
+last, so a build killed half-way is rebuilt instead of used.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -34,8 +38,14 @@ def venv_dir() -> Path:
     """DIFFRT_OPTIMUM_VENV, or a folder under ~/.cache/diffrt-tests keyed by the requirements."""
     if os.environ.get("DIFFRT_OPTIMUM_VENV"):
         return Path(os.environ["DIFFRT_OPTIMUM_VENV"]).expanduser()
-    key = hashlib.sha256(" ".join(REQUIREMENTS + ("system-site",)).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "diffrt-tests" / f"optimum-system-venv-{key}"
+    key = hashlib.sha256(" ".join(REQUIREMENTS + tuple(_parent_paths())).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "diffrt-tests" / f"optimum-venv-{key}"
+
+
+def _parent_paths() -> list[str]:
+    """The site-packages folders of the environment running the tests."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
 
 
 def venv_python(folder: Path) -> Path:
@@ -49,7 +59,14 @@ def build_venv(folder: Path) -> Path:
         return venv_python(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True)
+    from importlib.metadata import version
+
+    if not version("torch").endswith("+cpu"):  # the pin must be met by this environment's torch, not a download
+        raise RuntimeError(f"the test environment's torch is {version('torch')}, not the CPU build")
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    site = subprocess.run([str(venv_python(folder)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "diffrt-test-environment.pth").write_text("\n".join(_parent_paths()) + "\n")
     subprocess.run([str(venv_python(folder)), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True,
                    timeout=BUILD_TIMEOUT_S)
     marker.write_text(" ".join(REQUIREMENTS) + "\n")
@@ -72,5 +89,5 @@ def optimum_python() -> Path:
     """The python of the Optimum venv, built on first use (a few minutes, from PyPI; cached afterwards)."""
     try:
         return build_venv(venv_dir())
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, RuntimeError) as error:
         pytest.fail(f"could not build the Optimum test venv at {venv_dir()} ({' '.join(REQUIREMENTS)}): {error}")

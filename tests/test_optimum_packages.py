@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_runner import run_cli
+from hub_cache import add_snapshot
 from optimum_env import run_in_venv
 from PIL import Image
 
@@ -97,3 +98,19 @@ def test_diffrt_info_describes_an_optimum_package(optimum_export) -> None:
     assert "      out out_sample: float32 [batch_size, 4, height, width]" in lines
     assert "      out sample: float32 [batch_size, 3, latent_height * 8, latent_width * 8]" in lines
     assert any(line.startswith("  unet: unet/model.onnx, ") and line.endswith(" MiB") for line in lines)
+
+
+def test_an_optimum_package_from_the_hub_cache_runs_and_is_described(optimum_export, tmp_path: Path) -> None:
+    """Both at once: Optimum's folder uploaded to the Hub and found in the cache (symlinks into blobs/), offline."""
+    kind, package, reference = optimum_export
+    add_snapshot(tmp_path / "home" / "hub", f"someone/{kind}-onnx", package)
+    result = run_cli("info", f"someone/{kind}-onnx", HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
+                     HF_HUB_CACHE=None)
+    assert result.returncode == 0, result.stderr
+    assert "      in  timestep: float32 []" in result.stdout.splitlines()
+    pipe = DiffusionPipeline.from_pretrained(f"someone/{kind}-onnx", cache_dir=tmp_path / "home" / "hub",
+                                             local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                  generator=SEED, output_type="np").images
+    np.testing.assert_allclose(images, reference, atol=TOLERANCE, rtol=0)
