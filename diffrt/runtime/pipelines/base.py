@@ -21,6 +21,7 @@ from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
+from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
@@ -340,19 +341,6 @@ class DiffusionPipeline:
             return mean
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
         return mean + std * rng.randn(mean.shape, generator=generator)
-
-
-def scalar_timestep(engine: Engine, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """UNets exported by Optimum take `timestep` as a scalar (rank 0), one value for the whole batch; ours take one
-    per batch row. Every row of a denoising step has the same timestep, so the scalar is that value."""
-    spec = next((spec for spec in engine.inputs if spec.name == "timestep"), None)
-    timestep = feeds.get("timestep")
-    if spec is None or len(spec.shape) != 0 or timestep is None or timestep.ndim == 0:
-        return feeds
-    if timestep.size == 0 or not np.all(timestep == timestep.flat[0]):
-        raise InputError(f"`timestep` must be one value for the whole batch (this UNet takes a scalar); got "
-                         f"{timestep.tolist()}")
-    return {**feeds, "timestep": np.asarray(timestep.flat[0], dtype=timestep.dtype)}
 
 
 def check_provider(provider: Any) -> None:
