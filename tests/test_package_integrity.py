@@ -105,6 +105,24 @@ def test_graph_io_is_read_without_onnx_and_equals_onnx(package: Path) -> None:
                                                      for d in v.type.tensor_type.shape.dim) for v in theirs]
 
 
+def test_initializers_listed_as_inputs_in_old_graphs_are_not_inputs(tmp_path: Path) -> None:
+    """ONNX IR < 4 lists every initializer among the graph inputs; ONNX Runtime does not feed them, neither do we."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 2), np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("Add", ["sample", "weight"], ["out_sample"])], "old",
+                              [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 2]),
+                               helper.make_tensor_value_info("weight", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, ["batch", 2])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.save(model, tmp_path / "old.onnx")
+    inputs, outputs = read_graph_io(tmp_path / "old.onnx")
+    assert [t.name for t in inputs] == ["sample"] and [t.name for t in outputs] == ["out_sample"]
+
+
 def test_a_model_file_swapped_for_another_components_is_named(package: Path) -> None:
     """Without recorded sizes (an older package), the wrong graph is still found before any engine is built."""
     shutil.copyfile(package / "vae_decoder" / "model.onnx", unrecorded(package) / "unet" / "model.onnx")

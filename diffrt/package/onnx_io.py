@@ -4,9 +4,9 @@ Why not `onnx` or an engine session: the runtime does not depend on `onnx`, and 
 model (seconds for a UNet), while opening a package must stay cheap and must find a wrong file before any engine is
 built. The inputs and outputs sit in the graph's header fields; everything else (nodes, initializers, which can be
 gigabytes inside model.onnx) is skipped by its length without being read. Only the few ONNX protobuf fields named
-below are decoded (onnx/onnx.proto: ModelProto.graph = 7; GraphProto.initializer = 5, input = 11, output = 12;
-ValueInfoProto.name = 1, type = 2; TypeProto.tensor_type = 1; Tensor.elem_type = 1, shape = 2;
-TensorShapeProto.dim = 1; Dimension.dim_value = 1, dim_param = 2).
+below are decoded (onnx/onnx.proto: ModelProto.ir_version = 1, graph = 7; GraphProto.initializer = 5,
+input = 11, output = 12; ValueInfoProto.name = 1, type = 2; TypeProto.tensor_type = 1; Tensor.elem_type = 1,
+shape = 2; TensorShapeProto.dim = 1; Dimension.dim_value = 1, dim_param = 2; TensorProto.name = 8).
 """
 from __future__ import annotations
 
@@ -45,10 +45,16 @@ def read_graph_io(path: str | Path) -> tuple[list[GraphTensor], list[GraphTensor
     try:
         with open(path, "rb") as stream:
             size = path.stat().st_size
-            graph = _find_field(stream, 0, size, 7)
+            graph, ir_version = None, 0
+            for field, wire, offset, length in _fields(stream, 0, size):
+                if field == 1 and wire == _VARINT:
+                    ir_version = length
+                elif field == 7 and wire == _BYTES:
+                    graph = (offset, offset + length)
             if graph is None:
                 raise PackageError(f"{path} is not an ONNX model: it has no graph")
-            inputs, outputs, initializers = _graph_io(stream, *graph)
+            # Only IR < 4 lists initializers among the inputs: later graphs need not have their names read.
+            inputs, outputs, initializers = _graph_io(stream, *graph, initializer_names=ir_version < 4)
     except (ValueError, EOFError, UnicodeDecodeError) as error:
         raise PackageError(f"{path} is not a readable ONNX model (damaged or truncated?): {error}") from None
     except OSError as error:
@@ -58,12 +64,13 @@ def read_graph_io(path: str | Path) -> tuple[list[GraphTensor], list[GraphTensor
     return [tensor for tensor in inputs if tensor.name not in initializers], outputs
 
 
-def _graph_io(stream: BinaryIO, start: int, end: int) -> tuple[list[GraphTensor], list[GraphTensor], set[str]]:
+def _graph_io(stream: BinaryIO, start: int, end: int,
+              initializer_names: bool) -> tuple[list[GraphTensor], list[GraphTensor], set[str]]:
     inputs: list[GraphTensor] = []
     outputs: list[GraphTensor] = []
     initializers: set[str] = set()
     for field, wire, offset, length in _fields(stream, start, end):
-        if wire != _BYTES or field not in (5, 11, 12):
+        if wire != _BYTES or field not in (5, 11, 12) or (field == 5 and not initializer_names):
             continue
         if field == 5:  # initializer: only its name (TensorProto.name = 8), and only if it comes before its data
             name = _find_field(stream, offset, offset + length, 8, stop_after_bytes=True)
