@@ -3,7 +3,9 @@
 Our packages carry a `diffrt.json` manifest; Optimum's (and Diffusers' legacy ONNX) folders have the same layout
 without it, so everything the runtime needs is also found from `model_index.json` and the component folders.
 All files are checked when the package is opened, so a missing or corrupt file is a `PackageError` naming it
-before any engine is built.
+before any engine is built: paths stay inside the package (checked as written, so Hub-cache symlinks load), recorded
+sizes match (`verify()` compares the sha256 too), each ONNX graph's inputs and outputs match the manifest
+(`integrity.py`, read by `onnx_io.py`), and config values are typed, ranged and fit the graphs (`config_checks.py`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class ComponentInfo:
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     #: the ONNX graph's (inputs, outputs), read from the model file when the package is opened
-    graph: tuple[list[GraphTensor], list[GraphTensor]] = field(default=([], []), compare=False)
+    graph: tuple[list[GraphTensor], list[GraphTensor]] = field(default_factory=lambda: ([], []), compare=False)
 
     @property
     def folder(self) -> Path:
