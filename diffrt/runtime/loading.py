@@ -16,7 +16,6 @@ from diffrt.runtime.hub import resolve_package
 
 # Diffusers' `variant` names a weight file suffix; for ONNX packages the only variants are the export precisions.
 VARIANTS = ("fp32", "fp16", "bf16")
-HUB_KEYWORDS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "variant", "verify")
 
 
 def open_package(
