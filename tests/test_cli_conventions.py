@@ -2,11 +2,11 @@
 `diffrt info` on built-in names and Hub ids, and a progress line per exported component."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from cli_runner import REPO, run_cli
+from hub_cache import add_snapshot
 
 from diffrt import __version__
 
@@ -52,13 +52,9 @@ def test_info_takes_a_builtin_name():
 
 
 def test_info_takes_a_hub_repo_id_from_the_cache_offline(tmp_path: Path):
-    """The Hub cache layout (models--owner--name/refs/main -> snapshots/<commit>/) with the digits package in it;
+    """The Hub cache layout (refs/main -> snapshots/<commit>/, symlinks into blobs/) with the digits package in it;
     offline, `diffrt info owner/name` reads its manifest from there."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "home" / "hub" / "models--someone--digits"
-    shutil.copytree(DIGITS, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    add_snapshot(tmp_path / "home" / "hub", "someone/digits", DIGITS)
     result = run_cli("info", "someone/digits", HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", HF_HUB_CACHE=None)
     assert result.returncode == 0, result.stderr
     assert result.stdout == run_cli("info", "digits").stdout

@@ -96,11 +96,12 @@ def test_info_lists_tensorrt_engines(replaced_package, tmp_path, capsys):
     assert "unet/engines/abc123: gpu NVIDIA H100, sm 9.0, tensorrt 10.13, precision fp16" in capsys.readouterr().out
 
 
-def test_info_without_manifest_is_a_one_line_error(tmp_path):
+def test_info_of_a_folder_that_is_no_package_is_a_one_line_error(tmp_path):
     result = run_cli("info", tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"diffrt info: error: `package` must be a model package folder with diffrt.json; got {str(tmp_path)!r}"
+        "diffrt info: error: `package` must be a model package folder with diffrt.json (diffrt's) or "
+        f"model_index.json and ONNX components (Optimum's); got {str(tmp_path)!r}"
     ]
 
 

@@ -50,7 +50,8 @@ def check_manifest_schema(package: Path) -> dict:
     for name, entry in manifest["components"].items():
         assert name in ONNX_COMPONENTS
         assert list(entry) == ["file", "external_data", "precision", "opset", "inputs", "outputs", "dims",
-                               "validation"]
+                               "validation", "files"]
+        assert all(set(record) == {"size", "sha256"} for record in entry["files"].values())
         assert isinstance(entry["opset"], int) and (manifest["target"] == "cuda" or entry["opset"] == manifest["opset"])
         assert entry["file"] == f"{name}/model.onnx" and (package / entry["file"]).is_file()
         if entry["external_data"] is not None:

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=number_in(0, 1, open_low=True), default=None,
                         help="with --image: how much of it to repaint, (0, 1] (pipeline default)")
     parser.add_argument("--mask", type=Path, default=None, help="mask image: inpainting (white = repaint)")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
                              "built with `diffrt build-engines`)")
@@ -186,7 +187,8 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     if args.threads is not None:
         options["threads"] = args.threads
     try:
-        pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, **options)
+        pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
+                                    **options)
     except PackageError as error:
         if not from_png:
             raise

@@ -1,8 +1,11 @@
 """`diffrt info PACKAGE`: a package's manifest and its TensorRT engines, as text.
 
-PACKAGE is a folder, a built-in name (`diffrt info digits`) or a Hub repo id, of which only the JSON files are
-fetched (the manifest says everything printed here; the weights can be gigabytes). Whatever the manifest holds, the
-result is text or a one-line error: fields of unexpected types are shown as they are, never a traceback.
+PACKAGE is a folder, a built-in name (`diffrt info digits`) or a Hub repo id (`--revision` picks a branch, tag or
+commit), of which only the JSON files are fetched when it has a manifest (the manifest says everything printed
+here; the weights can be gigabytes). A package without `diffrt.json` (Optimum's `optimum-cli export onnx` output)
+is described from its model_index.json and the inputs and outputs of its ONNX graphs. `--verify` hashes every
+component file against the sha256 the manifest records. Whatever the manifest holds, the result is text or a
+one-line error: fields of unexpected types are shown as they are, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,38 +17,48 @@ from typing import Any, Mapping
 
 from diffrt.errors import InputError, PackageError
 from diffrt.package.files import read_json
-from diffrt.package.names import ENGINES_FOLDER, MANIFEST_NAME
+from diffrt.package.names import ENGINES_FOLDER, INDEX_NAME, MANIFEST_NAME
 from diffrt.package.reader import ModelPackage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", help="model package folder, built-in name (digits) or Hub repo id")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every component file against the sha256 recorded in the manifest")
 
 
 def run(args: argparse.Namespace) -> int:
-    folder, local = locate_package(args.package)
+    folder, local = locate_package(args.package, revision=args.revision, files=args.verify)
     sys.stdout.write(describe_package(folder, check_files=local) + "\n")
+    if args.verify:
+        sys.stdout.write(verify_package(folder) + "\n")
     return 0
 
 
-def locate_package(name: str) -> tuple[Path, bool]:
-    """(the folder holding the package's manifest, whether it is a local package): a folder or built-in name as
-    is; a Hub repo id as a snapshot of its JSON files (from the cache when offline)."""
+def locate_package(name: str, revision: str | None = None, files: bool = False) -> tuple[Path, bool]:
+    """(the folder holding the package, whether its model files are there): a folder or built-in name as is; a Hub
+    repo id as a snapshot of its JSON files (from the cache when offline), or of the whole package when `files`
+    are needed or it has no manifest to describe it (Optimum's packages are described from their ONNX graphs)."""
     from diffrt.runtime.builtin import builtin_names, resolve_builtin
 
     folder = Path(resolve_builtin(name))
-    if folder.is_dir():
+    if folder.is_dir():  # a local folder has no revisions: `--revision` is ignored, as by from_pretrained
         return folder, True
     if name.count("/") != 1 or name.startswith((".", "/", "~")) or os.path.exists(name):
         raise InputError(f"`package` must be a model package folder, a built-in name ({', '.join(builtin_names())}) "
                          f"or a Hub repo id (owner/name); got {name!r}")
     from huggingface_hub.utils import HFValidationError
 
-    from diffrt.runtime.hub import hub_cache_dir, hub_offline, hub_snapshot
+    from diffrt.runtime.hub import hub_cache_dir, hub_offline, hub_snapshot, resolve_package
 
     try:
-        return hub_snapshot(name, allow_patterns=["*.json"], cache_dir=hub_cache_dir(), local_files_only=hub_offline(),
-                            purpose="the package manifest"), False
+        if not files:
+            folder = hub_snapshot(name, revision=revision, allow_patterns=["*.json"], cache_dir=hub_cache_dir(),
+                                  local_files_only=hub_offline(), purpose="the package manifest")
+            if (folder / MANIFEST_NAME).is_file():
+                return folder, False
+        return resolve_package(name, revision=revision), True
     except HFValidationError as error:
         raise InputError(f"`package` {name!r} is no folder and no valid Hub repo id: {error}") from None
 
@@ -128,6 +141,36 @@ def describe_engines(package: Path, check_files: bool = True) -> str:
 
 def describe_package(package: Path, check_files: bool = True) -> str:
     """What `diffrt info PACKAGE` prints: the manifest and any TensorRT engines (`check_files=False`: a snapshot
-    of the JSON files only, whose plan files are not there to check)."""
+    of the JSON files only, whose plan files are not there to check); a package without a manifest (Optimum's
+    layout) is described from its ONNX graphs."""
+    package = Path(package)
+    if not (package / MANIFEST_NAME).is_file() and (package / INDEX_NAME).is_file() and check_files:
+        return describe_graphs(ModelPackage.open(package)) + "\n" + describe_engines(package, check_files)
+    if not (package / MANIFEST_NAME).is_file():
+        raise InputError(f"`package` must be a model package folder with {MANIFEST_NAME} (diffrt's) or "
+                         f"{INDEX_NAME} and ONNX components (Optimum's); got {str(package)!r}")
     manifest = read_manifest(package, check_files)
     return describe_manifest(manifest) + "\n" + describe_engines(package, check_files)
+
+
+def describe_graphs(package: ModelPackage) -> str:
+    """A package without diffrt.json: its pipeline class from model_index.json, each component's model file(s)
+    and the inputs / outputs its ONNX graph declares."""
+    lines = [f"pipeline   {package.pipeline_class}",
+             f"layout     {package.index.get('_class_name')} (model_index.json; no {MANIFEST_NAME}, so no manifest "
+             "facts: source, precision, validation)",
+             "components"]
+    for name, info in package.components.items():
+        size = sum(path.stat().st_size for path in info.folder.glob("model.onnx*") if path.is_file())
+        files = ", ".join(sorted(path.name for path in info.folder.glob("model.onnx*")))
+        lines.append(f"  {name}: {name}/{files}, {size / 2 ** 20:.1f} MiB")
+        for arrow, tensors in (("in ", info.graph[0]), ("out", info.graph[1])):
+            lines += [f"      {arrow} {tensor.name}: {tensor.dtype} {_shape(list(tensor.shape or ()))}"
+                      for tensor in tensors]
+    return "\n".join(lines)
+
+
+def verify_package(folder: Path) -> str:
+    """`--verify`: hash the files (PackageError naming the first that differs); the line saying what was checked."""
+    checked = ModelPackage.open(folder).verify()
+    return f"verified   {checked} files: sizes and sha256 match the manifest"

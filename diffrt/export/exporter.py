@@ -31,7 +31,7 @@ from diffrt.package.files import copy_file, read_json, write_json
 from diffrt.package.leftovers import remove_stale_temp
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
 from diffrt.package.output import check_output, output_path
-from diffrt.package.writer import PackageWriter, build_manifest, model_index
+from diffrt.package.writer import PackageWriter, build_manifest, model_index, record_component_files
 
 __all__ = ["export_pipeline", "COMPONENTS", "TARGET_OPSETS"]
 
@@ -78,6 +78,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
         if tiny is not None:
             entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
         _write_support_files(src, names + tiny_components, folder)
+        record_component_files(folder, entries)
         write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries))
     logger.info("exported %s to %s\n%s", src.id, output, summary_table(rows))
     return output

@@ -22,6 +22,7 @@ from diffrt.export.precision import component_precision
 from diffrt.package.files import files_sha256, read_json, replace_folder, write_json
 from diffrt.package.leftovers import remove_stale_temp, temp_prefix
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, ONNX_ENTRY
+from diffrt.package.writer import record_component_files
 from diffrt.runtime.hub import hub_snapshot
 
 __all__ = ["TINY_COMPONENTS", "TinyVaeSource", "add_tiny_vae", "resolve_tiny_vae"]
@@ -186,6 +187,7 @@ def add_tiny_vae(package: str | Path, source: str | Path, *, revision: str | Non
     index = read_json(root / INDEX_NAME) if (root / INDEX_NAME).is_file() else {}
     write_json(root / INDEX_NAME, {**index, **{name: list(ONNX_ENTRY) for name in names}})
     manifest["components"].update(entries)
+    record_component_files(root, manifest["components"], names)
     write_json(root / MANIFEST_NAME, manifest)
     logger.info("added the tiny VAE %s to %s\n%s", tiny.id, root, summary_table(rows))
     return root

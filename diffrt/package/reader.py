@@ -3,7 +3,9 @@
 Our packages carry a `diffrt.json` manifest; Optimum's (and Diffusers' legacy ONNX) folders have the same layout
 without it, so everything the runtime needs is also found from `model_index.json` and the component folders.
 All files are checked when the package is opened, so a missing or corrupt file is a `PackageError` naming it
-before any engine is built.
+before any engine is built: paths stay inside the package (checked as written, so Hub-cache symlinks load), recorded
+sizes match (`verify()` compares the sha256 too), each ONNX graph's inputs and outputs match the manifest
+(`integrity.py`, read by `onnx_io.py`), and config values are typed, ranged and fit the graphs (`config_checks.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from diffrt.errors import InputError, PackageError
+from diffrt.package.config_checks import check_component_config
 from diffrt.package.files import read_json
+from diffrt.package.integrity import check_graph_io, check_sizes, inside_package, recorded_files, verify_hashes
 from diffrt.package.names import (
     CLASS_PREFIXES,
     CONFIG_NAME,
@@ -26,6 +30,7 @@ from diffrt.package.names import (
     SUPPORTED_FORMAT_VERSIONS,
     TOKENIZERS,
 )
+from diffrt.package.onnx_io import GraphTensor, read_graph_io
 from diffrt.package.specs import TensorSpec, parse_dim_ranges
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ class ComponentInfo:
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
+    #: the ONNX graph's (inputs, outputs), read from the model file when the package is opened
+    graph: tuple[list[GraphTensor], list[GraphTensor]] = field(default_factory=lambda: ([], []), compare=False)
 
     @property
     def folder(self) -> Path:
@@ -186,6 +193,31 @@ class ModelPackage:
                 f"which this pipeline needs; it has: {', '.join(have) or 'nothing'}"
             )
 
+    def graph_io(self, name: str) -> tuple[list[GraphTensor], list[GraphTensor]]:
+        """Component `name`'s ONNX graph (inputs, outputs), as read from its model file at open."""
+        return self.component(name).graph
+
+    def verify(self) -> int:
+        """Hash every component file against the sha256 the manifest records; returns how many files were checked.
+
+        Raises PackageError naming the first file that differs, or when no file has a recorded hash (Optimum's
+        packages have no manifest; older diffrt packages no `files`); components without one are named in a warning.
+        """
+        checked, unrecorded = 0, []
+        for name, info in self.components.items():
+            where = f"{self.root / MANIFEST_NAME}: component `{name}`"
+            files = recorded_files(self.root, info.manifest or {}, where)
+            if not files:
+                unrecorded.append(name)
+            checked += verify_hashes(files, where)
+        if checked == 0:
+            raise PackageError(f"package {self.root} records no sha256 for its files (it has no {MANIFEST_NAME}, or "
+                               "was written before diffrt recorded hashes): nothing to verify against; export it again")
+        if unrecorded:
+            logger.warning("%s: no sha256 recorded for %s (written without a manifest, or before diffrt recorded "
+                           "hashes): not verified", self.root, ", ".join(unrecorded))
+        return checked
+
     def __repr__(self) -> str:
         kind = "diffrt" if self.manifest is not None else "optimum"
         return f"ModelPackage({str(self.root)!r}, {kind}, components={list(self.components)})"
@@ -213,21 +245,35 @@ def _manifest_component(root: Path, name: str, entry: Any) -> ComponentInfo:
     where = f"{root / MANIFEST_NAME}: component `{name}`"
     if not isinstance(entry, dict) or not isinstance(entry.get("file", f"{name}/{MODEL_FILE}"), str):
         raise PackageError(f"{where} must be an object with a `file` path")
-    path = root / entry.get("file", f"{name}/{MODEL_FILE}")
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise PackageError(f"{where}: `file` must stay inside the package; got {entry['file']!r}")
+    path = root / inside_package(entry.get("file", f"{name}/{MODEL_FILE}"), f"{where}: `file`")
     if not path.is_file():
         raise PackageError(f"{where}: model file {path} is missing")
     external = entry.get("external_data")
-    if external and not any((base / external).is_file() for base in (root, path.parent)):
+    if external and not any((base / inside_package(external, f"{where}: `external_data`")).is_file()
+                            for base in (root, path.parent)):
         raise PackageError(f"{where}: external data file {external} is missing")
+    check_sizes(recorded_files(root, entry, where), where)
     try:
-        parse_dim_ranges(entry.get("dims"))
-        _specs(entry, "inputs")
-        _specs(entry, "outputs")
+        dims = parse_dim_ranges(entry.get("dims"))
+        declared = (_specs(entry, "inputs"), _specs(entry, "outputs"))
     except (InputError, KeyError, TypeError) as error:
         raise PackageError(f"{where} has an invalid `dims` / `inputs` / `outputs` entry: {error}") from error
-    return ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME), entry)
+    graph = read_graph_io(path)
+    check_graph_io(path, graph, declared, where)
+    return _checked(ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME), entry, graph), dims)
+
+
+def _plain_component(path: Path, name: str) -> ComponentInfo:
+    """A component found by its folder (Optimum's packages have no manifest): its graph tells the I/O."""
+    return _checked(ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME), None, read_graph_io(path)), {})
+
+
+def _checked(info: ComponentInfo, dims: Mapping[str, tuple[int, int]]) -> ComponentInfo:
+    """Config values typed, ranged and consistent with the graph (see `config_checks`)."""
+    if info.config:
+        shapes = {tensor.name: tensor.shape for tensor in (*info.graph[0], *info.graph[1])}
+        check_component_config(info.name, info.config, info.folder / CONFIG_NAME, shapes, dims)
+    return info
 
 
 def _find_components(
@@ -241,7 +287,7 @@ def _find_components(
             continue
         path = root / name / MODEL_FILE
         if path.is_file():
-            components[name] = ComponentInfo(name, path, read_json(path.parent / CONFIG_NAME))
+            components[name] = _plain_component(path, name)
         elif _listed(index, name):
             what = "folder" if not path.parent.is_dir() else "model file"
             raise PackageError(f"component `{name}` is listed in model_index.json but its {what} {path} is missing")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 from diffrt.errors import ExportError
-from diffrt.package.files import AtomicFolder
+from diffrt.package.files import AtomicFolder, files_sha256
 from diffrt.package.names import FORMAT_NAME, FORMAT_VERSION, ONNX_ENTRY
 from diffrt.package.output import check_output, output_path
 
@@ -97,3 +97,26 @@ def component_entry(*, file: str, external_data: str | None, precision: str, inp
         "dims": {name: [int(low), int(high)] for name, (low, high) in dims.items()},
         "validation": dict(validation) if validation is not None else None,
     }
+
+
+def record_component_files(folder: Path, components: Mapping[str, dict[str, Any]],
+                           names: Iterable[str] | None = None) -> None:
+    """Add `files` (package-relative path -> size and sha256) to each manifest entry in `components` (only `names`,
+    when given), from the files now in `folder`: the ONNX model and its external data.
+
+    The runtime checks the sizes whenever it opens the package (cheap: a truncated download or a half-copied file
+    is found before any engine is built) and the hashes when asked (`verify=True`, `diffrt info --verify`).
+    config.json is not recorded: its values are checked by type, range and against the graph instead, so a
+    deliberate edit that still fits the model is not reported as damage.
+    """
+    for name in components if names is None else names:
+        entry = components[name]
+        model = PurePosixPath(entry["file"])
+        paths = [model]
+        if entry.get("external_data"):
+            paths.append(model.parent / entry["external_data"])
+        entry["files"] = {str(path): _file_record(folder / path) for path in paths if (folder / path).is_file()}
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": files_sha256([path])}

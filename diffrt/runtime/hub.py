@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from diffrt.errors import DiffrtError, PackageError
+from diffrt.errors import DiffrtError, InputError, PackageError
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +45,52 @@ def resolve_package(
     revision: str | None = None,
     token: str | bool | None = None,
     *,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool | None = None,
+    subfolder: str | None = None,
 ) -> Path:
     """The local folder of a package: `name_or_path` itself if it is a folder, else a Hub snapshot.
 
-    Hub downloads keep only package files (ONNX, external data, JSON, text, TensorRT plans). With HF_HUB_OFFLINE=1
-    (or `local_files_only=True`) only the local cache is used. Raises PackageError when neither exists.
+    Hub downloads keep only package files (ONNX, external data, JSON, text, TensorRT plans), and only those under
+    `subfolder` when one is given (a repo holding the package in a folder, as Diffusers' `subfolder`). With
+    HF_HUB_OFFLINE=1 (or `local_files_only=True`) only the local cache is used; `cache_dir` replaces the HF cache
+    folder, as in Diffusers. Raises PackageError when neither exists.
     """
     from diffrt.runtime.builtin import resolve_builtin
 
+    sub = _subfolder(subfolder)
     name = os.fspath(resolve_builtin(os.fspath(name_or_path)))
     if os.path.isdir(name):
-        return Path(name)
+        return _in_subfolder(Path(name), sub, name)
     if _looks_like_path(name) or not _valid_repo_id(name):
         raise PackageError(f"`name_or_path` must be a model package folder or a Hub repo id; no folder {name!r}")
-    offline = hub_offline() if local_files_only is None else local_files_only
-    folder = _snapshot(name, revision, token, Path(cache_dir) if cache_dir else hub_cache_dir(), offline)
+    offline = hub_offline() if local_files_only is None else bool(local_files_only)
+    patterns = [f"{sub}/{pattern}" for pattern in ALLOW_PATTERNS] if sub else ALLOW_PATTERNS
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
+    folder = hub_snapshot(name, revision=revision, token=token, allow_patterns=patterns, cache_dir=cache,
+                          local_files_only=offline, purpose="the package files", error=PackageError)
     logger.info("resolved %s (revision %s) to %s", name, revision or "main", folder)
-    return folder
+    return _in_subfolder(folder, sub, name)
+
+
+def _subfolder(subfolder: str | None) -> str | None:
+    """`subfolder` as a repo-relative POSIX path; absolute paths and `..` are refused (it names a folder inside)."""
+    if subfolder is None or subfolder in ("", "."):
+        return None
+    if not isinstance(subfolder, str):
+        raise InputError(f"`subfolder` must be a folder name inside the package repo; got {subfolder!r}")
+    parts = subfolder.replace("\\", "/").strip("/").split("/")
+    if subfolder.startswith(("/", "\\")) or ".." in parts:
+        raise InputError(f"`subfolder` must be a relative folder inside the package repo; got {subfolder!r}")
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+def _in_subfolder(folder: Path, sub: str | None, name: str) -> Path:
+    if sub is None:
+        return folder
+    if not (folder / sub).is_dir():
+        raise PackageError(f"`subfolder` {sub!r} does not exist in {name!r}")
+    return folder / sub
 
 
 def _valid_repo_id(name: str) -> bool:
@@ -74,12 +101,6 @@ def _valid_repo_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def _snapshot(repo_id: str, revision: str | None, token: str | bool | None, cache_dir: Path | None,
-              offline: bool) -> Path:
-    return hub_snapshot(repo_id, revision=revision, token=token, allow_patterns=ALLOW_PATTERNS, cache_dir=cache_dir,
-                        local_files_only=offline, purpose="the package files", error=PackageError)
 
 
 def hub_snapshot(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,

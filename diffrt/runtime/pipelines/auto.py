@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffrt.package.reader import ModelPackage
-from diffrt.runtime.hub import resolve_package
+from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider
 from diffrt.runtime.pipelines.registry import pipeline_class_for_task
 
@@ -24,11 +23,18 @@ class _AutoPipeline:
         provider: str | Sequence[Any] = "cpu",
         revision: str | None = None,
         token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        verify: bool = False,
         scheduler: Any = None,
         **engine_options: Any,
     ) -> DiffusionPipeline:
+        """The pipeline class for this task and the package's model family; keywords as `DiffusionPipeline`'s."""
         check_provider(provider)
-        package = ModelPackage.open(resolve_package(pretrained_model_name_or_path, revision=revision, token=token))
+        package = open_package(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+                               local_files_only=local_files_only, subfolder=subfolder, variant=variant, verify=verify)
         target = pipeline_class_for_task(cls.task, package.pipeline_class)
         return target(package, provider=provider, scheduler=scheduler, **engine_options)
 

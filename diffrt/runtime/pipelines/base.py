@@ -18,9 +18,10 @@ from diffrt.errors import InputError, PackageError
 from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
-from diffrt.runtime.hub import resolve_package
+from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
+from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
@@ -122,18 +123,26 @@ class DiffusionPipeline:
         provider: str | Sequence[Any] = "cpu",
         revision: str | None = None,
         token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        verify: bool = False,
         scheduler: Scheduler | None = None,
         vae: str = "full",
         **engine_options: Any,
     ) -> "DiffusionPipeline":
         """Open a package folder or Hub repo id; generic classes dispatch on the package's pipeline class.
 
+        Diffusers' Hub keywords apply (`revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`; `variant`
+        is the package's precision, "fp16" / "fp32" / "bf16"), see `diffrt.runtime.loading.open_package`.
+        `verify=True` hashes every component file against the manifest (file sizes are always checked).
         `vae="tiny"` decodes and encodes with the package's tiny autoencoder (exported with `--tiny-vae`).
         """
         check_provider(provider)
         check_vae(vae)
-        path = resolve_package(pretrained_model_name_or_path, revision=revision, token=token)
-        package = ModelPackage.open(path)
+        package = open_package(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+                               local_files_only=local_files_only, subfolder=subfolder, variant=variant, verify=verify)
         target = cls._resolve_class(package.pipeline_class)
         return target(package, provider=provider, scheduler=scheduler, vae=vae, **engine_options)
 
@@ -232,7 +241,7 @@ class DiffusionPipeline:
         engine = self.engine("unet")
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         cast = {k: (v.astype(dtypes[k], copy=False) if k in dtypes else v) for k, v in feeds.items()}
-        return np.asarray(engine.run(cast)["out_sample"], dtype=np.float32)
+        return np.asarray(engine.run(scalar_timestep(engine, cast))["out_sample"], dtype=np.float32)
 
     def denoise(
         self,
