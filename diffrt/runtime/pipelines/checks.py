@@ -192,19 +192,25 @@ class PackageLimits:
             return (dim, dim)
         return info.dim_ranges.get(dim) if isinstance(dim, str) else None
 
-    def check_size(self, height: int, width: int, vae_components: dict[str, str], encodes: bool) -> None:
+    def check_size(self, height: int, width: int, vae_components: dict[str, str], encodes: bool,
+                   source: str | None = None) -> None:
         """`height` / `width` in pixels against the UNet's and the VAE's latent ranges (and the encoder's pixel
-        ranges when the call encodes an image)."""
+        ranges when the call encodes an image). `source` names the argument the size came from (image-to-image
+        runs at its `image`'s size), otherwise the error names `height` / `width`."""
         factor = self.vae_scale_factor
+        why = f"the latent sizes its UNet and VAE take, x the VAE scale factor {factor}"
         for axis, name, value in ((2, "height", height), (3, "width", width)):
             extents = [_scaled(self.extent("unet", "sample", axis), factor),
                        _scaled(self.extent(vae_components["vae_decoder"], "latent_sample", axis), factor)]
             if encodes:
                 extents.append(self.extent(vae_components["vae_encoder"], "sample", axis))
             low, high = _intersect(extents)
-            if not low <= value <= high:
-                raise invalid(name, f"in [{low}, {high}] pixels for this package (the latent sizes its UNet and VAE "
-                              f"take, x the VAE scale factor {factor})", value)
+            if low <= value <= high:
+                continue
+            if source is not None:
+                raise invalid(source, f"an image whose {name} is in [{low}, {high}] pixels for this package ({why})",
+                              f"{height}x{width} (height x width)")
+            raise invalid(name, f"in [{low}, {high}] pixels for this package ({why})", value)
 
     def check_batch(self, prompts: int, num_images_per_prompt: int, do_cfg: bool, vae_components: dict[str, str],
                     encodes: bool, text_encoders: Sequence[str]) -> None:

@@ -114,9 +114,9 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
 
     def _check_fits(self, height: int, width: int, batch_size: int, num_images_per_prompt: int, do_cfg: bool,
-                    encodes: bool = False) -> None:
+                    encodes: bool = False, source: str | None = None) -> None:
         """Size and batch against the package's ranges, before any prompt is encoded or noise allocated."""
-        self.limits.check_size(height, width, self.vae_components, encodes)
+        self.limits.check_size(height, width, self.vae_components, encodes, source)
         self.limits.check_batch(batch_size, num_images_per_prompt, do_cfg, self.vae_components, encodes,
                                 [n for n in self.text_encoder_names if self.has_component(n)])
 
@@ -230,7 +230,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         batch = batch_size * num_images_per_prompt
         checks.check_generator_count(generator, batch)
         do_cfg = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
-        self._check_fits(height, width, batch_size, num_images_per_prompt, do_cfg, encodes=True)
+        self._check_fits(height, width, batch_size, num_images_per_prompt, do_cfg, encodes=True, source="image")
         pixels = image_or_latents(image, self.vae_scale_factor)
         check_image_batch("image", pixels.shape[0], batch)
         generator = to_generator(generator)

@@ -169,7 +169,7 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
                 "time_ids": ids}
 
     def _prepare(self, prompt: Any, kw: dict[str, Any], height: int, width: int,
-                 encodes: bool = False) -> tuple[Any, ...]:
+                 encodes: bool = False, source: str | None = None) -> tuple[Any, ...]:
         self._check_common(height, width, kw)
         for name in ("denoising_start", "denoising_end"):
             checks.check_optional_fraction(name, kw.get(name))
@@ -182,7 +182,7 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         batch = batch_size * kw["num_images_per_prompt"]
         checks.check_generator_count(kw["generator"], batch)
         do_cfg = kw["guidance_scale"] > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
-        self._check_fits(height, width, batch_size, kw["num_images_per_prompt"], do_cfg, encodes)
+        self._check_fits(height, width, batch_size, kw["num_images_per_prompt"], do_cfg, encodes, source)
         self._given_embeds(kw, batch_size)
         return prompts, batch_size, batch, do_cfg
 
@@ -334,7 +334,7 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         # 1. Check inputs.
         checks.check_range("strength", strength, 0.0, 1.0)
         height, width = image_size(image, self.vae_scale_factor)
-        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width, encodes=True)
+        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width, encodes=True, source="image")
         pixels = image_or_latents(image, self.vae_scale_factor)
         check_image_batch("image", pixels.shape[0], batch)
         generator = to_generator(generator)
