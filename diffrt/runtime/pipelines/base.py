@@ -14,16 +14,17 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from diffrt import rng
-from diffrt.errors import InputError, PackageError, invalid
+from diffrt.errors import PackageError, invalid
 from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.hub import resolve_package
 from diffrt.runtime.pipelines.checks import PackageLimits
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
-from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi, provider_name
+from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
+from diffrt.runtime.pipelines.providers import check_package_target, check_provider
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
@@ -438,38 +439,6 @@ def warmup_call_arguments(pipe: DiffusionPipeline, height: int | None, width: in
         defaults.update(height=height, width=width)
     for name, value in defaults.items():
         arguments.setdefault(name, value)
-
-
-def check_provider(provider: Any) -> None:
-    """An unavailable provider is a ValueError naming it, before any engine is built (never a silent fallback)."""
-    from diffrt.runtime.engines import check_provider as _check
-
-    try:
-        _check(provider)
-    except InputError:
-        raise
-    except Exception as error:  # EngineError from the engine layer: re-raise as a ValueError for callers
-        raise InputError(str(error)) from error
-
-
-CUDA_PROVIDER_NAMES = ("cuda", "cudaexecutionprovider", "tensorrt", "tensorrtexecutionprovider")
-
-
-def check_package_target(package: ModelPackage, provider: Any) -> None:
-    """A `--target cuda` package holds ONNX Runtime kernels that exist on CUDA only: say so before loading."""
-    if (package.manifest or {}).get("target") != "cuda":
-        return
-    name = provider_name(provider)
-    if name == "auto":
-        from diffrt.runtime.engines import auto_provider
-
-        name = auto_provider()
-    if name.lower() not in CUDA_PROVIDER_NAMES:
-        raise InputError(
-            f"`provider` {name!r} cannot run this package: it was exported with --target cuda, whose UNet and VAE "
-            "use ONNX Runtime's CUDA-only kernels (GroupNorm, NhwcConv); use provider 'cuda', or export with "
-            "--target onnxruntime for other providers"
-        )
 
 
 def require_component(pipeline: DiffusionPipeline, name: str, reason: str) -> None:

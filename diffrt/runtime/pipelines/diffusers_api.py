@@ -21,14 +21,17 @@ from diffrt.errors import InputError, invalid
 from diffrt.package.files import AtomicFolder, read_json, write_json
 from diffrt.package.names import INDEX_NAME, SCHEDULER_CONFIG
 from diffrt.runtime.pipelines.components import ConfigDict
+from diffrt.runtime.pipelines.providers import (
+    GPU_PROVIDER_NAMES,
+    check_package_target,
+    check_provider,
+    provider_name,
+)
 
 if TYPE_CHECKING:
     from diffrt.package.reader import ModelPackage
 
 logger = logging.getLogger(__name__)
-
-CUDA_PROVIDERS = ("cuda", "cudaexecutionprovider", "tensorrt", "tensorrtexecutionprovider", "trt")
-
 
 class CallState(threading.local):
     """What Diffusers keeps on the pipeline during a call (`self._interrupt`, `self._num_timesteps`, ...)."""
@@ -77,7 +80,7 @@ class DiffusersApi:
             from diffrt.runtime.engines import auto_provider
 
             name = auto_provider().lower()
-        if name in CUDA_PROVIDERS:
+        if name in GPU_PROVIDER_NAMES:
             return f"cuda:{int(self.engine_options.get('device_id', 0))}"
         return "cpu"
 
@@ -85,8 +88,6 @@ class DiffusersApi:
         """Run on another provider from now on (`pipe.to("cuda")`, `pipe.to("cuda:1")`, `pipe.to("openvino")`);
         the engines are created again on the next call. Returns the pipeline, as Diffusers does. The dtype is
         fixed when the package is exported (`diffrt export --precision`), so `dtype` must stay None."""
-        from diffrt.runtime.pipelines.base import check_package_target, check_provider
-
         if dtype is not None:
             raise invalid("dtype", "None: a package's precision is chosen at export (`diffrt export --precision`)",
                           dtype)
@@ -174,13 +175,6 @@ class DiffusersApi:
     @property
     def do_classifier_free_guidance(self) -> bool | None:
         return self._call.do_classifier_free_guidance
-
-
-def provider_name(provider: Any) -> str:
-    """The first provider's name, lower case ("cpu", "cuda", "openvino", "auto", ...)."""
-    first = provider if isinstance(provider, str) else next(iter(provider), "")
-    name = first if isinstance(first, str) else first[0]
-    return str(name).lower()
 
 
 def _check_save_target(source: Path, target: Path) -> None:
