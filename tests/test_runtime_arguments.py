@@ -182,7 +182,7 @@ def test_wrong_width_prompt_embeds_is_named_with_the_expected_shape(make):
     refused(pipe, {**kwargs, "prompt_embeds": np.zeros((1, 77, 33), np.float32)}, "prompt_embeds", "32")
     refused(pipe, {**kwargs, "prompt_embeds": np.zeros((1, 77), np.float32)}, "prompt_embeds")
     good = np.zeros((1, 77, 32), np.float32)
-    refused(pipe, {**kwargs, "prompt_embeds": good, "negative_prompt_embeds": np.zeros((1, 70, 32), np.float32)},
+    refused(pipe, {**kwargs, "prompt_embeds": good, "negative_prompt_embeds": np.zeros((1, 80, 32), np.float32)},
             "negative_prompt_embeds", "(1, 77, 32)")
 
 
