@@ -89,4 +89,4 @@ def test_generate_prints_load_apart_from_the_stages(tmp_path):
     line = result.stdout.strip().splitlines()[-1]
     stages = dict((name, float(value)) for name, value in re.findall(r"(\w+) ([\d.]+)s", line))
     assert list(stages)[0] == "load" and list(stages).count("load") == 1
-    assert {"text_encoder", "unet", "vae_decoder"} <= set(stages)
+    assert {"text_encoder", "unet", "vae_decode"} <= set(stages)
