@@ -84,6 +84,10 @@ MISTAKES = [
     ("num-images-zero", [*GENERATE, "--num-images", "0"], "generate", ["--num-images"]),
     ("threads-zero", [*GENERATE, "--threads", "0"], "generate", ["--threads"]),
     ("height-not-a-multiple", [*GENERATE, "--height", "30"], "generate", ["`height`", "multiple of 4"]),
+    # sizes, images per call and steps beyond what the package and its scheduler take: refused before any work
+    ("height-beyond-package", [*GENERATE, "--height", "100000"], "generate", ["`height`", "[4, 2048]", "100000"]),
+    ("num-images-beyond-package", [*GENERATE, "--num-images", "17"], "generate", ["[1, 16]", "17 images"]),
+    ("steps-beyond-grid", [*GENERATE[:3], "--steps", "1000000"], "generate", ["[1, 1000]", "1000000"]),
     ("sigmas-not-numbers", [*GENERATE, "--sigmas", "1,x"], "generate", ["--sigmas", "numbers"]),
     ("schedules-together", [*GENERATE, "--ays", "--sigmas", "1,0"], "generate", ["--sigmas", "--ays"]),
     ("cuda-graph-on-cpu", [*GENERATE, "--cuda-graph"], "generate", ["--cuda-graph", "cuda"]),

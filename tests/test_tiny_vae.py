@@ -193,10 +193,10 @@ def test_img2img_with_tiny_encoder_matches_diffusers(strength, sd_package, tiny_
 
 def test_vae_choice_is_kept_by_from_pipe_and_is_no_engine_option(sd_package):
     pipe = DiffusionPipeline.from_pretrained(sd_package, vae="tiny")
-    assert pipe.vae == "tiny" and "vae" not in pipe.engine_options
+    assert pipe.vae.kind == "tiny" and "vae" not in pipe.engine_options
     assert pipe.vae_config["scaling_factor"] == 1.0 and pipe.vae_scale_factor == 8
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    assert img2img.vae == "tiny" and img2img.vae_components["vae_encoder"] == "vae_encoder_tiny"
+    assert img2img.vae.kind == "tiny" and img2img.vae_components["vae_encoder"] == "vae_encoder_tiny"
     assert DiffusionPipeline.from_pretrained(sd_package).vae_config["scaling_factor"] == pytest.approx(0.18215)
 
 

@@ -52,11 +52,9 @@ class DiffrtSide:
         if cfg.scheduler:
             scheduler_class = get_scheduler_class(cfg.scheduler)
             pipe.scheduler = scheduler_class.from_config(pipe.package.scheduler_config)
-        for name in ("text_encoder", "text_encoder_2", "unet", pipe.vae_components["vae_decoder"]):
-            if pipe.has_component(name):
-                # Engines create their sessions lazily; touch them here so session creation (graph
-                # optimisation: a minute for a real-size UNet) counts as package load, not as the first UNet step.
-                getattr(pipe.engine(name), "session", None)
+        # Session creation (graph optimisation: a minute for a real-size UNet) counts as package load, not as the
+        # first UNet step.
+        pipe.load_engines()
         pipe.set_progress_bar_config(disable=True)
         unet = pipe.engine("unet")
 

@@ -69,12 +69,27 @@ def to_pil(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 # ----- resizing -----
-def snap_size(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
-    """Height and width rounded down to a multiple of the VAE scale factor (Diffusers' default-size rule)."""
+def snap_size(height: int, width: int, vae_scale_factor: int, source: str | None = None) -> tuple[int, int]:
+    """Height and width rounded down to a multiple of the VAE scale factor (Diffusers' default-size rule).
+    `source` names the argument the size was read from (an image), which the error then names."""
+    if source is not None and min(height, width) < vae_scale_factor:
+        raise invalid(source, f"at least {vae_scale_factor}x{vae_scale_factor} pixels (the VAE scale factor of "
+                      "this package)", f"{height}x{width} (height x width)")
     for name, value in (("height", height), ("width", width)):
         if value - value % vae_scale_factor < vae_scale_factor:
             raise invalid(name, f"at least {vae_scale_factor} (the VAE scale factor)", value)
     return height - height % vae_scale_factor, width - width % vae_scale_factor
+
+
+def input_image_size(image: Any, vae_scale_factor: int, name: str = "image") -> tuple[int, int]:
+    """The (height, width) a pipeline runs `image` at (its first image's size snapped down to a multiple of the
+    VAE scale factor), read without converting any pixel: sizes are checked before the work."""
+    first = _as_list(name, image)[0]
+    if isinstance(first, Image.Image):
+        height, width = first.height, first.width
+    else:
+        height, width = first.shape[-3:-1] if first.ndim >= 3 else first.shape
+    return snap_size(int(height), int(width), vae_scale_factor, name)
 
 
 def resize_nearest(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -167,12 +182,13 @@ def _as_list(name: str, image: Any) -> list[Any]:
 
 # ----- pipelines' entry points -----
 def _pil_batch(
-    images: list[Image.Image], height: int | None, width: int | None, vae_scale_factor: int,
+    name: str, images: list[Image.Image], height: int | None, width: int | None, vae_scale_factor: int,
     resample: str, resize_mode: str, crops_coords: tuple[int, int, int, int] | None, grayscale: bool,
 ) -> np.ndarray:
     if crops_coords is not None:
         images = [image.crop(crops_coords) for image in images]
-    height, width = snap_size(height or images[0].height, width or images[0].width, vae_scale_factor)
+    height, width = snap_size(height or images[0].height, width or images[0].width, vae_scale_factor,
+                              name if height is None or width is None else None)
     images = [_resize_pil(image, height, width, resample, resize_mode) for image in images]
     if grayscale:
         images = [image.convert("L") for image in images]
@@ -190,7 +206,8 @@ def _numpy_batch(
     except ValueError as error:
         raise invalid(name, "images of one shape", [a.shape for a in arrays]) from error
     images = _nhwc_to_nchw(array)
-    height, width = snap_size(height or images.shape[2], width or images.shape[3], vae_scale_factor)
+    height, width = snap_size(height or images.shape[2], width or images.shape[3], vae_scale_factor,
+                              name if height is None or width is None else None)
     return resize_nearest(images, height, width)
 
 
@@ -209,29 +226,31 @@ def preprocess_image(
     resample: str = "lanczos",
     resize_mode: str = "default",
     crops_coords: tuple[int, int, int, int] | None = None,
+    name: str = "image",
 ) -> np.ndarray:
     """Image(s) for the VAE encoder: NCHW float32 in [-1, 1] (Diffusers' `VaeImageProcessor.preprocess`).
 
     `height` / `width` default to the first image's size; both snap down to a multiple of `vae_scale_factor`.
-    `resize_mode` "fill" / "crop" and `crops_coords` apply to PIL images only, as in Diffusers.
+    `resize_mode` "fill" / "crop" and `crops_coords` apply to PIL images only, as in Diffusers. Errors name the
+    argument `name` (the pipeline's parameter the image came in).
     """
     _check_options(height, width, resample, resize_mode, vae_scale_factor)
-    items = _as_list("image", image)
+    items = _as_list(name, image)
     if isinstance(items[0], Image.Image):
         for item in items:
             if item.mode != "RGB":
-                raise invalid("image", "an RGB PIL image (use image.convert('RGB'))", f"mode {item.mode}")
-        pixels = _pil_batch(items, height, width, vae_scale_factor, resample, resize_mode, crops_coords,
+                raise invalid(name, "an RGB PIL image (use image.convert('RGB'))", f"mode {item.mode}")
+        pixels = _pil_batch(name, items, height, width, vae_scale_factor, resample, resize_mode, crops_coords,
                             grayscale=False)
     else:
         _check_numpy_only(resize_mode, crops_coords)
         for item in items:
-            _check_float_range("image", item, -1.0, 1.0)
+            _check_float_range(name, item, -1.0, 1.0)
             if item.shape[-1] != 3:
-                raise invalid("image", "an array with 3 (RGB) channels last (HWC / NHWC)", f"shape {item.shape}")
-        pixels = _numpy_batch("image", items, height, width, vae_scale_factor, grayscale=False)
+                raise invalid(name, "an array with 3 (RGB) channels last (HWC / NHWC)", f"shape {item.shape}")
+        pixels = _numpy_batch(name, items, height, width, vae_scale_factor, grayscale=False)
     if pixels.min() < 0:  # already in [-1, 1]: Diffusers accepts it (deprecated) and skips normalisation
-        logger.warning("`image` has values below 0: taking it as already in [-1, 1]; pass [0, 1] images instead")
+        logger.warning("`%s` has values below 0: taking it as already in [-1, 1]; pass [0, 1] images instead", name)
         return pixels.astype(np.float32, copy=False)
     return (2.0 * pixels - 1.0).astype(np.float32, copy=False)
 
@@ -245,23 +264,25 @@ def preprocess_mask(
     resample: str = "lanczos",
     resize_mode: str = "default",
     crops_coords: tuple[int, int, int, int] | None = None,
+    name: str = "mask",
 ) -> np.ndarray:
     """Inpainting mask(s): NCHW float32 [batch, 1, H, W] with 1 where to repaint (binarised at 0.5).
 
-    PIL masks of any mode are converted to grayscale; arrays are HW, NHW, HW1 or NHW1 floats in [0, 1].
+    PIL masks of any mode are converted to grayscale; arrays are HW, NHW, HW1 or NHW1 floats in [0, 1]. Errors
+    name the argument `name` (pipelines pass "mask_image").
     """
     _check_options(height, width, resample, resize_mode, vae_scale_factor)
-    items = _as_list("mask", mask)
+    items = _as_list(name, mask)
     if isinstance(items[0], Image.Image):
-        pixels = _pil_batch(items, height, width, vae_scale_factor, resample, resize_mode, crops_coords,
+        pixels = _pil_batch(name, items, height, width, vae_scale_factor, resample, resize_mode, crops_coords,
                             grayscale=True)
     else:
         _check_numpy_only(resize_mode, crops_coords)
         for item in items:
-            _check_float_range("mask", item, 0.0, 1.0)
-        pixels = _numpy_batch("mask", items, height, width, vae_scale_factor, grayscale=True)
+            _check_float_range(name, item, 0.0, 1.0)
+        pixels = _numpy_batch(name, items, height, width, vae_scale_factor, grayscale=True)
     if pixels.shape[1] != 1:
-        raise invalid("mask", "a single-channel (grayscale) mask", f"{pixels.shape[1]} channels")
+        raise invalid(name, "a single-channel (grayscale) mask", f"{pixels.shape[1]} channels")
     return (pixels >= 0.5).astype(np.float32)
 
 

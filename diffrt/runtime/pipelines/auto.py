@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from diffrt.runtime.loading import open_package
-from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider
+from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider, pipe_as
 from diffrt.runtime.pipelines.registry import pipeline_class_for_task
 
 
@@ -41,13 +41,7 @@ class _AutoPipeline:
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **overrides: Any) -> DiffusionPipeline:
         """Reuse another pipeline's package, engines and scheduler for this task (no reload)."""
-        target = pipeline_class_for_task(cls.task, pipeline.package.pipeline_class)
-        options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae,
-                   **pipeline.engine_options}
-        options.update(overrides)
-        new = target(pipeline.package, **options)
-        new._engines = pipeline._engines  # engines are thread-safe and shared
-        return new
+        return pipe_as(pipeline_class_for_task(cls.task, pipeline.package.pipeline_class), pipeline, overrides)
 
 
 class AutoPipelineForText2Image(_AutoPipeline):

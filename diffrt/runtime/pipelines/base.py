@@ -7,20 +7,24 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffrt import rng
-from diffrt.errors import InputError, PackageError
+from diffrt.errors import PackageError, invalid
 from diffrt.package.reader import ModelPackage
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
+from diffrt.runtime.pipelines.checks import PackageLimits
+from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
+from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.prompts import TextEncoder
+from diffrt.runtime.pipelines.providers import check_package_target, check_provider
 from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.tokenizer import CLIPTokenizer
@@ -28,6 +32,8 @@ from diffrt.schedulers import from_config as scheduler_from_config
 from diffrt.schedulers.protocol import Scheduler
 
 logger = logging.getLogger(__name__)
+
+LOAD_CHOICES = ("lazy", "eager")
 
 # callback tensor name (Diffusers) -> UNet feed it stands for
 CALLBACK_FEEDS = {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds",
@@ -78,11 +84,20 @@ def randn_tensor(shape: Sequence[int], generator: Any) -> np.ndarray:
     return rng.randn(tuple(shape), generator=generator)
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(DiffusersApi):
     """Loads a model package and runs it; `from_pretrained` picks the concrete class from `model_index.json`."""
 
     #: components a package must have for this class (checked before any engine is created)
     required_components: tuple[str, ...] = ()
+    #: components this class runs when the package has them (SDXL's first text encoder)
+    optional_components: tuple[str, ...] = ()
+    # Diffusers' component attributes: views of the package's components (None when the package has none)
+    unet: EngineComponent
+    text_encoder: EngineComponent | None
+    text_encoder_2: EngineComponent | None
+    vae_decoder: EngineComponent | None
+    vae_encoder: EngineComponent | None
+    vae: AutoencoderComponent
     #: callback tensor names this pipeline can hand to `callback_on_step_end`
     _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds")
     #: optional `step_hook(step_index, seconds_by_stage)`, called after each denoising step with that step's
@@ -95,24 +110,56 @@ class DiffusionPipeline:
         provider: str | Sequence[Any] = "cpu",
         scheduler: Scheduler | None = None,
         vae: str = "full",
+        load: str = "lazy",
         **engine_options: Any,
     ) -> None:
-        """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD)."""
+        """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD); `load`
+        "lazy" (each engine is created on first use) or "eager" (all of them now, see `load_engines`)."""
+        if load not in LOAD_CHOICES:
+            raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         self.vae_components = vae_components(package, vae, self.required_components)
         package.require(*(self.vae_components.get(name, name) for name in self.required_components))
-        self.vae = vae
         self.package = package
         self.provider = provider
         self.engine_options = engine_options
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
-        self._progress: dict[str, Any] = {}
+        self._progress_bar_config: dict[str, Any] = {}
+        self._call = CallState()
         self.scheduler = scheduler if scheduler is not None else scheduler_from_config(package.scheduler_config)
         self.vae_config: dict[str, Any] = vae_config(package, self.vae_components)
         self.unet_config: dict[str, Any] = package.unet_config
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        self.limits = PackageLimits(package, self.vae_scale_factor)
+        self._attach_components(vae)
         check_provider(provider)
         check_package_target(package, provider)
+        if load == "eager":
+            self.load_engines()
+
+    def _attach_components(self, vae: str) -> None:
+        """`pipe.unet`, `pipe.text_encoder`, `pipe.vae`, ...: views that create no engine until used."""
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"):
+            setattr(self, name, EngineComponent(self, name) if self.package.has(name) else None)
+        if self.package.has("unet"):
+            self.unet = EngineComponent(self, "unet", self.unet_config)
+        self.vae = AutoencoderComponent(self, self.vae_components, self.vae_config, vae)
+
+    @cached_property
+    def tokenizer(self) -> CLIPTokenizer | None:
+        """The first CLIP tokenizer (Diffusers' `pipe.tokenizer`), None when the package has no `tokenizer/`."""
+        return self._tokenizer("tokenizer")
+
+    @cached_property
+    def tokenizer_2(self) -> CLIPTokenizer | None:
+        return self._tokenizer("tokenizer_2")
+
+    def _tokenizer(self, name: str) -> CLIPTokenizer | None:
+        try:
+            folder = self.package.tokenizer_dir(name)
+        except PackageError:
+            return None
+        return CLIPTokenizer.from_folder(folder)
 
     # ----- construction -----
     @classmethod
@@ -138,6 +185,8 @@ class DiffusionPipeline:
         is the package's precision, "fp16" / "fp32" / "bf16"), see `diffrt.runtime.loading.open_package`.
         `verify=True` hashes every component file against the manifest (file sizes are always checked).
         `vae="tiny"` decodes and encodes with the package's tiny autoencoder (exported with `--tiny-vae`).
+        `load="eager"` creates every engine now (ONNX Runtime sessions, OpenVINO compiles, TensorRT contexts)
+        instead of at first use, so the first call runs at full speed; the default is `load="lazy"`.
         """
         check_provider(provider)
         check_vae(vae)
@@ -145,6 +194,12 @@ class DiffusionPipeline:
                                local_files_only=local_files_only, subfolder=subfolder, variant=variant, verify=verify)
         target = cls._resolve_class(package.pipeline_class)
         return target(package, provider=provider, scheduler=scheduler, vae=vae, **engine_options)
+
+    @classmethod
+    def from_pipe(cls, pipeline: "DiffusionPipeline", **overrides: Any) -> "DiffusionPipeline":
+        """This class on another pipeline's package, sharing its engines and scheduler (Diffusers' `from_pipe`):
+        `StableDiffusionImg2ImgPipeline.from_pipe(text_to_image)` loads nothing again."""
+        return pipe_as(cls._resolve_class(pipeline.package.pipeline_class), pipeline, overrides)
 
     @classmethod
     def _resolve_class(cls, pipeline_class: str) -> type["DiffusionPipeline"]:
@@ -156,50 +211,80 @@ class DiffusionPipeline:
 
     # ----- components -----
     def engine(self, name: str) -> Engine:
-        """The engine of component `name`, created on first use and shared by all calls (thread-safe)."""
+        """The engine of component `name`, created on first use and shared by all calls (thread-safe).
+        The seconds spent creating it (or waiting for another thread to) count as this call's "load" stage."""
         engine = self._engines.get(name)
         if engine is None:
+            start = time.perf_counter()
             with self._lock:
                 engine = self._engines.get(name)
                 if engine is None:
                     component = self.package.component(name)
                     engine = create_engine(component, provider=self.provider, **self.engine_options)
+                    # Engines open their model on first use (ONNX Runtime's session, OpenVINO's model read);
+                    # reading the IO specs does it now, so that time is "load", not the stage that runs it.
+                    _ = engine.inputs
                     self._engines[name] = engine
+            self._call.load_seconds += time.perf_counter() - start
         return engine
+
+    def engine_names(self) -> list[str]:
+        """The package components this pipeline runs (its VAE choice applied)."""
+        names = [self.vae_components.get(n, n) for n in self.required_components]
+        return names + [n for n in self.optional_components if self.package.has(n)]
+
+    def load_engines(self) -> float:
+        """Create every engine this pipeline runs now (what `load="eager"` does); returns the seconds it took."""
+        start = time.perf_counter()
+        for name in self.engine_names():
+            self.engine(name)
+        self._call.load_seconds = 0.0  # spent outside any call: not a call's "load" stage
+        return time.perf_counter() - start
 
     def has_component(self, name: str) -> bool:
         return self.package.has(name)
 
-    def text_encoder(self, name: str, tokenizer_name: str) -> TextEncoder:
-        tokenizer = CLIPTokenizer.from_folder(self.package.tokenizer_dir(tokenizer_name))
+    def prompt_encoder(self, name: str, tokenizer_name: str) -> TextEncoder:
+        """Text encoder `name` with its tokenizer, as prompt encoding runs them."""
+        tokenizer = getattr(self, tokenizer_name, None)
+        if tokenizer is None:
+            tokenizer = CLIPTokenizer.from_folder(self.package.tokenizer_dir(tokenizer_name))
         return TextEncoder(tokenizer, self.engine(name))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Generate images; each concrete pipeline defines its own arguments (Diffusers' `__call__`)."""
         raise NotImplementedError(f"{type(self).__name__} is a base class: open a package with `from_pretrained`")
 
-    def warmup(self, **call_arguments: Any) -> float:
-        """One short call with these arguments (size, batch, guidance, ...; a 1-step text-to-image by default) so
-        every engine prepares that shape before real traffic: cuDNN's algorithm search, the CUDA graph capture,
-        OpenVINO's static-shape compile. Returns the seconds it took."""
-        arguments = {"prompt": "", "num_inference_steps": 1, "output_type": "np", **call_arguments}
+    def warmup(self, height: int | None = None, width: int | None = None, batch_size: int = 1,
+               **call_arguments: Any) -> float:
+        """Create the engines and run one short call at this size and batch (images per call) so every engine
+        has prepared that shape before real traffic: session creation, cuDNN's algorithm search, the CUDA graph
+        capture, OpenVINO's static-shape compile. Image-to-image and inpainting pipelines get a gray image and
+        mask of that size. Other call arguments (guidance_scale, ...) pass through. Returns the seconds it took."""
+        warmup_call_arguments(self, height, width, batch_size, call_arguments)
         start = time.perf_counter()
-        previous = self._progress
-        self._progress = {**previous, "disable": True}
+        previous = self._progress_bar_config
+        self._progress_bar_config = {**previous, "disable": True}
         try:
-            self(**arguments)
+            self(**call_arguments)  # checks every argument before it creates an engine
         finally:
-            self._progress = previous
+            self._progress_bar_config = previous
+        self.load_engines()  # any engine this call did not need (an encoder a strength-1 inpaint skips)
         return time.perf_counter() - start
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        self._progress = dict(kwargs)
 
     @contextmanager
     def _stage(self, timings: dict[str, float], name: str) -> Iterator[None]:
+        """Time one stage of a call; engine creation inside it goes to a separate "load" stage."""
+        loaded = self._call.load_seconds
         start = time.perf_counter()
-        yield
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        try:
+            yield
+        finally:
+            load = self._call.load_seconds - loaded
+            self._call.load_seconds = loaded
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start - load
+            if load:
+                timings["load"] = timings.get("load", 0.0) + load
 
     # ----- shared steps -----
     def default_size(self) -> int:
@@ -259,7 +344,12 @@ class DiffusionPipeline:
         # without comparing it every step (see DeviceIO).
         state.feeds = {name: read_only_copy(value) for name, value in state.feeds.items()}
         hook = self.step_hook
-        for i, t in enumerate(self._progress_bar(timesteps)):
+        call = self._call
+        call.interrupt, call.num_timesteps = False, len(timesteps)
+        call.guidance_scale, call.do_classifier_free_guidance = state.guidance_scale, state.do_cfg
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if call.interrupt:  # set by a callback (`pipe._interrupt = True`): skip the rest, as Diffusers does
+                continue
             before = dict(timings) if hook is not None else None
             with self._stage(timings, "host"):
                 model_input = np.concatenate([latents, latents]) if state.do_cfg else latents
@@ -296,9 +386,6 @@ class DiffusionPipeline:
                 state.feeds[CALLBACK_FEEDS[name]] = np.asarray(value, dtype=np.float32)
         return latents
 
-    def _progress_bar(self, items: Iterable[Any]) -> Any:
-        return tqdm(items, **{"leave": False, **self._progress})
-
     def unscale_latents(self, latents: np.ndarray) -> np.ndarray:
         """Undo the VAE latent normalisation (scaling_factor, optional latents_mean/std and shift_factor)."""
         scaling = np.float32(self.vae_config.get("scaling_factor", 0.18215))
@@ -321,59 +408,49 @@ class DiffusionPipeline:
         return (latents - (np.float32(shift) if shift is not None else np.float32(0))) * scaling
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        engine = self.engine(self.vae_components["vae_decoder"])
-        dtype = next(s.dtype for s in engine.inputs if s.name == "latent_sample")
-        image = engine.run({"latent_sample": self.unscale_latents(latents).astype(dtype, copy=False)})["sample"]
-        return np.asarray(image, dtype=np.float32)
+        return self.vae.decode(self.unscale_latents(latents)).sample
 
     def encode_image(self, image: np.ndarray, generator: Any, sample: bool = True) -> np.ndarray:
         """VAE-encode a [-1, 1] NCHW batch and draw from the latent distribution (Diffusers' `retrieve_latents`)."""
-        engine = self.engine(self.vae_components["vae_encoder"])
-        dtype = next(s.dtype for s in engine.inputs if s.name == "sample")
-        if self.vae == "tiny":  # the tiny encoder gives the latents themselves: nothing to sample
-            return np.asarray(engine.run({"sample": image.astype(dtype, copy=False)})["latents"], np.float32)
+        if self.vae.kind == "tiny":  # the tiny encoder gives the latents themselves: nothing to sample
+            return self.vae.encode(image).latents
         if isinstance(generator, list):
             rows = [self.encode_image(image[i : i + 1], generator[i], sample) for i in range(image.shape[0])]
             return np.concatenate(rows, axis=0)
-        moments = np.asarray(engine.run({"sample": image.astype(dtype, copy=False)})["latent_parameters"], np.float32)
-        mean, logvar = np.split(moments, 2, axis=1)
-        if not sample:
-            return mean
-        std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
-        return mean + std * rng.randn(mean.shape, generator=generator)
+        dist = self.vae.encode(image).latent_dist
+        return dist.sample(generator) if sample else dist.mode()
 
 
-def check_provider(provider: Any) -> None:
-    """An unavailable provider is a ValueError naming it, before any engine is built (never a silent fallback)."""
-    from diffrt.runtime.engines import check_provider as _check
-
-    try:
-        _check(provider)
-    except InputError:
-        raise
-    except Exception as error:  # EngineError from the engine layer: re-raise as a ValueError for callers
-        raise InputError(str(error)) from error
-
-
-CUDA_PROVIDER_NAMES = ("cuda", "cudaexecutionprovider", "tensorrt", "tensorrtexecutionprovider")
+def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
+            overrides: dict[str, Any]) -> DiffusionPipeline:
+    """`target` on `pipeline`'s package, provider, scheduler, VAE choice and (shared, thread-safe) engines."""
+    options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae.kind,
+               **pipeline.engine_options}
+    options.update(overrides)
+    new = target(pipeline.package, **options)
+    new._engines = pipeline._engines
+    new._progress_bar_config = dict(pipeline._progress_bar_config)
+    return new
 
 
-def check_package_target(package: ModelPackage, provider: Any) -> None:
-    """A `--target cuda` package holds ONNX Runtime kernels that exist on CUDA only: say so before loading."""
-    if (package.manifest or {}).get("target") != "cuda":
-        return
-    first = provider if isinstance(provider, str) else next(iter(provider), "")
-    name = first if isinstance(first, str) else first[0]
-    if name.lower() == "auto":
-        from diffrt.runtime.engines import auto_provider
+def warmup_call_arguments(pipe: DiffusionPipeline, height: int | None, width: int | None, batch_size: int,
+                          arguments: dict[str, Any]) -> None:
+    """The arguments of `warmup`'s one short call, filled into `arguments`."""
+    from diffrt.runtime.pipelines.checks import check_positive_int
 
-        name = auto_provider()
-    if name.lower() not in CUDA_PROVIDER_NAMES:
-        raise InputError(
-            f"`provider` {name!r} cannot run this package: it was exported with --target cuda, whose UNet and VAE "
-            "use ONNX Runtime's CUDA-only kernels (GroupNorm, NhwcConv); use provider 'cuda', or export with "
-            "--target onnxruntime for other providers"
-        )
+    check_positive_int("batch_size", batch_size)
+    height, width = height or pipe.default_size(), width or pipe.default_size()
+    parameters = inspect.signature(pipe.__call__).parameters
+    # "np" output: the decoder prepares its shape too
+    defaults = {"prompt": [""] * batch_size, "num_inference_steps": 1, "output_type": "np"}
+    if "image" in parameters:
+        defaults.update(image=np.full((1, height, width, 3), 0.5, np.float32), strength=1.0)
+    if "mask_image" in parameters:
+        defaults["mask_image"] = np.ones((1, height, width), np.float32)
+    if "height" in parameters:
+        defaults.update(height=height, width=width)
+    for name, value in defaults.items():
+        arguments.setdefault(name, value)
 
 
 def require_component(pipeline: DiffusionPipeline, name: str, reason: str) -> None:

@@ -11,6 +11,7 @@ from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.stable_diffusion import (
     _StableDiffusionBase,
+    check_image_batch,
     requested_steps,
     strength_timesteps,
     tile_batch,
@@ -43,11 +44,22 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
 class _InpaintMixin(DiffusionPipeline):
     """The image/mask half of Diffusers' inpaint pipelines, shared by SD and SDXL."""
 
-    def _inputs(self, image: Any, mask_image: Any, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, image: Any, mask_image: Any, height: int, width: int,
+                batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and mask at the call's size, with the package's VAE scale factor; each batch must divide the
+        call's batch (Diffusers' rule), and errors name the argument (`image` or `mask_image`)."""
         if image is None or mask_image is None:
             raise checks.InputError("inpainting needs both `image` and `mask_image`")
-        pixels = preprocess_image(image, height, width)
-        mask = preprocess_mask(mask_image, height, width)
+        factor = self.vae_scale_factor
+        pixels = preprocess_image(image, height, width, vae_scale_factor=factor, name="image")
+        mask = preprocess_mask(mask_image, height, width, vae_scale_factor=factor, name="mask_image")
+        check_image_batch("image", pixels.shape[0], batch)
+        check_image_batch("mask_image", mask.shape[0], batch)
+        if mask.shape[0] != pixels.shape[0] and pixels.shape[0] != 1 and mask.shape[0] != 1:
+            raise checks.InputError(
+                f"`mask_image` has a batch of {mask.shape[0]} and `image` one of {pixels.shape[0]}: pass one mask, "
+                "or one per image"
+            )
         return pixels, mask
 
     def _inpaint_latents(
@@ -76,7 +88,8 @@ class _InpaintMixin(DiffusionPipeline):
         else:
             noise, latents = randn_tensor(shape, generator), image_latents
         masked_image = pixels * (mask < 0.5)
-        masked_latents = tile_batch(self.scale_latents(self.encode_image(masked_image, generator)), batch, "image")
+        masked_latents = tile_batch(self.scale_latents(self.encode_image(masked_image, generator)), batch,
+                                    "mask_image" if mask.shape[0] > pixels.shape[0] else "image")
         small_mask = tile_batch(downsample_mask(mask, self.vae_scale_factor), batch, "mask_image")
         return InpaintLatents(latents.astype(np.float32), noise, image_latents, small_mask, masked_latents)
 
@@ -133,24 +146,24 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         width = width or self.default_size()
         checks.check_range("strength", strength, 0.0, 1.0)
         self._check_common(height, width, dict(locals(), guidance_rescale=0.0))
-        pixels, mask = self._inputs(image, mask_image, height, width)
         prompts, batch_size = self._batch_size(prompt, prompt_embeds)
         batch = batch_size * num_images_per_prompt
         checks.check_generator_count(generator, batch)
-        checks.check_latents(latents, (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor))
-        generator = to_generator(generator)
         do_cfg = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
-        # 2. Encode the prompt.
-        with self._stage(timings, "text_encoder"):
-            embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
-        # 3. Timesteps cut to `strength`.
-        scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        self._check_fits(height, width, batch_size, num_images_per_prompt, do_cfg, encodes=True)
+        checks.check_latents(latents, (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor))
+        pixels, mask = self._inputs(image, mask_image, height, width, batch)
+        generator = to_generator(generator)
+        # 2. Timesteps cut to `strength`.
+        scheduler, steps = self._schedule(num_inference_steps, timesteps, sigmas)
         custom = timesteps is not None or sigmas is not None
         steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
         if len(steps) == 0:
             raise checks.InputError(f"`strength`={strength} leaves no denoising step; raise it or the step count")
+        # 3. Encode the prompt.
+        with self._stage(timings, "text_encoder"):
+            embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                  do_cfg, clip_skip, num_images_per_prompt)
         # 4. Latents, mask and masked-image latents.
         with self._stage(timings, "vae_encode"):
             inp = self._inpaint_latents(pixels, mask, batch, generator, np.repeat(steps[:1], batch), scheduler,
@@ -214,18 +227,18 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
         height = height or self.default_size()
         width = width or self.default_size()
         checks.check_range("strength", strength, 0.0, 1.0)
-        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width)
-        pixels, mask = self._inputs(image, mask_image, height, width)
+        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width, encodes=True)
         checks.check_latents(latents, (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor))
+        pixels, mask = self._inputs(image, mask_image, height, width, batch)
         generator = to_generator(generator)
-        # 2. Encode prompts.
-        with self._stage(timings, "text_encoder"):
-            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
-        # 3. Timesteps: from denoising_start or cut to `strength`, then optionally cut at denoising_end.
+        # 2. Timesteps: from denoising_start or cut to `strength`, then optionally cut at denoising_end.
         scheduler = self.fresh_scheduler()
         steps = image_to_image_timesteps(self, scheduler, num_inference_steps, timesteps, sigmas, strength,
                                          denoising_start, denoising_end)
         start = denoising_fraction(denoising_start)
+        # 3. Encode prompts.
+        with self._stage(timings, "text_encoder"):
+            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
         # 4. Latents, mask and masked-image latents.
         with self._stage(timings, "vae_encode"):
             inp = self._inpaint_latents(pixels, mask, batch, generator, np.repeat(steps[:1], batch), scheduler,

@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from diffrt.runtime.image import postprocess, preprocess_image
+from diffrt.runtime.image import input_image_size, postprocess, preprocess_image
 from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.guidance import guidance_scale_embedding
@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 class _StableDiffusionBase(DiffusionPipeline):
     required_components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
+    #: the text encoders a call runs, one batch row per prompt (checked against the package's batch range)
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
 
     def _batch_size(self, prompt: Any, prompt_embeds: Any) -> tuple[list[str] | None, int]:
         prompts = as_prompt_list(prompt)
@@ -25,7 +27,54 @@ class _StableDiffusionBase(DiffusionPipeline):
             raise checks.InputError("pass `prompt` or `prompt_embeds`")
         if prompts is not None and prompt_embeds is not None:
             raise checks.InputError("pass only one of `prompt` and `prompt_embeds`")
-        return prompts, len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        if prompts is not None:
+            return prompts, len(prompts)
+        return None, int(self._prompt_embeds("prompt_embeds", prompt_embeds).shape[0])
+
+    def _prompt_embeds(self, name: str, embeds: Any, batch: int | None = None) -> np.ndarray:
+        """User-given `prompt_embeds` / `negative_prompt_embeds`: (batch, sequence, width) as the UNet takes."""
+        trailing = self.limits.embeds_shape("encoder_hidden_states", self.unet_config.get("cross_attention_dim"))
+        return checks.present(checks.check_embeds(name, embeds, batch, trailing), name)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: Any = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Diffusers' `encode_prompt`: (prompt_embeds, negative_prompt_embeds) as float32 arrays, each repeated
+        `num_images_per_prompt` times per prompt; the negative is None without classifier-free guidance. `device`
+        is accepted for Diffusers' signature and ignored (the engines' provider decides)."""
+        if lora_scale is not None:
+            raise checks.invalid("lora_scale", "None (LoRA is applied when loading the package)", lora_scale)
+        checks.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        checks.check_clip_skip(clip_skip)
+        prompts, batch_size = self._batch_size(prompt, prompt_embeds)
+        embeds = None if prompt_embeds is None else self._prompt_embeds("prompt_embeds", prompt_embeds)
+        negative = None
+        if negative_prompt_embeds is not None:
+            negative = self._prompt_embeds("negative_prompt_embeds", negative_prompt_embeds, batch_size)
+            checks.check_same_shape("negative_prompt_embeds", negative, "prompt_embeds", embeds)
+        negatives = None
+        if do_classifier_free_guidance and negative is None:
+            negatives = negative_list(negative_prompt, batch_size)
+        if embeds is None or negatives is not None:
+            encoder = self.prompt_encoder("text_encoder", "tokenizer")
+            if embeds is None:
+                embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
+            if negatives is not None:
+                negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
+        embeds = repeat_per_prompt(embeds, num_images_per_prompt).astype(np.float32, copy=False)
+        if not do_classifier_free_guidance:
+            return embeds, None
+        negative = checks.present(negative, "negative_prompt_embeds")
+        return embeds, repeat_per_prompt(negative, num_images_per_prompt).astype(np.float32, copy=False)
 
     def _encode(
         self,
@@ -39,22 +88,11 @@ class _StableDiffusionBase(DiffusionPipeline):
         num_images_per_prompt: int,
     ) -> np.ndarray:
         """Prompt (and negative) embeddings, repeated per image and CFG-concatenated [negative; positive]."""
-        embeds = checks.check_embeds("prompt_embeds", prompt_embeds)
-        negative = checks.check_embeds("negative_prompt_embeds", negative_prompt_embeds, batch_size)
-        negatives = None
-        if do_cfg and negative is None:
-            negatives = negative_list(negative_prompt, batch_size)
-        if embeds is None or negatives is not None:
-            encoder = self.text_encoder("text_encoder", "tokenizer")
-            if embeds is None:
-                embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
-            if negatives is not None:
-                negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
-        embeds = repeat_per_prompt(embeds, num_images_per_prompt)
-        if not do_cfg:
+        embeds, negative = self.encode_prompt(prompts, None, num_images_per_prompt, do_cfg, negative_prompt,
+                                              prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+        if negative is None:
             return embeds
-        negative = checks.present(negative, "negative_prompt_embeds")
-        return np.concatenate([repeat_per_prompt(negative, num_images_per_prompt), embeds]).astype(np.float32)
+        return np.concatenate([negative, embeds]).astype(np.float32)
 
     def _timestep_cond(self, guidance_scale: float, batch: int) -> dict[str, np.ndarray]:
         dim = self.unet_config.get("time_cond_proj_dim")
@@ -66,6 +104,7 @@ class _StableDiffusionBase(DiffusionPipeline):
     def _check_common(self, height: int, width: int, kw: dict[str, Any]) -> None:
         checks.check_size(height, width, self.vae_scale_factor)
         checks.check_steps(kw["num_inference_steps"], kw["timesteps"], kw["sigmas"])
+        checks.check_steps_fit(self.scheduler, kw["num_inference_steps"], kw["timesteps"], kw["sigmas"])
         checks.check_range("guidance_scale", kw["guidance_scale"], 0.0)
         checks.check_range("guidance_rescale", kw["guidance_rescale"], 0.0, 1.0)
         checks.check_range("eta", kw["eta"], 0.0)
@@ -73,6 +112,19 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_output_type(kw["output_type"])
         checks.check_clip_skip(kw["clip_skip"])
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
+
+    def _check_fits(self, height: int, width: int, batch_size: int, num_images_per_prompt: int, do_cfg: bool,
+                    encodes: bool = False, source: str | None = None) -> None:
+        """Size and batch against the package's ranges, before any prompt is encoded or noise allocated."""
+        self.limits.check_size(height, width, self.vae_components, encodes, source)
+        self.limits.check_batch(batch_size, num_images_per_prompt, do_cfg, self.vae_components, encodes,
+                                [n for n in self.text_encoder_names if self.has_component(n)])
+
+    def _schedule(self, num_inference_steps: int, timesteps: Any, sigmas: Any) -> tuple[Scheduler, np.ndarray]:
+        """This call's own scheduler and its timesteps, set before the prompt is encoded so that a schedule the
+        scheduler refuses fails before any engine runs."""
+        scheduler = self.fresh_scheduler()
+        return scheduler, self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
 
     def _finish(self, latents: np.ndarray, output_type: str, return_dict: bool, timings: dict[str, float]) -> Any:
         images: Any
@@ -120,16 +172,16 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         shape = (batch, self.unet_config.get("out_channels", 4), height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         checks.check_generator_count(generator, batch)
+        do_cfg = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
+        self._check_fits(height, width, batch_size, num_images_per_prompt, do_cfg)
         checks.check_latents(latents, shape)
         generator = to_generator(generator)
-        do_cfg = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
-        # 2. Encode the prompt.
+        # 2. Timesteps, on this call's own scheduler.
+        scheduler, steps = self._schedule(num_inference_steps, timesteps, sigmas)
+        # 3. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                   do_cfg, clip_skip, num_images_per_prompt)
-        # 3. Timesteps, on this call's own scheduler.
-        scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
         # 4. Initial latents.
         latents = self.prepare_latents(shape, generator, latents, scheduler)
         # 5. Denoise.
@@ -172,29 +224,28 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         timings: dict[str, float] = {}
         # 1. Check inputs.
         checks.check_range("strength", strength, 0.0, 1.0)
-        if image is None:
-            raise checks.InputError("`image` is required for image-to-image")
-        pixels = image_or_latents(image)
-        scale = self.vae_scale_factor if pixels.shape[1] == 4 else 1
-        self._check_common(pixels.shape[-2] * scale, pixels.shape[-1] * scale, dict(locals(), latents=None))
+        height, width = image_size(image, self.vae_scale_factor)
+        self._check_common(height, width, dict(locals(), latents=None))
         prompts, batch_size = self._batch_size(prompt, prompt_embeds)
         batch = batch_size * num_images_per_prompt
         checks.check_generator_count(generator, batch)
-        generator = to_generator(generator)
         do_cfg = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
-        # 2. Encode the prompt.
-        with self._stage(timings, "text_encoder"):
-            embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
-        # 3. Timesteps, cut to `strength`.
-        scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
+        self._check_fits(height, width, batch_size, num_images_per_prompt, do_cfg, encodes=True, source="image")
+        pixels = image_or_latents(image, self.vae_scale_factor)
+        check_image_batch("image", pixels.shape[0], batch)
+        generator = to_generator(generator)
+        # 2. Timesteps, cut to `strength`.
+        scheduler, steps = self._schedule(num_inference_steps, timesteps, sigmas)
         custom = timesteps is not None or sigmas is not None
         steps = strength_timesteps(scheduler, steps, strength, requested_steps(num_inference_steps, custom, steps))
         if len(steps) == 0:
             raise checks.InputError(
                 f"`strength`={strength} with {len(scheduler.timesteps)} steps leaves no denoising step; raise either"
             )
+        # 3. Encode the prompt.
+        with self._stage(timings, "text_encoder"):
+            embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                  do_cfg, clip_skip, num_images_per_prompt)
         # 4. Latents: encode (with the generator, as Diffusers does), then noise to the first timestep.
         with self._stage(timings, "vae_encode"):
             latents = self.image_latents(pixels, batch, generator, timings)
@@ -251,19 +302,20 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         shape = (batch, self.unet_config.get("out_channels", 4), height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         checks.check_generator_count(generator, batch)
+        self._check_fits(height, width, batch_size, num_images_per_prompt, False)
         checks.check_latents(latents, shape)
         generator = to_generator(generator)
-        # 2. Encode the prompt (no negative: LCM does not run CFG).
-        with self._stage(timings, "text_encoder"):
-            embeds = self._encode(prompts, batch_size, None, prompt_embeds, None, False, clip_skip,
-                                  num_images_per_prompt)
-        # 3. Timesteps.
+        # 2. Timesteps.
         scheduler = self.fresh_scheduler()
         if timesteps is not None:
             scheduler.set_timesteps(timesteps=timesteps, original_inference_steps=original_inference_steps)
         else:
             scheduler.set_timesteps(num_inference_steps, original_inference_steps=original_inference_steps)
         steps = np.asarray(scheduler.timesteps)
+        # 3. Encode the prompt (no negative: LCM does not run CFG).
+        with self._stage(timings, "text_encoder"):
+            embeds = self._encode(prompts, batch_size, None, prompt_embeds, None, False, clip_skip,
+                                  num_images_per_prompt)
         # 4. Latents and the guidance embedding.
         latents = self.prepare_latents(shape, generator, latents, scheduler)
         feeds = {"encoder_hidden_states": embeds, **self._timestep_cond(guidance_scale, batch)}
@@ -275,11 +327,36 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         return self._finish(checks.present(denoised, "the last denoised sample"), output_type, return_dict, timings)
 
 
-def image_or_latents(image: Any) -> np.ndarray:
+def is_latents(image: Any) -> bool:
+    return isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == 4
+
+
+def image_size(image: Any, vae_scale_factor: int, name: str = "image") -> tuple[int, int]:
+    """The (height, width) in pixels a call on `image` runs at, read before any conversion (a huge image is
+    refused by the size limits before it is resized or encoded)."""
+    if image is None:
+        raise checks.InputError(f"`{name}` is required here")
+    if is_latents(image):
+        return image.shape[2] * vae_scale_factor, image.shape[3] * vae_scale_factor
+    return input_image_size(image, vae_scale_factor, name)
+
+
+def image_or_latents(image: Any, vae_scale_factor: int, name: str = "image") -> np.ndarray:
     """NCHW float32: 4-channel arrays are latents, anything else is an image preprocessed to [-1, 1]."""
-    if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == 4:
-        return image.astype(np.float32, copy=False)
-    return preprocess_image(image)
+    if is_latents(image):
+        latents = image.astype(np.float32, copy=False)
+        checks.check_finite_array(name, latents)
+        return latents
+    return preprocess_image(image, vae_scale_factor=vae_scale_factor, name=name)
+
+
+def check_image_batch(name: str, rows: int, batch: int) -> None:
+    """Diffusers' rule: an image (or mask) batch must divide the prompts x num_images_per_prompt batch."""
+    if rows > batch or batch % rows:
+        raise checks.InputError(
+            f"`{name}` has a batch of {rows}, which does not divide the {batch} images of this call "
+            "(prompts x num_images_per_prompt); pass one image, or one per image"
+        )
 
 
 def tile_batch(array: np.ndarray, batch: int, name: str) -> np.ndarray:

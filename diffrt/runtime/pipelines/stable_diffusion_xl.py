@@ -17,7 +17,9 @@ from diffrt.runtime.pipelines.prompts import (
 )
 from diffrt.runtime.pipelines.stable_diffusion import (
     _StableDiffusionBase,
+    check_image_batch,
     image_or_latents,
+    image_size,
     requested_steps,
     strength_timesteps,
     tile_batch,
@@ -56,6 +58,10 @@ def image_to_image_timesteps(pipe: Any, scheduler: Scheduler, num_inference_step
 
 class _StableDiffusionXLBase(_StableDiffusionBase):
     required_components: tuple[str, ...] = ("text_encoder_2", "unet", "vae_decoder")
+    optional_components: tuple[str, ...] = ("text_encoder",)  # the refiner has only the second one
+    text_encoder_names: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    component_names: tuple[str, ...] = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                                        "scheduler")
     _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
     @property
@@ -69,18 +75,40 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
     def _encoders(self) -> list:
         encoders = []
         if self.has_component("text_encoder"):
-            encoders.append(self.text_encoder("text_encoder", "tokenizer"))
-        encoders.append(self.text_encoder("text_encoder_2", "tokenizer_2"))
+            encoders.append(self.prompt_encoder("text_encoder", "tokenizer"))
+        encoders.append(self.prompt_encoder("text_encoder_2", "tokenizer_2"))
         return encoders
+
+    def _given_embeds(self, kw: dict[str, Any], batch_size: int) -> SdxlEmbeddings:
+        """The embeddings the caller passed, checked against the shapes the UNet takes."""
+        pooled_trailing = self.limits.embeds_shape("text_embeds", self._pooled_width())
+
+        def pooled(name: str, batch: int | None) -> np.ndarray | None:
+            return checks.check_embeds(name, kw[name], batch, pooled_trailing)
+
+        def sequence(name: str, batch: int | None) -> np.ndarray | None:
+            return None if kw[name] is None else self._prompt_embeds(name, kw[name], batch)
+
+        given = SdxlEmbeddings(sequence("prompt_embeds", None), pooled("pooled_prompt_embeds", None),
+                               sequence("negative_prompt_embeds", batch_size),
+                               pooled("negative_pooled_prompt_embeds", batch_size))
+        checks.check_same_shape("negative_prompt_embeds", given.negative_prompt_embeds, "prompt_embeds",
+                                given.prompt_embeds)
+        checks.check_same_shape("negative_pooled_prompt_embeds", given.negative_pooled, "pooled_prompt_embeds",
+                                given.pooled)
+        return given
+
+    def _pooled_width(self) -> int | None:
+        """SDXL's UNet takes the pooled embedding and 5 or 6 size ids, each embedded to addition_time_embed_dim."""
+        total = self.unet_config.get("projection_class_embeddings_input_dim")
+        per_id = self.unet_config.get("addition_time_embed_dim")
+        if not isinstance(total, int) or not isinstance(per_id, int):
+            return None
+        return total - (5 if self._requires_aesthetics_score else 6) * per_id
 
     def _encode_xl(self, prompts: list[str] | None, batch_size: int, kw: dict[str, Any],
                    do_cfg: bool) -> SdxlEmbeddings:
-        given = SdxlEmbeddings(
-            checks.check_embeds("prompt_embeds", kw["prompt_embeds"]),
-            checks.check_embeds("pooled_prompt_embeds", kw["pooled_prompt_embeds"]),
-            checks.check_embeds("negative_prompt_embeds", kw["negative_prompt_embeds"], batch_size),
-            checks.check_embeds("negative_pooled_prompt_embeds", kw["negative_pooled_prompt_embeds"], batch_size),
-        )
+        given = self._given_embeds(kw, batch_size)
         if given.prompt_embeds is not None and given.pooled is None:
             raise checks.InputError("`pooled_prompt_embeds` is required together with `prompt_embeds`")
         need_negative = do_cfg and given.negative_prompt_embeds is None
@@ -140,13 +168,58 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         return {"encoder_hidden_states": embeds.astype(np.float32), "text_embeds": pooled.astype(np.float32),
                 "time_ids": ids}
 
-    def _prepare(self, prompt: Any, kw: dict[str, Any], height: int, width: int) -> tuple[Any, ...]:
+    def _prepare(self, prompt: Any, kw: dict[str, Any], height: int, width: int,
+                 encodes: bool = False, source: str | None = None) -> tuple[Any, ...]:
         self._check_common(height, width, kw)
+        for name in ("denoising_start", "denoising_end"):
+            checks.check_optional_fraction(name, kw.get(name))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            checks.check_finite(name, kw.get(name))
+        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"):
+            checks.check_size_pair(name, kw.get(name))
         prompts, batch_size = self._batch_size(prompt, kw["prompt_embeds"])
         batch = batch_size * kw["num_images_per_prompt"]
         checks.check_generator_count(kw["generator"], batch)
         do_cfg = kw["guidance_scale"] > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
+        self._check_fits(height, width, batch_size, kw["num_images_per_prompt"], do_cfg, encodes, source)
+        self._given_embeds(kw, batch_size)
         return prompts, batch_size, batch, do_cfg
+
+    def encode_prompt(  # type: ignore[override]
+        self,
+        prompt: str | list[str] | None,
+        prompt_2: str | list[str] | None = None,
+        device: Any = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """Diffusers' SDXL `encode_prompt`: (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds), each repeated `num_images_per_prompt` times per prompt; the negatives are
+        None without classifier-free guidance (unless passed). `device` is accepted and ignored."""
+        if lora_scale is not None:
+            raise checks.invalid("lora_scale", "None (LoRA is applied when loading the package)", lora_scale)
+        checks.check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        checks.check_clip_skip(clip_skip)
+        kw = dict(locals())
+        prompts, batch_size = self._batch_size(prompt, prompt_embeds)
+        emb = self._encode_xl(prompts, batch_size, kw, do_classifier_free_guidance)
+        n = num_images_per_prompt
+
+        def repeat(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else repeat_per_prompt(array, n).astype(np.float32, copy=False)
+
+        embeds = checks.present(repeat(emb.prompt_embeds), "prompt_embeds")
+        pooled = checks.present(repeat(emb.pooled), "pooled_prompt_embeds")
+        return embeds, repeat(emb.negative_prompt_embeds), pooled, repeat(emb.negative_pooled)
 
 
 class StableDiffusionXLPipeline(_StableDiffusionXLBase):
@@ -196,14 +269,13 @@ class StableDiffusionXLPipeline(_StableDiffusionXLBase):
                  width // self.vae_scale_factor)
         checks.check_latents(latents, shape)
         generator = to_generator(generator)
-        # 2. Encode prompts (both encoders) and the size conditioning.
+        # 2. Timesteps, optionally cut at denoising_end (the base half of a base + refiner ensemble).
+        scheduler, steps = self._schedule(num_inference_steps, timesteps, sigmas)
+        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
+        # 3. Encode prompts (both encoders) and the size conditioning.
         with self._stage(timings, "text_encoder"):
             emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
         feeds = self._conditioning(emb, self._time_ids(kw, height, width), num_images_per_prompt, batch, do_cfg)
-        # 3. Timesteps, optionally cut at denoising_end (the base half of a base + refiner ensemble).
-        scheduler = self.fresh_scheduler()
-        steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
-        steps = cut_denoising_end(steps, denoising_fraction(denoising_end), scheduler.config.num_train_timesteps)
         # 4. Initial latents.
         latents = self.prepare_latents(shape, generator, latents, scheduler)
         # 5. Denoise.
@@ -261,21 +333,19 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         kw = dict(locals(), latents=None)
         # 1. Check inputs.
         checks.check_range("strength", strength, 0.0, 1.0)
-        if image is None:
-            raise checks.InputError("`image` is required for image-to-image")
-        pixels = image_or_latents(image)
-        scale = self.vae_scale_factor if pixels.shape[1] == 4 else 1
-        height, width = pixels.shape[-2] * scale, pixels.shape[-1] * scale
-        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width)
+        height, width = image_size(image, self.vae_scale_factor)
+        prompts, batch_size, batch, do_cfg = self._prepare(prompt, kw, height, width, encodes=True, source="image")
+        pixels = image_or_latents(image, self.vae_scale_factor)
+        check_image_batch("image", pixels.shape[0], batch)
         generator = to_generator(generator)
-        # 2. Encode prompts.
-        with self._stage(timings, "text_encoder"):
-            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
-        # 3. Timesteps: from denoising_start (refiner half of an ensemble) or cut to `strength`.
+        # 2. Timesteps: from denoising_start (refiner half of an ensemble) or cut to `strength`.
         scheduler = self.fresh_scheduler()
         steps = image_to_image_timesteps(self, scheduler, num_inference_steps, timesteps, sigmas, strength,
                                          denoising_start, denoising_end)
         start = denoising_fraction(denoising_start)
+        # 3. Encode prompts.
+        with self._stage(timings, "text_encoder"):
+            emb = self._encode_xl(prompts, batch_size, kw, do_cfg)
         # 4. Latents: encode the image, noise it unless it continues a base model's partial denoise.
         with self._stage(timings, "vae_encode"):
             latents = self._image_latents(pixels, batch, generator)
