@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=config.grace_period))
+                                           timeout_graceful_shutdown=math.ceil(config.grace_period)))
     server.run()
     return 0 if server.started else 1

@@ -19,7 +19,7 @@ from diffrt.runtime.generation import seeds_for
 from diffrt.runtime.image_files import read_image
 from diffrt.schedulers import registered_names
 from diffrt.schedulers.names import ALIASES, SAMPLERS
-from diffrt.serve.jobs import REPLICA_HEADER, GenerationRequest, GenerationResult
+from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, GenerationResult
 from diffrt.serve.limits import bad, check_upload
 from diffrt.serve.packages import PackageInfo
 from diffrt.serve.schemas import Img2ImgRequest, OptionsUpdate, Txt2ImgRequest
@@ -171,6 +171,7 @@ def _decode(data: str, param: str, state: ServerState, mode: str) -> Image.Image
 def _answer(response: Response, info: PackageInfo, body: Txt2ImgRequest, job: GenerationRequest,
             result: GenerationResult, parameters: dict[str, Any]) -> dict[str, Any]:
     response.headers[REPLICA_HEADER] = result.replica
+    response.headers[BATCH_HEADER] = str(result.batch_size)
     images = [base64.b64encode(png).decode("ascii") for png in result.pngs] if body.send_images else []
     details = {
         "prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,

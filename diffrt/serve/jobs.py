@@ -7,6 +7,7 @@ from typing import Any, Hashable
 
 TASKS = ("text2image", "image2image", "inpainting")
 REPLICA_HEADER = "X-Diffrt-Replica"  # response header: which process made the images (Ray Serve replicas differ)
+BATCH_HEADER = "X-Diffrt-Batch-Size"  # response header: images in the pipeline call that made this request's
 
 
 class ServeError(Exception):

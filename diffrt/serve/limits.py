@@ -34,8 +34,10 @@ def check_request(request: GenerationRequest, info: PackageInfo, config: ServeCo
                   f"this server's limit of {config.max_pixels} (--max-pixels)")
     if not 1 <= request.steps <= config.max_steps:
         raise bad(names["steps"], f"must be in [1, {config.max_steps}] (--max-steps); got {request.steps}")
-    if not 1 <= request.rows <= config.max_images:
-        raise bad(names["images"], f"must give 1 to {config.max_images} images (--max-images); got {request.rows}")
+    most = min(config.max_images, info.max_rows)
+    if not 1 <= request.rows <= most:
+        why = "--max-images" if most == config.max_images else "the most this package's UNet takes at once"
+        raise bad(names["images"], f"must give 1 to {most} images ({why}); got {request.rows}")
     for field, texts in (("prompt", request.prompts), ("negative_prompt", request.negative_prompts)):
         longest = max((len(text) for text in texts), default=0)
         if longest > config.max_prompt_chars:

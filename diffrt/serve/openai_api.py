@@ -8,15 +8,19 @@ import io
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile  # what request.form() gives (FastAPI's is a subclass)
 
 from diffrt.runtime.generation import seeds_for
 from diffrt.runtime.image_files import read_image
-from diffrt.serve.jobs import REPLICA_HEADER, GenerationRequest, GenerationResult, ServeError
+from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, GenerationResult
 from diffrt.serve.limits import bad, check_upload, parse_size
-from diffrt.serve.schemas import ImageGenerationRequest
+from diffrt.serve.packages import PackageInfo
+from diffrt.serve.schemas import ImageEditRequest, ImageGenerationRequest
 from diffrt.serve.state import ServerState, generate, server
 
 router = APIRouter()
@@ -25,7 +29,6 @@ NAMES = {"width": "size", "height": "size", "steps": "steps", "images": "n", "pr
          "negative_prompt": "negative_prompt", "guidance": "guidance_scale", "scheduler": "scheduler",
          "strength": "strength"}
 RESPONSE_FORMATS = ("url", "b64_json")
-EDIT_FIELDS = {"n": int, "seed": int, "steps": int, "guidance_scale": float, "strength": float}
 
 
 @router.get("/v1/models")
@@ -39,12 +42,7 @@ async def generations(body: ImageGenerationRequest, request: Request, response: 
                       state: ServerState = Depends(server)) -> dict[str, Any]:
     info = state.package(body.model, "model")
     width, height = parse_size(body.size) if body.size else (info.default_size, info.default_size)
-    job = GenerationRequest(
-        package=info.name, prompts=[body.prompt] * max(body.n, 0), negative_prompts=[body.negative_prompt or ""] *
-        max(body.n, 0), seeds=_seeds(body.seed, body.n), width=width, height=height,
-        steps=body.steps if body.steps is not None else info.default_steps,
-        guidance=body.guidance_scale if body.guidance_scale is not None else info.default_guidance,
-        scheduler=body.scheduler)
+    job = _job(body, info, width, height)
     _check_format(body.response_format)
     result = await generate(state, job, NAMES, request)
     return _answer(state, request, response, result, body.response_format)
@@ -55,34 +53,26 @@ async def edits(request: Request, response: Response, state: ServerState = Depen
     """Multipart: `image` (or `image[]`, the first is used), optional `mask` (OpenAI's convention: transparent
     pixels are repainted; a mask without alpha: white is repainted), `prompt`, `model`, `n`, `size`, ..."""
     form = await request.form(max_part_size=state.config.max_upload_bytes + 1)
-    fields = {key: value for key, value in form.items() if isinstance(value, str)}
-    if "prompt" not in fields:
-        raise bad("prompt", "is required")
-    info = state.package(fields.get("model"), "model")
-    numbers = {key: _number(fields, key, kind) for key, kind in EDIT_FIELDS.items()}
+    try:
+        body = ImageEditRequest.model_validate({k: v for k, v in form.items() if isinstance(v, str)})
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    info = state.package(body.model, "model")
     image_file = form.get("image") or form.get("image[]")
     if not isinstance(image_file, UploadFile):
         raise bad("image", "is required: the image to edit, as a file")
     image = await _upload(image_file, "image", state, "RGB")
     mask_file = form.get("mask")
-    mask = _openai_mask(await _upload(mask_file, "mask", state, None)) if isinstance(mask_file, UploadFile) else None
-    if fields.get("size"):
-        image = image.resize(parse_size(fields["size"]), Image.Resampling.LANCZOS)
+    mask = _openai_mask(await _upload(mask_file, "mask", state, "RGBA")) if isinstance(mask_file, UploadFile) else None
+    if body.size:
+        image = image.resize(parse_size(body.size), Image.Resampling.LANCZOS)
     if mask is not None:
         mask = mask.resize(image.size, Image.Resampling.NEAREST)
-    n = int(numbers["n"] if numbers["n"] is not None else 1)
-    response_format = fields.get("response_format", "url")
-    _check_format(response_format)
-    job = GenerationRequest(
-        package=info.name, prompts=[fields["prompt"]] * max(n, 0),
-        negative_prompts=[fields.get("negative_prompt", "")] * max(n, 0), seeds=_seeds(numbers["seed"], n),
-        width=image.width, height=image.height,
-        steps=int(numbers["steps"] if numbers["steps"] is not None else info.default_steps),
-        guidance=float(numbers["guidance_scale"] if numbers["guidance_scale"] is not None else info.default_guidance),
-        scheduler=fields.get("scheduler"), image=image, mask=mask,
-        strength=float(numbers["strength"] if numbers["strength"] is not None else 1.0 if mask is not None else 0.8))
+    strength = body.strength if body.strength is not None else 1.0 if mask is not None else 0.8
+    job = _job(body, info, image.width, image.height, image=image, mask=mask, strength=strength)
+    _check_format(body.response_format)
     result = await generate(state, job, NAMES, request)
-    return _answer(state, request, response, result, response_format)
+    return _answer(state, request, response, result, body.response_format)
 
 
 @router.get(FILES_ROUTE + "/{name}")
@@ -93,13 +83,18 @@ async def image_file(name: str, request: Request) -> FileResponse:
 
 
 # ----- helpers -----
-def _seeds(seed: int | None, n: int) -> list[int]:
-    if n < 1:
-        return []  # the limit check names `n`
+def _job(body: ImageGenerationRequest, info: PackageInfo, width: int, height: int, **image: Any) -> GenerationRequest:
+    count = max(body.n, 0)  # the limit check names `n` when it is below 1
     try:
-        return seeds_for(seed, n)
+        seeds = seeds_for(body.seed, count) if count else []
     except ValueError as error:
-        raise bad("seed", str(error).partition("` ")[2] or str(error)) from None
+        raise bad("seed", str(error).partition("` ")[2]) from None
+    return GenerationRequest(
+        package=info.name, prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt or ""] * count,
+        seeds=seeds, width=width, height=height,
+        steps=body.steps if body.steps is not None else info.default_steps,
+        guidance=body.guidance_scale if body.guidance_scale is not None else info.default_guidance,
+        scheduler=body.scheduler, **image)
 
 
 def _check_format(response_format: str) -> None:
@@ -107,24 +102,10 @@ def _check_format(response_format: str) -> None:
         raise bad("response_format", f"must be one of {', '.join(RESPONSE_FORMATS)}; got {response_format!r}")
 
 
-def _number(fields: dict[str, str], key: str, kind: type) -> float | int | None:
-    if key not in fields or fields[key] == "":
-        return None
-    try:
-        value = kind(fields[key])
-    except ValueError:
-        raise ServeError(422, f"`{key}` must be {'an integer' if kind is int else 'a number'}; got {fields[key]!r}",
-                         param=key, code="invalid_type") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ServeError(422, f"`{key}` must be a finite number; got {fields[key]!r}", param=key, code="invalid_type")
-    return value
-
-
-async def _upload(upload: UploadFile, param: str, state: ServerState, mode: str | None) -> Image.Image:
+async def _upload(upload: UploadFile, param: str, state: ServerState, mode: str) -> Image.Image:
     data = await upload.read(state.config.max_upload_bytes + 1)
     check_upload(data, param, state.config)
-    image = read_image(io.BytesIO(data), f"`{param}`", mode or "RGBA")
-    return image
+    return read_image(io.BytesIO(data), f"`{param}`", mode)
 
 
 def _openai_mask(mask: Image.Image) -> Image.Image:
@@ -139,6 +120,7 @@ def _openai_mask(mask: Image.Image) -> Image.Image:
 def _answer(state: ServerState, request: Request, response: Response, result: GenerationResult,
             response_format: str) -> dict[str, Any]:
     response.headers[REPLICA_HEADER] = result.replica
+    response.headers[BATCH_HEADER] = str(result.batch_size)
     data: list[dict[str, Any]] = []
     for png, infotext in zip(result.pngs, result.infotexts):
         if response_format == "b64_json":

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PackageInfo:
     """A served package: its name (`model` / `sd_model_checkpoint`), the text-to-image pipeline, and what the APIs
-    show and check before queueing (default size and steps, the VAE factor sizes must be multiples of)."""
+    show and check before queueing (default size and steps, the VAE factor sizes must be multiples of). The default
+    steps are the pipeline's, or `--max-steps` when that is lower (a request without `steps` is never refused)."""
 
     name: str
     source: str
@@ -26,6 +27,8 @@ class PackageInfo:
     size_multiple: int
     default_steps: int
     default_guidance: float
+    #: most images one UNet call may take: the UNet's batch range, halved for classifier-free guidance
+    max_rows: int
 
     @property
     def title(self) -> str:
@@ -48,9 +51,15 @@ def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
         pipe.set_progress_bar_config(disable=True)
         defaults = call_defaults(pipe)
         infos[name] = PackageInfo(name, str(source), pipe, model_hash(pipe.package.manifest), pipe.default_size(),
-                                  pipe.vae_scale_factor, int(defaults["num_inference_steps"]),
-                                  float(defaults["guidance_scale"]))
+                                  pipe.vae_scale_factor, min(int(defaults["num_inference_steps"]), config.max_steps),
+                                  float(defaults["guidance_scale"]), _max_rows(pipe))
     return infos
+
+
+def _max_rows(pipe: Any) -> int:
+    """Half the UNet's largest `batch` (a CFG call runs each image twice); unbounded packages get a large number."""
+    low_high = pipe.package.component("unet").dim_ranges.get("batch")
+    return max(1, int(low_high[1]) // 2) if low_high else 1 << 16
 
 
 def find_package(infos: dict[str, PackageInfo], name: str, param: str) -> PackageInfo:

@@ -31,6 +31,13 @@ class ImageGenerationRequest(_Body):
     scheduler: str | None = None
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """The form fields of `POST /v1/images/edits` (the image and mask come as files). `strength` defaults to 1.0
+    with a mask (the masked region is repainted from noise) and to 0.8 without (Diffusers' image-to-image)."""
+
+    strength: float | None = None
+
+
 class Txt2ImgRequest(_Body):
     """`POST /sdapi/v1/txt2img`, with A1111's defaults (modules/processing.py, StableDiffusionProcessing)."""
 
