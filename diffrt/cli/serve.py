@@ -4,11 +4,12 @@ in flight finish within `--grace-period` seconds, and exits 0. Needs the `serve`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from diffrt.cli.args import number_in, positive_int
 from diffrt.errors import InputError
@@ -76,6 +77,22 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period)
 
 
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn shuts down gracefully on SIGTERM / SIGINT, then raises the signal again, so the process ends
+        killed by it (exit -15). A service manager reads that as a crash; after a clean shutdown we exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.ray:
@@ -86,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
     from diffrt.serve.app import create_app
 
+    GracefulServer = _graceful_server_class()
+
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=math.ceil(config.grace_period)))
     server.run()
     return 0 if server.started else 1
