@@ -38,3 +38,17 @@ def test_diffrt_serve_help_lists_the_service_options():
     for option in ("--api-key", "--max-batch", "--batch-wait-ms", "--max-queue", "--max-pixels", "--max-steps",
                    "--max-images", "--timeout", "--output-dir", "--ray", "--replicas"):
         assert option in result.stdout
+
+
+def test_the_server_process_carries_no_torch_transformers_or_diffusers():
+    import subprocess
+    import sys
+
+    from cli_runner import cli_env
+
+    code = ("import sys\nfrom diffrt.serve.app import create_app\nfrom diffrt.serve.config import ServeConfig\n"
+            "create_app(ServeConfig(packages=['digits']))\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
