@@ -305,13 +305,18 @@ def test_openai_client_raises_its_own_error_types(client, base_url):
         openai.OpenAI(api_key="wrong", base_url=f"{base_url}/v1", max_retries=0).models.list()
 
 
-def test_uploads_over_the_limit_are_413(client, base_url):
+def test_uploads_over_the_limit_are_413_and_non_images_400(client, base_url):
     with pytest.raises(openai.APIStatusError) as error:
         client.images.edit(image=("big.png", _big_png(), "image/png"), prompt="x", model="digits")
     assert error.value.status_code == 413 and error.value.body["param"] == "image"
     body = {"init_images": [base64.b64encode(_big_png()).decode()], "width": SIZE, "height": SIZE}
     response = post(base_url, "/sdapi/v1/img2img", body)
     assert response.status_code == 413 and "init_images" in response.json()["detail"]
+    not_an_image = post(base_url, "/sdapi/v1/img2img", {"init_images": [base64.b64encode(b"GIF89a?").decode()]})
+    assert not_an_image.status_code == 400 and "`init_images`" in not_an_image.json()["detail"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.images.edit(image=("x.png", b"not a png", "image/png"), prompt="x", model="digits")
+    assert error.value.body["param"] == "image"
     # a body far over the limit is refused before it is read
     huge = post(base_url, "/sdapi/v1/img2img", {"init_images": ["A" * (2 * 1024 * 1024)]})
     assert huge.status_code == 413
@@ -328,3 +333,12 @@ def test_a1111_errors_have_a1111s_shape(base_url):
     assert response.status_code == 404 and "sd_model_checkpoint" in response.json()["detail"]
     assert post(base_url, "/sdapi/v1/txt2img", {"prompt": "x"}, headers={}).status_code == 401
     assert httpx.get(f"{base_url}/sdapi/v1/no-such-route", headers=AUTH).status_code == 404
+
+
+def test_cors_is_off_unless_configured_and_basic_auth_needs_the_key(base_url):
+    preflight = httpx.options(f"{base_url}/v1/images/generations", headers={
+        "Origin": "https://example.com", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert httpx.get(f"{base_url}/v1/models", auth=("user", "wrong")).status_code == 401
+    assert httpx.get(f"{base_url}/v1/models", auth=("user", KEY)).status_code == 200
+    assert httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Token {KEY}"}).status_code == 401

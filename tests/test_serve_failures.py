@@ -139,3 +139,14 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(pool):
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base_url}/health")
+
+
+def test_cors_answers_only_the_configured_origins():
+    with app_server(config(cors_origins=["https://app.example.com"])) as (base_url, _):
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(f"{base_url}/v1/images/generations",
+                                 headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+
+        assert preflight("https://app.example.com").headers["access-control-allow-origin"] == \
+            "https://app.example.com"
+        assert "access-control-allow-origin" not in preflight("https://evil.example.com").headers

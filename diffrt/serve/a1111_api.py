@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import time
 from typing import Any
@@ -16,11 +15,10 @@ from PIL import Image, ImageOps
 
 from diffrt import __version__
 from diffrt.runtime.generation import seeds_for
-from diffrt.runtime.image_files import read_image
 from diffrt.schedulers import registered_names
 from diffrt.schedulers.names import ALIASES, SAMPLERS
 from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, GenerationResult
-from diffrt.serve.limits import bad, check_upload
+from diffrt.serve.limits import bad, check_upload, decode_upload
 from diffrt.serve.packages import PackageInfo
 from diffrt.serve.schemas import Img2ImgRequest, OptionsUpdate, Txt2ImgRequest
 from diffrt.serve.state import ServerState, generate, server
@@ -165,7 +163,7 @@ def _decode(data: str, param: str, state: ServerState, mode: str) -> Image.Image
     except (binascii.Error, ValueError):
         raise bad(param, "is not base64 image data") from None
     check_upload(raw, param, state.config)
-    return read_image(io.BytesIO(raw), f"`{param}`", mode)
+    return decode_upload(raw, param, mode)
 
 
 def _answer(response: Response, info: PackageInfo, body: Txt2ImgRequest, job: GenerationRequest,

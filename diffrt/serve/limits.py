@@ -1,9 +1,14 @@
 """Limits and values checked before a request is queued, each error naming the request's own field."""
 from __future__ import annotations
 
+import io
 import math
 import re
 
+from PIL import Image
+
+from diffrt.errors import InputError
+from diffrt.runtime.image_files import read_image
 from diffrt.serve.config import ServeConfig
 from diffrt.serve.jobs import GenerationRequest, ServeError
 from diffrt.serve.packages import PackageInfo
@@ -62,3 +67,11 @@ def _check_scheduler(name: str, info: PackageInfo, param: str) -> None:
 def check_upload(data: bytes, param: str, config: ServeConfig) -> None:
     if len(data) > config.max_upload_bytes:
         raise bad(param, f"is {len(data)} bytes; the limit is {config.max_upload_bytes}", status=413)
+
+
+def decode_upload(data: bytes, param: str, mode: str) -> Image.Image:
+    """An uploaded image, decoded safely (no decompression bombs); 400 naming `param` when it is no image."""
+    try:
+        return read_image(io.BytesIO(data), f"`{param}`", mode)
+    except InputError as error:
+        raise ServeError(400, str(error), param=param, code="invalid_image") from None

@@ -4,7 +4,6 @@ own parameters (negative_prompt, seed, steps, guidance_scale, scheduler, strengt
 from __future__ import annotations
 
 import base64
-import io
 import time
 from typing import Any
 
@@ -16,9 +15,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile  # what request.form() gives (FastAPI's is a subclass)
 
 from diffrt.runtime.generation import seeds_for
-from diffrt.runtime.image_files import read_image
 from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, GenerationResult
-from diffrt.serve.limits import bad, check_upload, parse_size
+from diffrt.serve.limits import bad, check_upload, decode_upload, parse_size
 from diffrt.serve.packages import PackageInfo
 from diffrt.serve.schemas import ImageEditRequest, ImageGenerationRequest
 from diffrt.serve.state import ServerState, generate, server
@@ -105,7 +103,7 @@ def _check_format(response_format: str) -> None:
 async def _upload(upload: UploadFile, param: str, state: ServerState, mode: str) -> Image.Image:
     data = await upload.read(state.config.max_upload_bytes + 1)
     check_upload(data, param, state.config)
-    return read_image(io.BytesIO(data), f"`{param}`", mode)
+    return decode_upload(data, param, mode)
 
 
 def _openai_mask(mask: Image.Image) -> Image.Image:
