@@ -52,6 +52,8 @@ def test_interrupt_stops_the_running_job_at_the_next_step_and_returns_its_image(
     with app_server(config()) as (base_url, _):
         running = pool.submit(httpx.post, f"{base_url}/sdapi/v1/txt2img", json=A1111_LONG, timeout=120)
         wait_running(base_url, step=2)
+        now = progress(base_url)
+        assert 0 < now["progress"] < 1 and now["eta_relative"] > 0 and now["state"]["sampling_steps"] == 150
         start = time.monotonic()
         interrupt(base_url)
         response = running.result(timeout=30)

@@ -101,7 +101,7 @@ async def set_options(body: OptionsUpdate, state: ServerState = Depends(server))
 async def progress(state: ServerState = Depends(server)) -> dict[str, Any]:
     now = await state.backend.progress()
     steps = now["steps"]
-    return {"progress": now["step"] / steps if steps else 0.0, "eta_relative": 0.0,
+    return {"progress": now["step"] / steps if steps else 0.0, "eta_relative": now["eta_s"],
             "state": {"skipped": False, "interrupted": now["interrupted"], "stopping_generation": False, "job": "",
                       "job_count": now["running"] + now["queued"], "job_timestamp": "0", "job_no": 0,
                       "sampling_step": now["step"], "sampling_steps": steps},

@@ -77,9 +77,9 @@ class LocalBackend:
 
 def merge_progress(parts: list[dict[str, Any]]) -> dict[str, Any]:
     running = [p for p in parts if p["running"]]
-    current = running[0] if running else {"step": 0, "steps": 0, "interrupted": False}
+    current = running[0] if running else {"step": 0, "steps": 0, "interrupted": False, "eta_s": 0.0}
     return {"running": len(running), "queued": sum(p["queued"] for p in parts), "step": current["step"],
-            "steps": current["steps"], "interrupted": current["interrupted"]}
+            "steps": current["steps"], "interrupted": current["interrupted"], "eta_s": current["eta_s"]}
 
 
 async def await_result(work: Awaitable[GenerationResult], cancel: Callable[[], None], timeout: float,

@@ -98,16 +98,27 @@ class PackageWorker:
 
     def progress(self) -> dict[str, Any]:
         control = self._control
-        return {"running": control is not None, "step": control.step if control else 0,
-                "steps": control.steps if control else 0, "queued": len(self._pending),
-                "interrupted": bool(control and control.interrupt.is_set())}
+        if control is None:
+            return {"running": False, "step": 0, "steps": 0, "queued": len(self._pending), "interrupted": False,
+                    "eta_s": 0.0}
+        elapsed = time.perf_counter() - control.started
+        eta = elapsed / control.step * (control.steps - control.step) if control.step else 0.0
+        return {"running": True, "step": control.step, "steps": control.steps, "queued": len(self._pending),
+                "interrupted": control.interrupt.is_set(), "eta_s": eta}
 
     # ----- the loop -----
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._run(batch)
+            except Exception as error:  # a fault here must not stop the worker: fail this batch, serve the next
+                logger.exception("batch on %s failed", self.name)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(_as_serve_error(error))
 
     async def _next_batch(self) -> list[Job]:
         first = await self._take()

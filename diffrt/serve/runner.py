@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,7 @@ class BatchControl:
     interrupt: threading.Event = field(default_factory=threading.Event)
     step: int = 0
     steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
     def callback(self, pipe: Any, i: int, t: Any, values: dict[str, Any]) -> dict[str, Any]:
         self.step = i + 1
