@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from diffrt.serve.batching import PackageWorker
@@ -17,7 +16,6 @@ from diffrt.serve.packages import PackageInfo
 from diffrt.serve.runner import PipelineSet
 
 logger = logging.getLogger(__name__)
-POLL_SECONDS = 0.05  # how often a waiting request checks whether its client is still there
 
 
 class Backend(Protocol):
@@ -83,26 +81,26 @@ def merge_progress(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def await_result(work: Awaitable[GenerationResult], cancel: Callable[[], None], timeout: float,
-                       disconnected: Callable[[], Awaitable[bool]]) -> GenerationResult:
-    """The result; ServeError 504 after `timeout` seconds, 499 when the client went away (both cancel the work:
-    nothing is computed for nobody)."""
+                       disconnect: Awaitable[None]) -> GenerationResult:
+    """The result; ServeError 504 after `timeout` seconds, 499 when `disconnect` completes (the client went away).
+    Both cancel the work: nothing is computed for nobody. Event-driven, no polling: the wait ends on whichever
+    comes first."""
     future = asyncio.ensure_future(work)
-    deadline = time.monotonic() + timeout
+    watcher = asyncio.ensure_future(disconnect)
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ServeError(504, f"the request took longer than this server's timeout of {timeout:g} s "
-                                 "(--timeout)", code="timeout", kind="server_error")
-            done, _ = await asyncio.wait({future}, timeout=min(POLL_SECONDS, remaining))
-            if done:
-                if future.cancelled():  # the worker stopped: the server is shutting down
-                    raise ServeError(503, "the server is shutting down", code="shutting_down", kind="server_error")
-                return future.result()
-            if await disconnected():
-                raise ServeError(499, "the client closed the connection", code="client_closed")
+        done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            if future.cancelled():  # the worker stopped: the server is shutting down
+                raise ServeError(503, "the server is shutting down", code="shutting_down", kind="server_error")
+            return future.result()
+        if watcher in done:
+            raise ServeError(499, "the client closed the connection", code="client_closed")
+        raise ServeError(504, f"the request took longer than this server's timeout of {timeout:g} s (--timeout)",
+                         code="timeout", kind="server_error")
     except BaseException:
         if not future.done():
             cancel()
             future.cancel()
         raise
+    finally:
+        watcher.cancel()

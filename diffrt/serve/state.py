@@ -48,4 +48,11 @@ async def generate(state: ServerState, job: GenerationRequest, names: dict[str, 
                          kind="server_error", headers={"Retry-After": "5"})
     check_request(job, state.infos[job.package], state.config, names)
     work, cancel = state.backend.start(job)
-    return await await_result(work, cancel, state.config.timeout, http_request.is_disconnected)
+    return await await_result(work, cancel, state.config.timeout, client_gone(http_request))
+
+
+async def client_gone(request: Request) -> None:
+    """Completes when the client disconnects. The body has been read by now, so the next ASGI message can only be
+    `http.disconnect` (Starlette's StreamingResponse listens the same way)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
