@@ -1,7 +1,8 @@
 """The import rules of docs/architecture.md, checked on the source itself (ast, every import, lazy ones included).
 
 - `package/` (the format) and `errors.py` sit at the bottom; `rng`/`schedulers/` and `runtime/` above them never
-  import `export/`, `bench/` or `cli/`; `export/` never imports `cli/` or `bench/`; nothing below `cli/` imports it.
+  import `export/`, `bench/` or `cli/`; `export/` never imports `cli/` or `bench/`; nothing below `cli/` and
+  `serve/` imports them; `serve/` (the HTTP service) never imports `cli/`, `export/` or `bench/`.
 - No import cycle between diffrt's modules, lazy or not (a package's `__init__` importing its own submodules is
   how packages work, not a cycle, so the implicit parent imports are not edges).
 - The format's file names are spelled once, in `diffrt/package/names.py`.
@@ -17,13 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "diffrt"
 # layer -> the layers it must never import
 FORBIDDEN = {
-    "diffrt.package": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.schedulers"),
+    "diffrt.package": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.schedulers",
+                       "diffrt.serve"),
     "diffrt.errors": ("diffrt.",),
-    "diffrt.rng": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.schedulers"),
-    "diffrt.schedulers": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli"),
-    "diffrt.runtime": ("diffrt.export", "diffrt.bench", "diffrt.cli"),
-    "diffrt.export": ("diffrt.bench", "diffrt.cli"),
-    "diffrt.bench": ("diffrt.cli",),
+    "diffrt.rng": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.schedulers",
+                   "diffrt.serve"),
+    "diffrt.schedulers": ("diffrt.runtime", "diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.serve"),
+    "diffrt.runtime": ("diffrt.export", "diffrt.bench", "diffrt.cli", "diffrt.serve"),
+    "diffrt.export": ("diffrt.bench", "diffrt.cli", "diffrt.serve"),
+    "diffrt.bench": ("diffrt.cli", "diffrt.serve"),
+    # the HTTP service sits at the top beside cli/: it serves packages, so it needs no exporter or benchmark
+    "diffrt.serve": ("diffrt.cli", "diffrt.export", "diffrt.bench"),
 }
 FORMAT_NAMES = {"diffrt.json", "model_index.json", "model.onnx", "model.onnx_data", "diffrt-package",
                 "scheduler_config.json"}

@@ -43,6 +43,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "generate": Subcommand("generate images from a model package", "diffrt.cli.generate"),
     "bench": Subcommand("benchmark a model package or preset against diffusers", "diffrt.cli.bench"),
     "build-engines": Subcommand("build TensorRT engines for a model package on this GPU", "diffrt.cli.build_engines"),
+    "serve": Subcommand("serve model packages over HTTP (OpenAI Images and AUTOMATIC1111 APIs)", "diffrt.cli.serve"),
 }
 
 

@@ -7,6 +7,8 @@ import math
 import re
 from typing import Callable
 
+from diffrt.runtime.generation import RANDOM_SEED, SEED_MAX
+
 
 def component_list(text: str) -> list[str]:
     """argparse type of `--components`: comma-separated names, at least one."""
@@ -95,12 +97,6 @@ def number_in(low: float, high: float | None = None, *, open_low: bool = False) 
         return value
 
     return parse
-
-
-# torch (and diffrt.rng) take seeds up to 2**64 - 1; images of a batch use seed, seed + 1, ..., so the top is kept
-# well clear of that. A drawn seed stays below 2**32, as AUTOMATIC1111 draws them, so its UI can take it back.
-SEED_MAX = 2**63 - 1
-RANDOM_SEED = -1
 
 
 def seed(text: str) -> int:

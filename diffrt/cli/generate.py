@@ -8,10 +8,8 @@ parameters as A1111's infotext (`runtime/infotext.py`), which `--from-png` reads
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -162,10 +160,9 @@ def _check_arguments(args: argparse.Namespace) -> str:
 
 
 def _seeds(first: int | None, count: int) -> list[int]:
-    """seed, seed + 1, ... (A1111's rule); a random first seed below 2**32, as A1111 draws it."""
-    if first is None or first == RANDOM_SEED:
-        first = random.SystemRandom().randrange(2**32)
-    return [first + i for i in range(count)]
+    from diffrt.runtime.generation import seeds_for
+
+    return seeds_for(first, count, "--seed")
 
 
 def _input_images(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,12 +219,9 @@ def _refuse_checkpoint(package: str) -> None:
 
 
 def _scheduler(pipe: Any, name: str) -> Any:
-    from diffrt import schedulers
+    from diffrt.runtime.generation import scheduler_for
 
-    if name in schedulers.registered_names():
-        scheduler_class = schedulers.get_scheduler_class(name)
-        return scheduler_class.from_config(pipe.scheduler.config)
-    return schedulers.from_name(name, pipe.scheduler.config)
+    return scheduler_for(pipe.scheduler.config, name)
 
 
 def _ays(pipe: Any, steps: int | None) -> dict[str, Any]:
@@ -267,18 +261,17 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
                 image_seed: int) -> tuple[str, dict[str, Any]]:
     """(A1111 infotext, diffrt's JSON record) of one image."""
     from diffrt import __version__
-    from diffrt.runtime.infotext import format_infotext, model_hash, sampler_fields
+    from diffrt.runtime.generation import call_defaults, infotext_fields
+    from diffrt.runtime.infotext import format_infotext, model_hash
 
-    defaults = {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()}
+    defaults = call_defaults(pipe)
     steps = _steps(kwargs, defaults)
     guidance = kwargs.get("guidance_scale", defaults.get("guidance_scale"))
     strength = kwargs.get("strength", defaults.get("strength")) if task != "text2image" else None
-    sampler, schedule = sampler_fields(pipe.scheduler, pipe.package.scheduler_config, bool(args.ays))
     width, height = image.size
     digest = model_hash(pipe.package.manifest)
-    fields = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": guidance,
-              "Seed": image_seed, "Size": f"{width}x{height}", "Model hash": digest, "Model": _model_name(args.package),
-              "Denoising strength": strength}
+    fields = infotext_fields(pipe, pipe.scheduler, steps=steps, guidance=guidance, seed=image_seed, width=width,
+                             height=height, model=_model_name(args.package), strength=strength, ays=bool(args.ays))
     record = {
         "diffrt": __version__, "package": args.package, "model_hash": digest, "pipeline": pipe.package.pipeline_class,
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": image_seed,
@@ -302,6 +295,6 @@ def _steps(kwargs: dict[str, Any], defaults: dict[str, Any]) -> int:
 
 
 def _model_name(package: str) -> str:
-    """A1111's `Model`: a short name, not a path (a path would tell a shared image's reader about this machine):
-    a local folder's name; built-in names and Hub ids as given."""
-    return Path(os.path.abspath(package)).name if os.path.isdir(package) else package  # abspath: links kept
+    from diffrt.runtime.generation import model_name
+
+    return model_name(package)

@@ -6,51 +6,37 @@ in place atomically (`diffrt.package.files.write_bytes`: no half-written image, 
 an existing file is replaced only with `--overwrite`. The generation parameters go where AUTOMATIC1111 puts them:
 PNG text chunks (`parameters`: the infotext; `diffrt`: diffrt's JSON), and for JPEG and WebP the EXIF UserComment
 ("UNICODE" + UTF-16BE, as A1111 writes it with piexif). EXIF has no second text field A1111 reads, so diffrt's JSON
-is in PNGs only.
+is in PNGs only. The format itself (decoding safely, the metadata) is `diffrt.runtime.image_files`, shared with
+the HTTP server.
 """
 from __future__ import annotations
 
-import io
 import os
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image
 
 from diffrt.errors import InputError
 from diffrt.package.files import write_bytes
+from diffrt.runtime.image_files import (  # noqa: F401 - the CLI's names of the shared format
+    EXIF_IFD,
+    JSON_KEY,
+    PARAMETERS_KEY,
+    UNICODE_PREFIX,
+    USER_COMMENT,
+    encode_image,
+    exif_user_comment,
+    read_image,
+)
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-PARAMETERS_KEY = "parameters"  # A1111's PNG text key of the infotext
-JSON_KEY = "diffrt"  # diffrt's full record of the call, as JSON
-LOSSY_QUALITY = 95  # JPEG / WebP: generated images are end results, worth keeping close to the PNG
-EXIF_IFD = 0x8769  # the Exif sub-IFD, where UserComment lives
-USER_COMMENT = 0x9286
-UNICODE_PREFIX = b"UNICODE\0"  # EXIF character code of UserComment: UCS-2/UTF-16, big-endian as piexif writes it
 
 
 def open_image(path: Path, option: str, mode: str) -> Image.Image:
-    """The image at `path`, decoded and converted to `mode`. Pillow's own pixel limit (MAX_IMAGE_PIXELS, about
-    89 million) is a hard limit here: above it Pillow only warns, and decoding a bomb can take all memory."""
-    where = f"`{option}` {os.fsdecode(path)!r}"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.convert(mode)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{where} is larger than {Image.MAX_IMAGE_PIXELS} pixels, the most diffrt reads (a "
-                         "decompression bomb, or an image to shrink first)") from None
-    except FileNotFoundError:
-        raise InputError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{where} is a folder; expected an image file") from None
-    except UnidentifiedImageError:
-        raise InputError(f"{where} is not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt data (Pillow raises all three)
-        raise InputError(f"{where} cannot be read as an image: {error}") from None
+    """The image at `path`, decoded and converted to `mode` (errors name the option and the file)."""
+    return read_image(path, f"`{option}` {os.fsdecode(path)!r}", mode)
 
 
 def output_format(path: Path) -> str:
@@ -84,34 +70,6 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise InputError(f"{where} cannot be written: {os.fsdecode(existing)} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{where} cannot be written: no permission to write in {os.fsdecode(existing)}")
-
-
-def encode_image(image: Image.Image, image_format: str, infotext: str, record: dict[str, Any]) -> bytes:
-    """The file's bytes: the image in `image_format` with the infotext (and, in PNG, the JSON record)."""
-    import json
-
-    buffer = io.BytesIO()
-    if image_format == "PNG":
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PARAMETERS_KEY, infotext)  # tEXt, or iTXt (UTF-8) when the text is not Latin-1
-        info.add_text(JSON_KEY, json.dumps(record, ensure_ascii=False, default=str))
-        image.save(buffer, format="PNG", pnginfo=info)
-    else:
-        exif = exif_user_comment(UNICODE_PREFIX + infotext.encode("utf-16-be", "replace"))
-        image.convert("RGB").save(buffer, format=image_format, quality=LOSSY_QUALITY, exif=exif)
-    return buffer.getvalue()
-
-
-def exif_user_comment(comment: bytes) -> bytes:
-    """An EXIF block holding only UserComment, typed UNDEFINED as the EXIF standard says. Written by hand because
-    Pillow's `Image.Exif` types a bytes value it has no type for as BYTE, which piexif (A1111's reader) hands back
-    as a tuple of ints that it cannot decode. Layout: little-endian TIFF header, IFD0 with one entry (the Exif IFD
-    pointer), the Exif IFD with one entry (UserComment), then the comment's bytes."""
-    exif_ifd = 8 + 2 + 12 + 4  # header, IFD0 (count, one entry, next-IFD offset)
-    data = exif_ifd + 2 + 12 + 4
-    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", EXIF_IFD, 4, 1, exif_ifd) + struct.pack("<I", 0)
-    ifd1 = struct.pack("<H", 1) + struct.pack("<HHII", USER_COMMENT, 7, len(comment), data) + struct.pack("<I", 0)
-    return b"Exif\0\0" + b"II" + struct.pack("<HI", 42, 8) + ifd0 + ifd1 + comment
 
 
 def write_image(image: Image.Image, path: Path, infotext: str, record: dict[str, Any], overwrite: bool) -> None:

@@ -1,0 +1,32 @@
+"""The server's settings: what `diffrt serve` parses and `create_app` / the Ray application take."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 7860  # AUTOMATIC1111's port: tools built for its API find the server where they expect it
+
+
+@dataclass
+class ServeConfig:
+    """`packages`: folders, Hub ids or built-in names, each served under its short name (the first is the default
+    model). Limits are checked before a request is queued; `timeout` is seconds from arrival to answer."""
+
+    packages: list[str]
+    provider: str = "cpu"
+    threads: int | None = None
+    api_key: str | None = None
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    max_queue: int = 64
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
+    max_images: int = 8
+    max_prompt_chars: int = 4000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    timeout: float = 300.0
+    output_dir: Path | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    warmup: bool = True
+    #: seconds SIGTERM waits for requests in flight before the server stops anyway
+    grace_period: float = 30.0

@@ -1,0 +1,135 @@
+"""One batch of requests through one pipeline call, off the event loop (a worker thread).
+
+The requests of a batch share their UNet calls: their prompts, negative prompts and seeds become lists (one
+generator per image, Diffusers' convention), so each image is exactly what its request would make alone. The
+step callback reports progress and stops the loop early: `interrupt` (A1111) keeps what the steps so far made, a
+batch whose clients all went away is dropped.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from diffrt.runtime.generation import infotext_fields, scheduler_for
+from diffrt.runtime.image import postprocess
+from diffrt.runtime.image_files import encode_image
+from diffrt.runtime.infotext import format_infotext
+from diffrt.serve.jobs import GenerationRequest, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Raised by the step callback; `latents` are the batch's latents after the last finished step."""
+
+    def __init__(self, latents: np.ndarray) -> None:
+        super().__init__("interrupted")
+        self.latents = latents
+
+
+class Abandoned(Exception):
+    """Every request of the batch was cancelled (timed out or its client went away): nobody wants the images."""
+
+
+@dataclass
+class BatchControl:
+    """Shared between the event loop and the worker thread: flags in, progress out."""
+
+    abandoned: Callable[[], bool] = lambda: False
+    interrupt: threading.Event = field(default_factory=threading.Event)
+    step: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def callback(self, pipe: Any, i: int, t: Any, values: dict[str, Any]) -> dict[str, Any]:
+        self.step = i + 1
+        if self.abandoned():
+            raise Abandoned()
+        if self.interrupt.is_set():
+            raise Interrupted(values["latents"])
+        return {}
+
+
+class PipelineSet:
+    """One package's pipelines: the text-to-image one loaded once, the image-to-image / inpainting ones and the
+    scheduler variants made from it with `from_pipe` (same engines, no reload), kept for reuse."""
+
+    def __init__(self, pipe: Any, model: str) -> None:
+        self.base = pipe
+        self.model = model
+        self._variants: dict[tuple[str, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task: str, scheduler: str | None) -> Any:
+        from diffrt.runtime.pipelines.auto import (
+            AutoPipelineForImage2Image,
+            AutoPipelineForInpainting,
+            AutoPipelineForText2Image,
+        )
+
+        key = (task, scheduler)
+        with self._lock:
+            if key not in self._variants:
+                auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
+                        "inpainting": AutoPipelineForInpainting}[task]
+                overrides = {} if scheduler is None else {
+                    "scheduler": scheduler_for(self.base.package.scheduler_config, scheduler)}
+                variant = auto.from_pipe(self.base, **overrides)
+                variant.set_progress_bar_config(disable=True)
+                self._variants[key] = variant
+            return self._variants[key]
+
+
+def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control: BatchControl) -> list[
+        GenerationResult]:
+    """Generate every request of the batch in one call; results in the order of `requests`."""
+    first = requests[0]
+    pipe = pipes.get(first.task, first.scheduler)
+    kwargs: dict[str, Any] = {
+        "prompt": [p for r in requests for p in r.prompts],
+        "negative_prompt": [p for r in requests for p in r.negative_prompts],
+        "generator": [s for r in requests for s in r.seeds],
+        "num_inference_steps": first.steps, "guidance_scale": first.guidance,
+        "callback_on_step_end": control.callback,
+    }
+    if first.task == "text2image":
+        kwargs.update(height=first.height, width=first.width)
+    else:
+        kwargs.update(image=first.image, strength=first.strength)
+        if first.mask is not None:
+            kwargs["mask_image"] = first.mask
+    control.steps = first.steps
+    interrupted = False
+    try:
+        output = pipe(**kwargs)
+        images, timings = output.images, output.timings
+    except Interrupted as stop:  # A1111: an interrupted job returns what it has, decoded
+        images, timings, interrupted = postprocess(pipe.decode(stop.latents)), {}, True
+    return _split(pipe, pipes.model, requests, images, timings, interrupted)
+
+
+def _split(pipe: Any, model: str, requests: Sequence[GenerationRequest], images: list[Any],
+           timings: dict[str, float], interrupted: bool) -> list[GenerationResult]:
+    results, start = [], 0
+    for request in requests:
+        mine = images[start:start + request.rows]
+        start += request.rows
+        pngs, infotexts = [], []
+        for index, image in enumerate(mine):
+            fields = infotext_fields(pipe, pipe.scheduler, steps=request.steps, guidance=request.guidance,
+                                     seed=request.seeds[index], width=image.width, height=image.height, model=model,
+                                     strength=request.strength if request.task != "text2image" else None)
+            text = format_infotext(request.prompts[index], request.negative_prompts[index], fields)
+            record = {"package": request.package, "task": request.task, "seed": request.seeds[index],
+                      "scheduler": type(pipe.scheduler).__name__, "interrupted": interrupted}
+            pngs.append(encode_image(image, "PNG", text, record))
+            infotexts.append(text)
+        results.append(GenerationResult(pngs, list(request.seeds), infotexts, dict(timings),
+                                        sum(r.rows for r in requests), interrupted))
+    return results
+
