@@ -8,6 +8,7 @@ import numpy as np
 from diffrt.errors import InputError, invalid
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+PROMPT_WEIGHTINGS = ("a1111",)  # AUTOMATIC1111's emphasis syntax and long prompts
 
 
 def check_size(height: int, width: int, multiple: int) -> None:
@@ -79,3 +80,14 @@ def check_callback_inputs(names: Sequence[str], allowed: Sequence[str]) -> None:
     unknown = [n for n in names if n not in allowed]
     if unknown:
         raise invalid("callback_on_step_end_tensor_inputs", f"a subset of {list(allowed)}", unknown)
+
+
+def check_same_shape(name: str, array: np.ndarray, other_name: str, other: np.ndarray) -> None:
+    """The negative and positive halves the UNet sees side by side need one (sequence, channels) shape."""
+    if array.shape[1:] != other.shape[1:]:
+        raise invalid(name, f"rows of `{other_name}`'s shape {other.shape[1:]}", f"shape {array.shape}")
+
+
+def check_prompt_weighting(value: Any) -> None:
+    if value is not None and value not in PROMPT_WEIGHTINGS:
+        raise invalid("prompt_weighting", f"None (Diffusers' plain prompts) or one of {PROMPT_WEIGHTINGS}", value)

@@ -126,6 +126,7 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs.
@@ -143,7 +144,7 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         # 2. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 3. Timesteps cut to `strength`.
         scheduler = self.fresh_scheduler()
         steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
@@ -207,6 +208,7 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals())

@@ -11,6 +11,7 @@ from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.guidance import guidance_scale_embedding
 from diffrt.runtime.pipelines.prompts import as_prompt_list, encode_sd, negative_list, repeat_per_prompt
+from diffrt.runtime.pipelines.weighted_prompts import encode_sd_weighted
 from diffrt.schedulers.protocol import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         do_cfg: bool,
         clip_skip: int | None,
         num_images_per_prompt: int,
+        prompt_weighting: str | None = None,
     ) -> np.ndarray:
         """Prompt (and negative) embeddings, repeated per image and CFG-concatenated [negative; positive]."""
         embeds = checks.check_embeds("prompt_embeds", prompt_embeds)
@@ -46,14 +48,20 @@ class _StableDiffusionBase(DiffusionPipeline):
             negatives = negative_list(negative_prompt, batch_size)
         if embeds is None or negatives is not None:
             encoder = self.text_encoder("text_encoder", "tokenizer")
-            if embeds is None:
-                embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
-            if negatives is not None:
-                negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
+            if prompt_weighting:
+                embeds, encoded = encode_sd_weighted(encoder, prompts, negatives, embeds, clip_skip,
+                                                     self.max_prompt_chunks())
+                negative = encoded if negatives is not None else negative
+            else:
+                if embeds is None:
+                    embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
+                if negatives is not None:
+                    negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
         embeds = repeat_per_prompt(embeds, num_images_per_prompt)
         if not do_cfg:
             return embeds
         negative = checks.present(negative, "negative_prompt_embeds")
+        checks.check_same_shape("negative_prompt_embeds", negative, "prompt_embeds", embeds)
         return np.concatenate([repeat_per_prompt(negative, num_images_per_prompt), embeds]).astype(np.float32)
 
     def _timestep_cond(self, guidance_scale: float, batch: int) -> dict[str, np.ndarray]:
@@ -72,6 +80,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_positive_int("num_images_per_prompt", kw["num_images_per_prompt"])
         checks.check_output_type(kw["output_type"])
         checks.check_clip_skip(kw["clip_skip"])
+        checks.check_prompt_weighting(kw.get("prompt_weighting"))
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
 
     def _finish(self, latents: np.ndarray, output_type: str, return_dict: bool, timings: dict[str, float]) -> Any:
@@ -109,6 +118,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs (all before any engine runs).
@@ -126,7 +136,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         # 2. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 3. Timesteps, on this call's own scheduler.
         scheduler = self.fresh_scheduler()
         steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
@@ -168,6 +178,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs.
@@ -185,7 +196,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         # 2. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 3. Timesteps, cut to `strength`.
         scheduler = self.fresh_scheduler()
         steps = self.set_timesteps(scheduler, num_inference_steps, timesteps, sigmas)
@@ -240,6 +251,7 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs.
@@ -256,7 +268,7 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         # 2. Encode the prompt (no negative: LCM does not run CFG).
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, None, prompt_embeds, None, False, clip_skip,
-                                  num_images_per_prompt)
+                                  num_images_per_prompt, prompt_weighting)
         # 3. Timesteps.
         scheduler = self.fresh_scheduler()
         if timesteps is not None:
