@@ -45,7 +45,14 @@ def make_text_encoder(tokenizer, with_projection: bool = False, hidden_act: str 
         pad_token_id=tokenizer.pad_token_id,
     )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config).eval()
+    model = cls(config).eval()
+    # A fresh LayerNorm (weight 1, bias 0) makes every token's output average exactly 0 over its channels; trained
+    # CLIP encoders do not, and prompt emphasis (which rescales the chunk to its original mean) needs a real mean.
+    norm = next(m for name, m in model.named_modules() if name.endswith("final_layer_norm"))
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn_like(norm.weight))
+        norm.bias.copy_(0.5 * torch.randn_like(norm.bias))
+    return model
 
 
 def make_vae(norm_num_groups: int = 8):

@@ -46,7 +46,7 @@ TEXT_LENGTH = 77  # CLIP's position table; every SD text encoder takes exactly 7
 # Named-dimension ranges written to the manifest (inclusive). Latent sides 1..512 are 8..4096 px with SD's VAE.
 BATCH_RANGE = (1, 32)
 LATENT_RANGE = (1, 512)
-SEQUENCE_RANGE = (TEXT_LENGTH, 4 * TEXT_LENGTH)  # UNet context: 1 to 4 concatenated 77-token chunks (long prompts)
+SEQUENCE_RANGE = (TEXT_LENGTH, 8 * TEXT_LENGTH)  # UNet context: 1 to 8 concatenated 77-token chunks (long prompts)
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 

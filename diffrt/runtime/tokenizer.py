@@ -149,6 +149,14 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def tokens(self, text: str) -> list[int]:
+        """Ids of `text` alone: no start or end token, never truncated (the pieces of a long, weighted prompt)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. ",</w>"), None if the vocabulary lacks it."""
+        return self._tokenizer.token_to_id(token)
+
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """Ids of one text with start and end tokens; cut to `max_length` (keeping the end token) if given."""
         encoding = self._tokenizer.encode(text, add_special_tokens=False)

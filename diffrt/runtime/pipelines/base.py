@@ -27,6 +27,8 @@ from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.providers import check_package_target, check_provider
 from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
+from diffrt.runtime.pipelines.weighted_prompts import DEFAULT_MAX_CHUNKS
+from diffrt.runtime.prompt_chunks import CHUNK_LENGTH
 from diffrt.runtime.tokenizer import CLIPTokenizer
 from diffrt.schedulers import from_config as scheduler_from_config
 from diffrt.schedulers.protocol import Scheduler
@@ -245,11 +247,17 @@ class DiffusionPipeline(DiffusersApi):
         return self.package.has(name)
 
     def prompt_encoder(self, name: str, tokenizer_name: str) -> TextEncoder:
-        """Text encoder `name` with its tokenizer, as prompt encoding runs them."""
+        """Text encoder `name` with its tokenizer, as prompt encoding runs them (in slices of its batch range)."""
         tokenizer = getattr(self, tokenizer_name, None)
         if tokenizer is None:
             tokenizer = CLIPTokenizer.from_folder(self.package.tokenizer_dir(tokenizer_name))
-        return TextEncoder(tokenizer, self.engine(name))
+        batch_range = self.package.component(name).dim_ranges.get("batch")
+        return TextEncoder(tokenizer, self.engine(name), batch_range[1] if batch_range else None)
+
+    def max_prompt_chunks(self) -> int:
+        """How many 77-token chunks the UNet's `encoder_hidden_states` may hold (weighted, long prompts)."""
+        sequence = self.package.component("unet").dim_ranges.get("sequence")
+        return sequence[1] // CHUNK_LENGTH if sequence else DEFAULT_MAX_CHUNKS
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Generate images; each concrete pipeline defines its own arguments (Diffusers' `__call__`)."""

@@ -17,6 +17,7 @@ from diffrt.errors import InputError, invalid
 from diffrt.package.reader import ModelPackage
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+PROMPT_WEIGHTINGS = ("a1111",)  # AUTOMATIC1111's emphasis syntax and long prompts
 
 
 def check_size(height: int, width: int, multiple: int) -> None:
@@ -260,3 +261,8 @@ def _intersect(extents: Sequence[Extent | None]) -> Extent:
     low = max((e[0] for e in known), default=1)
     high = min((e[1] for e in known), default=2**31 - 1)
     return low, high
+
+
+def check_prompt_weighting(value: Any) -> None:
+    if value is not None and value not in PROMPT_WEIGHTINGS:
+        raise invalid("prompt_weighting", f"None (Diffusers' plain prompts) or one of {PROMPT_WEIGHTINGS}", value)

@@ -137,6 +137,7 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         output_type: str = "pil",
         return_dict: bool = True,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:
@@ -163,7 +164,7 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         # 3. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 4. Latents, mask and masked-image latents.
         with self._stage(timings, "vae_encode"):
             inp = self._inpaint_latents(pixels, mask, batch, generator, np.repeat(steps[:1], batch), scheduler,
@@ -218,6 +219,7 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:

@@ -29,13 +29,19 @@ class TextEncoding:
 class TextEncoder:
     """One CLIP tokenizer and its text-encoder engine."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, engine: Engine) -> None:
+    def __init__(self, tokenizer: CLIPTokenizer, engine: Engine, max_batch: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.engine = engine
+        self.max_batch = max_batch  # the engine's batch limit (weighted prompts can need more rows: run in slices)
 
     def __call__(self, prompts: Sequence[str], max_length: int | None = None) -> TextEncoding:
         ids = self.tokenizer(list(prompts), max_length=max_length or self.tokenizer.model_max_length)
-        outputs = self.engine.run({"input_ids": ids})
+        return self.encode_ids(ids)
+
+    def encode_ids(self, ids: np.ndarray) -> TextEncoding:
+        step = self.max_batch or len(ids)
+        parts = [self.engine.run({"input_ids": ids[i : i + step]}) for i in range(0, len(ids), step)]
+        outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
         hidden = sorted(((int(m.group(1)), v) for k, v in outputs.items() if (m := _HIDDEN.match(k))))
         pooled = outputs.get("text_embeds")
         normed = {
@@ -74,7 +80,7 @@ def repeat_per_prompt(array: np.ndarray, num_images_per_prompt: int) -> np.ndarr
     return np.repeat(array, num_images_per_prompt, axis=0) if num_images_per_prompt > 1 else array
 
 
-def _clip_skip_embeds(encoding: TextEncoding, clip_skip: int) -> np.ndarray:
+def clip_skip_embeds(encoding: TextEncoding, clip_skip: int) -> np.ndarray:
     layers = len(encoding.hidden_states) - 1
     if not 1 <= clip_skip < layers:
         raise InputError(f"`clip_skip` must be an integer in [1, {layers - 1}] for this text encoder; got {clip_skip}")
@@ -95,7 +101,7 @@ def encode_sd(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """SD 1.x / 2.x: last hidden state (or final_layer_norm of an earlier layer with clip skip)."""
     encoding = encoder(prompts)
-    embeds = encoding.last_hidden_state if clip_skip is None else _clip_skip_embeds(encoding, clip_skip)
+    embeds = encoding.last_hidden_state if clip_skip is None else clip_skip_embeds(encoding, clip_skip)
     negative = None
     if negatives is not None:
         negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state

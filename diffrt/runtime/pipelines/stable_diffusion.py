@@ -11,6 +11,7 @@ from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, DiffusionPipeline, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.guidance import guidance_scale_embedding
 from diffrt.runtime.pipelines.prompts import as_prompt_list, encode_sd, negative_list, repeat_per_prompt
+from diffrt.runtime.pipelines.weighted_prompts import encode_sd_weighted
 from diffrt.schedulers.protocol import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         negative_prompt_embeds: np.ndarray | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Diffusers' `encode_prompt`: (prompt_embeds, negative_prompt_embeds) as float32 arrays, each repeated
         `num_images_per_prompt` times per prompt; the negative is None without classifier-free guidance. `device`
@@ -55,6 +57,7 @@ class _StableDiffusionBase(DiffusionPipeline):
             raise checks.invalid("lora_scale", "None (LoRA is applied when loading the package)", lora_scale)
         checks.check_positive_int("num_images_per_prompt", num_images_per_prompt)
         checks.check_clip_skip(clip_skip)
+        checks.check_prompt_weighting(prompt_weighting)
         prompts, batch_size = self._batch_size(prompt, prompt_embeds)
         embeds = None if prompt_embeds is None else self._prompt_embeds("prompt_embeds", prompt_embeds)
         negative = None
@@ -66,10 +69,15 @@ class _StableDiffusionBase(DiffusionPipeline):
             negatives = negative_list(negative_prompt, batch_size)
         if embeds is None or negatives is not None:
             encoder = self.prompt_encoder("text_encoder", "tokenizer")
-            if embeds is None:
-                embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
-            if negatives is not None:
-                negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
+            if prompt_weighting:
+                embeds, encoded = encode_sd_weighted(encoder, prompts, negatives, embeds, clip_skip,
+                                                     self.max_prompt_chunks())
+                negative = encoded if negatives is not None else negative
+            else:
+                if embeds is None:
+                    embeds, _ = encode_sd(encoder, prompts or [], None, clip_skip)
+                if negatives is not None:
+                    negative = encoder(negatives, max_length=embeds.shape[1]).last_hidden_state
         embeds = repeat_per_prompt(embeds, num_images_per_prompt).astype(np.float32, copy=False)
         if not do_classifier_free_guidance:
             return embeds, None
@@ -86,10 +94,12 @@ class _StableDiffusionBase(DiffusionPipeline):
         do_cfg: bool,
         clip_skip: int | None,
         num_images_per_prompt: int,
+        prompt_weighting: str | None = None,
     ) -> np.ndarray:
         """Prompt (and negative) embeddings, repeated per image and CFG-concatenated [negative; positive]."""
         embeds, negative = self.encode_prompt(prompts, None, num_images_per_prompt, do_cfg, negative_prompt,
-                                              prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+                                              prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+                                              prompt_weighting=prompt_weighting)
         if negative is None:
             return embeds
         return np.concatenate([negative, embeds]).astype(np.float32)
@@ -111,6 +121,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_positive_int("num_images_per_prompt", kw["num_images_per_prompt"])
         checks.check_output_type(kw["output_type"])
         checks.check_clip_skip(kw["clip_skip"])
+        checks.check_prompt_weighting(kw.get("prompt_weighting"))
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
 
     def _check_fits(self, height: int, width: int, batch_size: int, num_images_per_prompt: int, do_cfg: bool,
@@ -159,6 +170,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:
@@ -181,7 +193,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         # 3. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 4. Initial latents.
         latents = self.prepare_latents(shape, generator, latents, scheduler)
         # 5. Denoise.
@@ -218,6 +230,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:
@@ -245,7 +258,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         # 3. Encode the prompt.
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                  do_cfg, clip_skip, num_images_per_prompt)
+                                  do_cfg, clip_skip, num_images_per_prompt, prompt_weighting)
         # 4. Latents: encode (with the generator, as Diffusers does), then noise to the first timestep.
         with self._stage(timings, "vae_encode"):
             latents = self.image_latents(pixels, batch, generator, timings)
@@ -289,6 +302,7 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         output_type: str = "pil",
         return_dict: bool = True,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:
@@ -315,7 +329,7 @@ class LatentConsistencyModelPipeline(_StableDiffusionBase):
         # 3. Encode the prompt (no negative: LCM does not run CFG).
         with self._stage(timings, "text_encoder"):
             embeds = self._encode(prompts, batch_size, None, prompt_embeds, None, False, clip_skip,
-                                  num_images_per_prompt)
+                                  num_images_per_prompt, prompt_weighting)
         # 4. Latents and the guidance embedding.
         latents = self.prepare_latents(shape, generator, latents, scheduler)
         feeds = {"encoder_hidden_states": embeds, **self._timestep_cond(guidance_scale, batch)}

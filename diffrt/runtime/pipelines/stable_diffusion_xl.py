@@ -24,6 +24,7 @@ from diffrt.runtime.pipelines.stable_diffusion import (
     strength_timesteps,
     tile_batch,
 )
+from diffrt.runtime.pipelines.weighted_prompts import chunk_count, encode_sdxl_weighted
 from diffrt.schedulers.protocol import Scheduler
 
 
@@ -126,15 +127,27 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
             second = kw["negative_prompt_2"] or kw["negative_prompt"]
             negative_2 = negative_list(second, batch_size, "negative_prompt_2")
             negatives = [negative, negative_2][-len(encoders):]
+        weighted = kw.get("prompt_weighting") is not None
         if given.prompt_embeds is not None:  # user embeds with an explicit negative prompt to encode
-            if negatives is not None:
+            if negatives is not None and weighted:
+                chunks = chunk_count(given.prompt_embeds, "prompt_embeds")
+                _, _, given.negative_prompt_embeds, given.negative_pooled = encode_sdxl_weighted(
+                    encoders, None, negatives, None, self.max_prompt_chunks(), chunks)
+            elif negatives is not None:
                 given.negative_prompt_embeds, given.negative_pooled = encode_sdxl_negatives(encoders, negatives)
             return given
         if prompts is None:
             raise checks.InputError("one of `prompt` or `prompt_embeds` is required")
         prompts_2 = as_prompt_list(kw["prompt_2"], "prompt_2") or prompts
         per_encoder = [prompts, prompts_2][-len(encoders):]
-        return encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
+        if not weighted:
+            return encode_sdxl(encoders, per_encoder, negatives, kw["clip_skip"], zero_negative)
+        result = SdxlEmbeddings(*encode_sdxl_weighted(encoders, per_encoder, negatives, kw["clip_skip"],
+                                                      self.max_prompt_chunks()))
+        if zero_negative:
+            result.negative_prompt_embeds = np.zeros_like(result.prompt_embeds)
+            result.negative_pooled = np.zeros_like(result.pooled)
+        return result
 
     def _time_ids(self, kw: dict[str, Any], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         original = tuple(kw.get("original_size") or (height, width))
@@ -161,6 +174,7 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         if do_cfg:
             negative = checks.present(emb.negative_prompt_embeds, "negative_prompt_embeds")
             negative_pooled = checks.present(emb.negative_pooled, "negative_pooled_prompt_embeds")
+            checks.check_same_shape("negative_prompt_embeds", negative, "prompt_embeds", emb.prompt_embeds)
             embeds = np.concatenate([repeat_per_prompt(negative, n), embeds])
             pooled = np.concatenate([repeat_per_prompt(negative_pooled, n), pooled])
             ids = np.concatenate([neg_ids, ids])
@@ -201,6 +215,7 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         negative_pooled_prompt_embeds: np.ndarray | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
+        prompt_weighting: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
         """Diffusers' SDXL `encode_prompt`: (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds), each repeated `num_images_per_prompt` times per prompt; the negatives are
@@ -209,6 +224,7 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
             raise checks.invalid("lora_scale", "None (LoRA is applied when loading the package)", lora_scale)
         checks.check_positive_int("num_images_per_prompt", num_images_per_prompt)
         checks.check_clip_skip(clip_skip)
+        checks.check_prompt_weighting(prompt_weighting)
         kw = dict(locals())
         prompts, batch_size = self._batch_size(prompt, prompt_embeds)
         emb = self._encode_xl(prompts, batch_size, kw, do_classifier_free_guidance)
@@ -258,6 +274,7 @@ class StableDiffusionXLPipeline(_StableDiffusionXLBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals())
@@ -328,6 +345,7 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals(), latents=None)
