@@ -137,6 +137,11 @@ def main() -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    from diffrt.bench.report import machine_info
+
+    machine = machine_info()
+    print(f"{machine['cpu']} ({machine['usable_cpus']} usable CPUs; {' '.join(machine['cpu_flags'])}), load "
+          f"average {machine['load_average']}")
     results = [run_setting(args, int(value)) for value in args.max_batch.split(",")]
     base = results[0]["images_per_s"]
     print(f"{args.package} {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
@@ -150,7 +155,8 @@ def main() -> int:
         for error in row["first_errors"]:
             print(f"  error: {error}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": results},
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "machine": machine,
+                                                    "results": results},
                                         indent=2))
     return 1 if any(row["errors"] for row in results) else 0
 
