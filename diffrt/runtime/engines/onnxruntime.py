@@ -161,6 +161,9 @@ class OnnxRuntimeEngine:
         optimized_model_cache: folder for optimised models, reused by later sessions; None disables the cache.
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
         session_options: a base `ort.SessionOptions`; the settings above are applied on top of it.
+        initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion),
+            through `SessionOptions.add_initializer`; the other weights still come from the file. The
+            optimised-model cache is not used for such a session (its folded weights would be the old ones).
         **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
             gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
             buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
@@ -178,6 +181,7 @@ class OnnxRuntimeEngine:
         optimized_model_cache: str | Path | None = None,
         dim_ranges: DimRanges | None = None,
         session_options: ort.SessionOptions | None = None,
+        initializers: Mapping[str, np.ndarray] | None = None,
         **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
@@ -195,6 +199,9 @@ class OnnxRuntimeEngine:
         self.optimized_model_cache = Path(optimized_model_cache) if optimized_model_cache is not None else None
         self.dim_ranges = dict(dim_ranges or {})
         self._base_options = session_options
+        # OrtValues must outlive the session that reads them: ORT keeps pointers into their buffers.
+        self._initializers = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                              for name, value in (initializers or {}).items()}
         self._lock = threading.Lock()
         self._session: ort.InferenceSession | None = None
         self._inputs: list[TensorSpec] = []
@@ -240,6 +247,8 @@ class OnnxRuntimeEngine:
         for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
             if not _has_config(options, key):
                 options.add_session_config_entry(key, "0")
+        for name, value in self._initializers.items():
+            options.add_initializer(name, value)
         return options
 
     def _create_session(self) -> ort.InferenceSession:
@@ -342,7 +351,7 @@ class OnnxRuntimeEngine:
         return self._external_data().is_file()
 
     def _cache_path(self) -> Path | None:
-        if self.optimized_model_cache is None:
+        if self.optimized_model_cache is None or self._initializers:
             return None
         uncacheable = [name for name, _ in self.providers if name in _UNCACHEABLE]
         if self.cuda is not None and self.cuda.prefer_nhwc:
