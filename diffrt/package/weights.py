@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 
@@ -77,8 +77,28 @@ def read_initializers(model: Path | str, names: Iterable[str]) -> dict[str, np.n
     """The initializers `names` of the ONNX file `model`, read-only arrays memory-mapped from the file that holds
     their bytes (model.onnx itself, or the external data file beside it). PackageError naming a missing one."""
     model = Path(model)
+    return {name: np.memmap(place.file, dtype=place.dtype, mode="r", offset=place.offset,
+                            shape=(int(np.prod(place.shape)) if place.shape else 1,)).reshape(place.shape)
+            for name, place in locate_initializers(model, names).items()}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where an initializer's bytes are: `file` (model.onnx, or its external data file when `external`)."""
+
+    file: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    external: bool
+
+
+def locate_initializers(model: Path | str, names: Iterable[str]) -> dict[str, Stored]:
+    """Where the initializers `names` of the ONNX file `model` keep their bytes; PackageError naming a missing
+    one. Only the graph's initializer headers are read: tensor data is skipped by its length."""
+    model = Path(model)
     wanted = set(names)
-    found: dict[str, np.ndarray] = {}
+    found: dict[str, Stored] = {}
     try:
         with open(model, "rb") as stream:
             graph = _find_field(stream, 0, model.stat().st_size, 7)
@@ -98,9 +118,10 @@ def read_initializers(model: Path | str, names: Iterable[str]) -> dict[str, np.n
     return found
 
 
-def _tensor(stream, model: Path, start: int, end: int, wanted: set[str]) -> tuple[str, np.ndarray] | None:
+def _tensor(stream: BinaryIO, model: Path, start: int, end: int, wanted: set[str]) -> tuple[str, Stored] | None:
     dims: list[int] = []
-    dtype, name, raw, external = 0, None, None, {}
+    dtype, name, raw = 0, None, None
+    external: dict[str, str] = {}
     for field, wire, offset, length in _fields(stream, start, end):
         if field == 1 and wire == _VARINT:
             dims.append(length)
@@ -121,16 +142,13 @@ def _tensor(stream, model: Path, start: int, end: int, wanted: set[str]) -> tupl
     if name is None:
         return None
     numpy_dtype = _numpy_dtype(dtype, name, model)
-    count = int(np.prod(dims)) if dims else 1
     if raw is not None:
-        source, offset = model, raw[0]
-    elif "location" in external:
-        source, offset = model.parent / external["location"], int(external.get("offset", 0))
-    else:
-        raise PackageError(f"{model}: initializer {name!r} keeps its values in typed fields, not raw bytes; "
-                           "re-export the package")
-    array = np.memmap(source, dtype=numpy_dtype, mode="r", offset=offset, shape=(count,))
-    return name, array.reshape(dims)
+        return name, Stored(model, raw[0], numpy_dtype, tuple(dims), external=False)
+    if "location" in external:
+        source = model.parent / external["location"]
+        return name, Stored(source, int(external.get("offset", 0)), numpy_dtype, tuple(dims), external=True)
+    raise PackageError(f"{model}: initializer {name!r} keeps its values in typed fields, not raw bytes; "
+                       "re-export the package")
 
 
 def _numpy_dtype(elem_type: int, name: str, model: Path) -> np.dtype:

@@ -65,9 +65,9 @@ class LoraLoaderMixin:
             adapter_name = f"default_{len(self.adapters.loras)}"
         if adapter_name in self.adapters.loras:
             raise invalid("adapter_name", "a name not loaded yet (delete_adapters first to replace it)", adapter_name)
+        self._check_engines_support_adapters()
         path = resolve_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
         lora = read_lora(path, self.adapters.weights.parameter_names(), strict=strict)
-        self._check_engines_support_adapters()
         with self._lock:
             self.adapters.loras[adapter_name] = lora
             self.adapters.active = [(adapter_name, 1.0)]
