@@ -261,3 +261,29 @@ def test_bad_adapter_arguments_name_the_parameter(tiny_package, loras):
         pipe.set_adapters(["a"], adapter_weights=[1.0, 2.0])
     with pytest.raises(InputError, match="adapter_name"):
         pipe.load_lora_weights(loras("sd15", "peft"), adapter_name="a")
+
+
+# ----- command line -----
+def test_cli_lora_with_scales_makes_the_python_api_image(tiny_package, loras, tmp_path):
+    from PIL import Image
+
+    from cli_runner import one_line_error, run_cli
+
+    first, second = loras("sd15", "peft", seed=1), loras("sd15", "kohya", seed=2)
+    args = ["generate", tiny_package("sd15"), "a photo of a cat", "--steps", "3", "--height", "64", "--width", "64",
+            "--seed", "5", "--scheduler", "Euler", "--lora", f"{first}:0.7", "--lora", f"{second}:-0.4"]
+    result = run_cli(*args, "-o", tmp_path / "cli.png")
+    assert result.returncode == 0, result.stderr
+    got = np.asarray(Image.open(tmp_path / "cli.png"), dtype=np.float32) / 255
+    pipe = ours(tiny_package, "sd15")
+    pipe.load_lora_weights(first, adapter_name="a")
+    pipe.load_lora_weights(second, adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.7, -0.4])
+    expected = np.asarray(pipe(generator=5, **CALL).images[0])
+    assert float(np.abs(expected - got).max()) <= 1 / 255 + 1e-6  # 8-bit PNG rounding
+    record = json.loads((tmp_path / "cli.json").read_text()) if (tmp_path / "cli.json").exists() else None
+    if record is not None:
+        assert record["loras"] == [{"path": str(first), "scale": 0.7}, {"path": str(second), "scale": -0.4}]
+    missing = run_cli(*args[:-4], "--lora", str(tmp_path / "none.safetensors:0.5"), "-o", tmp_path / "x.png")
+    assert missing.returncode != 0
+    one_line_error(missing.stderr, "generate", "none.safetensors does not exist")

@@ -63,10 +63,10 @@ def parameter_map(component: str, root: nn.Module, initializers: Mapping[str, An
     found: dict[str, list[list[str]]] = defaultdict(list)
     ambiguous: set[str] = set()
     for initializer, value in initializers.items():
-        key = _initializer_key(value)
-        if key is None or key not in candidates:
+        found_key = _initializer_key(value)
+        if found_key is None or found_key not in candidates:
             continue
-        matches = candidates[key]
+        matches = candidates[found_key]
         if len({name for name, _ in matches}) > 1:  # same bytes in several parameters: which one is unknowable
             ambiguous.update(name for name, _ in matches)
             continue

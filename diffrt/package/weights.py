@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from diffrt.errors import PackageError
-from diffrt.package.onnx_io import ELEM_TYPES, _BYTES, _VARINT, _fields, _find_field, _read
+from diffrt.package.onnx_io import _BYTES, _VARINT, ELEM_TYPES, _fields, _find_field, _read
 
 PARAMETERS_KEY = "parameters"
 #: the initializer holds the parameter's elements in the parameter's own order (its shape may differ: reshaped)

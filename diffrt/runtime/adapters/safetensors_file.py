@@ -46,7 +46,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
 
 
 def _tensor(path: Path, name: str, entry: dict, data: np.ndarray) -> np.ndarray:
-    dtype = _DTYPES.get(entry.get("dtype"))
+    dtype = _DTYPES.get(str(entry.get("dtype")))
     begin, end = entry.get("data_offsets", (0, -1))
     shape = tuple(int(n) for n in entry.get("shape", ()))
     if dtype is None:

@@ -16,10 +16,10 @@ import numpy as np
 from diffrt import rng
 from diffrt.errors import PackageError, invalid
 from diffrt.package.reader import ModelPackage
-from diffrt.runtime.engines import create_engine
-from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.adapters.package_weights import PackageWeights
 from diffrt.runtime.adapters.state import AdapterState
+from diffrt.runtime.engines import create_engine
+from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines.checks import PackageLimits
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent

@@ -9,6 +9,8 @@ adapters when first used.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -18,40 +20,62 @@ from diffrt.runtime.adapters.lora_file import read_lora
 from diffrt.runtime.adapters.state import AdapterState, Weight
 
 if TYPE_CHECKING:
-    from diffrt.runtime.pipelines.base import DiffusionPipeline
+    from diffrt.runtime.engines.base import Engine
+    from diffrt.runtime.pipelines.diffusers_api import CallState
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # Diffusers' save_lora_weights file name
 
 
+def _is_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".safetensors")
+
+
+def check_lora_source(path_or_repo: str | Path) -> None:
+    """InputError for a LoRA argument that is no existing file or folder and cannot be a Hub repo id (checked
+    before any model is loaded)."""
+    path = Path(path_or_repo).expanduser()
+    if not path.exists() and not _is_repo_id(str(path_or_repo)):
+        raise InputError(f"LoRA file {os.fsdecode(path)} does not exist (expected a .safetensors file, a folder with "
+                         f"{DEFAULT_WEIGHT_NAME} or a Hub repo id)")
+
+
 def resolve_lora_file(path_or_repo: str | Path, weight_name: str | None, **hub: Any) -> Path:
     """A LoRA file from a file path, a folder (+ `weight_name`), or a Hub repo id (+ `weight_name`)."""
+    check_lora_source(path_or_repo)
     path = Path(path_or_repo).expanduser()
     if path.is_file():
         return path
     name = weight_name or DEFAULT_WEIGHT_NAME
     if path.is_dir():
         if not (path / name).is_file():
-            raise InputError(f"LoRA folder {path} has no {name}; pass `weight_name` with the file to load")
+            raise InputError(f"LoRA folder {os.fsdecode(path)} has no {name}; pass `weight_name` with the file to "
+                             "load")
         return path / name
-    if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/", "~")):
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        from diffrt.runtime.hub import hub_call
+    from diffrt.runtime.hub import hub_call
 
-        repo = str(path_or_repo)
-        return Path(hub_call(lambda: hf_hub_download(repo, name, **hub), repo, hub.get("revision"),
-                             f"the LoRA file {name}", InputError))
-    raise InputError(f"LoRA {path_or_repo!r} is neither a file, a folder nor a Hub repo id")
+    repo = str(path_or_repo)
+    return Path(hub_call(lambda: hf_hub_download(repo, name, **hub), repo, hub.get("revision"),
+                         f"the LoRA file {name}", InputError))
 
 
 class LoraLoaderMixin:
     """Mixed into `DiffusionPipeline`; state lives in `self.adapters` (shared with `from_pipe` pipelines)."""
 
     adapters: AdapterState
+    provider: Any
+    _engines: dict[str, "Engine"]
+    _engine_signatures: dict[str, Any]
+    _lock: threading.Lock
+    _call: "CallState"
 
-    def load_lora_weights(self: "DiffusionPipeline", pretrained_model_name_or_path_or_dict: str | Path,
+    def engine(self, name: str) -> "Engine":
+        raise NotImplementedError  # DiffusionPipeline.engine
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | Path,
                           adapter_name: str | None = None, *, weight_name: str | None = None, strict: bool = True,
                           **hub: Any) -> None:
         """Load a LoRA (kohya / A1111, Diffusers / PEFT; safetensors only) as `adapter_name` and make it the active
@@ -73,7 +97,7 @@ class LoraLoaderMixin:
             self.adapters.active = [(adapter_name, 1.0)]
         self._refresh_adapted_engines()
 
-    def set_adapters(self: "DiffusionPipeline", adapter_names: str | Sequence[str],
+    def set_adapters(self, adapter_names: str | Sequence[str],
                      adapter_weights: Weight | Sequence[Weight | None] | None = None) -> None:
         """Activate `adapter_names` with `adapter_weights` (one number per adapter or for all, or a dict per
         component such as {"unet": 0.6, "text_encoder": 1.0}; None = 1.0); their updates add up."""
@@ -83,7 +107,7 @@ class LoraLoaderMixin:
             raise invalid("adapter_names", f"loaded adapters ({', '.join(self.adapters.loras) or 'none loaded'})",
                           unknown[0])
         if adapter_weights is None or isinstance(adapter_weights, (int, float, dict)):
-            weights: list[Weight | None] = [adapter_weights] * len(names)  # type: ignore[list-item]
+            weights: list[Any] = [adapter_weights] * len(names)
         else:
             weights = list(adapter_weights)
         if len(weights) != len(names):
@@ -94,26 +118,26 @@ class LoraLoaderMixin:
             self.adapters.enabled = True
         self._refresh_adapted_engines()
 
-    def get_active_adapters(self: "DiffusionPipeline") -> list[str]:
+    def get_active_adapters(self) -> list[str]:
         return [name for name, _ in self.adapters.active] if self.adapters.enabled else []
 
-    def get_list_adapters(self: "DiffusionPipeline") -> dict[str, list[str]]:
+    def get_list_adapters(self) -> dict[str, list[str]]:
         listed: dict[str, list[str]] = {}
         for name, lora in self.adapters.loras.items():
             for component in sorted(lora.components):
                 listed.setdefault(component, []).append(name)
         return listed
 
-    def disable_lora(self: "DiffusionPipeline") -> None:
+    def disable_lora(self) -> None:
         """Run without the active adapters (fused ones stay); `enable_lora` brings them back."""
         self.adapters.enabled = False
         self._refresh_adapted_engines()
 
-    def enable_lora(self: "DiffusionPipeline") -> None:
+    def enable_lora(self) -> None:
         self.adapters.enabled = True
         self._refresh_adapted_engines()
 
-    def delete_adapters(self: "DiffusionPipeline", adapter_names: str | Sequence[str]) -> None:
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             if name not in self.adapters.loras:
@@ -124,14 +148,14 @@ class LoraLoaderMixin:
             self.adapters.active = [(n, w) for n, w in self.adapters.active if n not in names]
         self._refresh_adapted_engines()
 
-    def unload_lora_weights(self: "DiffusionPipeline") -> None:
+    def unload_lora_weights(self) -> None:
         """Forget every adapter: the engines run the package's own weights again (plus anything fused)."""
         with self._lock:
             self.adapters.loras.clear()
             self.adapters.active = []
         self._refresh_adapted_engines()
 
-    def fuse_lora(self: "DiffusionPipeline", lora_scale: float = 1.0,
+    def fuse_lora(self, lora_scale: float = 1.0,
                   adapter_names: Sequence[str] | None = None, **_: Any) -> None:
         """Bake the active adapters (times `lora_scale`) into the weights: they stay after `unload_lora_weights`
         until `unfuse_lora`. (Inference costs the same either way: adapters are always merged into the weights.)"""
@@ -139,24 +163,24 @@ class LoraLoaderMixin:
         chosen = self.get_active_adapters() if adapter_names is None else list(adapter_names)
         with self._lock:
             for name, weight in self.adapters.active:
-                if name in chosen and isinstance(weight, (int, float)):
+                if name in chosen and isinstance(weight, (int, float)) and isinstance(scale, float):
                     self.adapters.fused.append((self.adapters.loras[name], name, float(weight) * scale))
                 elif name in chosen:
                     raise invalid("adapter_weights", "one number per adapter to fuse", weight)
         self._refresh_adapted_engines()
 
-    def unfuse_lora(self: "DiffusionPipeline", **_: Any) -> None:
+    def unfuse_lora(self, **_: Any) -> None:
         with self._lock:
             self.adapters.fused.clear()
         self._refresh_adapted_engines()
 
     # ----- engines -----
-    def _check_engines_support_adapters(self: "DiffusionPipeline") -> None:
+    def _check_engines_support_adapters(self) -> None:
         from diffrt.runtime.engines import check_initializer_overrides
 
         check_initializer_overrides(self.provider)
 
-    def _refresh_adapted_engines(self: "DiffusionPipeline") -> float:
+    def _refresh_adapted_engines(self) -> float:
         """Re-create the existing engines whose adapter overrides changed; returns the seconds it took."""
         start = time.perf_counter()
         for name in self.adapters.weights.components():
