@@ -265,9 +265,8 @@ def test_bad_adapter_arguments_name_the_parameter(tiny_package, loras):
 
 # ----- command line -----
 def test_cli_lora_with_scales_makes_the_python_api_image(tiny_package, loras, tmp_path):
-    from PIL import Image
-
     from cli_runner import one_line_error, run_cli
+    from PIL import Image
 
     first, second = loras("sd15", "peft", seed=1), loras("sd15", "kohya", seed=2)
     args = ["generate", tiny_package("sd15"), "a photo of a cat", "--steps", "3", "--height", "64", "--width", "64",

@@ -28,6 +28,7 @@ from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
 from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.providers import check_package_target, check_provider
+from diffrt.runtime.pipelines.textual_inversion_api import TextualInversionMixin
 from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.pipelines.weighted_prompts import DEFAULT_MAX_CHUNKS
@@ -89,7 +90,7 @@ def randn_tensor(shape: Sequence[int], generator: Any) -> np.ndarray:
     return rng.randn(tuple(shape), generator=generator)
 
 
-class DiffusionPipeline(DiffusersApi, LoraLoaderMixin):
+class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
     """Loads a model package and runs it; `from_pretrained` picks the concrete class from `model_index.json`."""
 
     #: components a package must have for this class (checked before any engine is created)

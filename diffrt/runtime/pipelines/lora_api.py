@@ -32,25 +32,26 @@ def _is_repo_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".safetensors")
 
 
-def check_lora_source(path_or_repo: str | Path) -> None:
-    """InputError for a LoRA argument that is no existing file or folder and cannot be a Hub repo id (checked
+def check_lora_source(path_or_repo: str | Path, what: str = "LoRA",
+                      default_name: str = DEFAULT_WEIGHT_NAME) -> None:
+    """InputError for an adapter argument that is no existing file or folder and cannot be a Hub repo id (checked
     before any model is loaded)."""
     path = Path(path_or_repo).expanduser()
     if not path.exists() and not _is_repo_id(str(path_or_repo)):
-        raise InputError(f"LoRA file {os.fsdecode(path)} does not exist (expected a .safetensors file, a folder with "
-                         f"{DEFAULT_WEIGHT_NAME} or a Hub repo id)")
+        raise InputError(f"{what} file {os.fsdecode(path)} does not exist (expected a .safetensors file, a folder "
+                         f"with {default_name} or a Hub repo id)")
 
 
-def resolve_lora_file(path_or_repo: str | Path, weight_name: str | None, **hub: Any) -> Path:
-    """A LoRA file from a file path, a folder (+ `weight_name`), or a Hub repo id (+ `weight_name`)."""
-    check_lora_source(path_or_repo)
+def resolve_adapter_file(path_or_repo: str | Path, weight_name: str, what: str = "LoRA", **hub: Any) -> Path:
+    """An adapter file from a file path, a folder (+ `weight_name`), or a Hub repo id (+ `weight_name`)."""
+    check_lora_source(path_or_repo, what, weight_name)
     path = Path(path_or_repo).expanduser()
     if path.is_file():
         return path
-    name = weight_name or DEFAULT_WEIGHT_NAME
+    name = weight_name
     if path.is_dir():
         if not (path / name).is_file():
-            raise InputError(f"LoRA folder {os.fsdecode(path)} has no {name}; pass `weight_name` with the file to "
+            raise InputError(f"{what} folder {os.fsdecode(path)} has no {name}; pass `weight_name` with the file to "
                              "load")
         return path / name
     from huggingface_hub import hf_hub_download
@@ -59,7 +60,7 @@ def resolve_lora_file(path_or_repo: str | Path, weight_name: str | None, **hub: 
 
     repo = str(path_or_repo)
     return Path(hub_call(lambda: hf_hub_download(repo, name, **hub), repo, hub.get("revision"),
-                         f"the LoRA file {name}", InputError))
+                         f"the {what} file {name}", InputError))
 
 
 class LoraLoaderMixin:
@@ -90,7 +91,7 @@ class LoraLoaderMixin:
         if adapter_name in self.adapters.loras:
             raise invalid("adapter_name", "a name not loaded yet (delete_adapters first to replace it)", adapter_name)
         self._check_engines_support_adapters()
-        path = resolve_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
+        path = resolve_adapter_file(pretrained_model_name_or_path_or_dict, weight_name or DEFAULT_WEIGHT_NAME, **hub)
         lora = read_lora(path, self.adapters.weights.parameter_names(), strict=strict)
         with self._lock:
             self.adapters.loras[adapter_name] = lora
