@@ -49,7 +49,8 @@ def parameter_placements(component: str, manifest: dict | None, package_root: Pa
         raise PackageError(
             f"the {component} of the package {package_root} records no parameter map (`{PARAMETERS_KEY}` in its "
             "diffrt.json entry), which LoRA and textual inversion need: it was exported by an older diffrt or is "
-            "not a diffrt package; re-export it with this version (`diffrt export SOURCE OUTPUT --overwrite`)")
+            "not a diffrt package; re-export it with this version (`diffrt export SOURCE OUTPUT --overwrite`), or add "
+            "the map from the checkpoint it was exported from: `diffrt.export.add_parameter_maps(SOURCE, PACKAGE)`")
     placements: dict[str, list[Placement]] = {}
     for name, places in entry.items():
         if not isinstance(places, list) or not all(
