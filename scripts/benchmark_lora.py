@@ -54,7 +54,8 @@ def make_lora(package: Path, rank: int, out: Path) -> tuple[Path, int]:
     weights = PackageWeights(ModelPackage.open(package))
     rng = np.random.default_rng(0)
     tensors = {}
-    for component, prefix, modules in (("unet", "lora_unet_", UNET_MODULES), ("text_encoder", "lora_te_", TEXT_MODULES)):
+    targets = (("unet", "lora_unet_", UNET_MODULES), ("text_encoder", "lora_te_", TEXT_MODULES))
+    for component, prefix, modules in targets:
         for parameter, places in weights.placements(component).items():
             module = parameter.removesuffix(".weight")
             if not parameter.endswith(".weight") or not module.endswith(modules):
