@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 
 from lora_files import kohya_lora, peft_lora  # noqa: E402
 
-from diffrt.errors import ConfigError, InputError, PackageError  # noqa: E402
+from diffrt.errors import ConfigError, ExportError, InputError, PackageError  # noqa: E402
 from diffrt.package.weights import from_initializer, parameter_placements, read_initializers  # noqa: E402
 from diffrt.runtime import DiffusionPipeline  # noqa: E402
 
@@ -240,6 +240,25 @@ def test_a_package_without_the_parameter_map_says_to_re_export(tiny_package, lor
     pipe = DiffusionPipeline.from_pretrained(copy)
     with pytest.raises(PackageError, match="re-export"):
         pipe.load_lora_weights(loras("sd15", "peft"))
+
+
+def test_the_map_of_an_older_package_is_derived_from_its_checkpoint_exactly(tiny_checkpoint, tiny_package, tmp_path):
+    from diffrt.export import add_parameter_maps
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_package("sd15"), copy)
+    manifest = json.loads((copy / "diffrt.json").read_text())
+    for entry in manifest["components"].values():
+        entry.pop("parameters", None)
+    (copy / "diffrt.json").write_text(json.dumps(manifest))
+    counts = add_parameter_maps(tiny_checkpoint("sd15"), copy)
+    original = json.loads((tiny_package("sd15") / "diffrt.json").read_text())["components"]
+    derived = json.loads((copy / "diffrt.json").read_text())["components"]
+    assert set(counts) == {"unet", "text_encoder"}
+    for name in counts:
+        assert derived[name]["parameters"] == original[name]["parameters"]
+    with pytest.raises(ExportError, match="not its source checkpoint"):
+        add_parameter_maps(tiny_checkpoint("sdxl"), copy)
 
 
 def test_openvino_provider_refuses_adapters_clearly(tiny_package, loras):

@@ -205,12 +205,10 @@ def add_parameter_maps(source: str | Path, package: str | Path, *, revision: str
     digest of its bytes among the package's initializers (`diffrt.export.parameter_map`); a checkpoint that is not
     the package's source matches nothing, which is an ExportError. Only diffrt.json changes (written atomically).
     """
-    import onnx_ir as ir
-
     from diffrt.export.onnx import prepare_for_export
     from diffrt.export.parameter_map import parameter_map
     from diffrt.package.reader import ModelPackage
-    from diffrt.package.weights import PARAMETERS_KEY
+    from diffrt.package.weights import PARAMETERS_KEY, canonical_parameter, read_initializers
 
     opened = ModelPackage.open(package)
     if opened.manifest is None:
@@ -223,10 +221,15 @@ def add_parameter_maps(source: str | Path, package: str | Path, *, revision: str
             continue
         graph = _load_graph(src, name)
         prepare_for_export(graph, opened.component(name).manifest.get("precision", "fp32"))  # type: ignore[union-attr]
-        model = ir.load(str(opened.component(name).path))
-        found = parameter_map(name, graph.parameter_root, model.graph.initializers)  # type: ignore[arg-type]
-        if not found:
-            raise ExportError(f"none of the {name} parameters of {source} is in {package}: not its source checkpoint")
+        # Our own reader: memory-mapped, and it follows a symlinked external data file (onnx_ir refuses those).
+        initializers = read_initializers(opened.component(name).path, None)
+        found = parameter_map(name, graph.parameter_root, initializers)  # type: ignore[arg-type]
+        matrices = [key for key, value in graph.parameter_root.state_dict().items()  # type: ignore[union-attr]
+                    if value.ndim >= 2]
+        missing = [key for key in matrices if canonical_parameter(name, key) not in found]
+        if missing:
+            raise ExportError(f"{len(missing)} of the {len(matrices)} {name} weight matrices of {source} (e.g. "
+                              f"{missing[0]}) are not in {package}: not its source checkpoint, or another precision")
         manifest["components"][name][PARAMETERS_KEY] = found
         counts[name] = len(found)
     write_json(Path(package) / MANIFEST_NAME, manifest)

@@ -43,16 +43,20 @@ def _tensor_keys(tensor: torch.Tensor) -> list[tuple[Key, str]]:
 
 
 def _initializer_key(value: Any) -> Key | None:
-    tensor = value.const_value
-    if tensor is None:
-        return None
-    array = tensor.numpy()
+    """An onnx_ir Value's (or a NumPy array's, from `diffrt.package.weights.read_initializers`) digest key."""
+    if isinstance(value, np.ndarray):
+        array = value  # bfloat16 is read as its uint16 bits: such packages do not match here
+    else:
+        if value.const_value is None:
+            return None
+        array = value.const_value.numpy()
     return str(array.dtype), int(array.size), _digest(np.ascontiguousarray(array).view(np.uint8).data)
 
 
 def parameter_map(component: str, root: nn.Module, initializers: Mapping[str, Any]) -> dict[str, list[list[str]]]:
     """{Diffusers parameter name: [[initializer name, layout], ...]} for the floating-point parameters of `root`
-    found in `initializers` (an onnx_ir graph's initializers), layouts `direct` / `transposed`."""
+    found in `initializers` (an onnx_ir graph's initializers, or NumPy arrays by name), layouts `direct` /
+    `transposed`."""
     candidates: dict[Key, list[tuple[str, str]]] = defaultdict(list)
     for name, parameter in root.named_parameters(remove_duplicate=False):
         if not parameter.is_floating_point():

@@ -24,6 +24,7 @@ LAYOUTS = (LAYOUT_DIRECT, LAYOUT_TRANSPOSED)
 # transformers 5's CLIPTextModel drops the `text_model.` level its checkpoints, LoRA files and
 # CLIPTextModelWithProjection still use: names are recorded with it, so every tool's names match.
 _TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+_FLOAT_TYPES = ("float32", "float16", "float64", "bfloat16")
 
 
 def canonical_parameter(component: str, name: str) -> str:
@@ -74,9 +75,10 @@ def from_initializer(value: np.ndarray, layout: str, shape: tuple[int, ...]) -> 
     return value.reshape(shape)
 
 
-def read_initializers(model: Path | str, names: Iterable[str]) -> dict[str, np.ndarray]:
+def read_initializers(model: Path | str, names: Iterable[str] | None) -> dict[str, np.ndarray]:
     """The initializers `names` of the ONNX file `model`, read-only arrays memory-mapped from the file that holds
-    their bytes (model.onnx itself, or the external data file beside it). PackageError naming a missing one."""
+    their bytes (model.onnx itself, or the external data file beside it). PackageError naming a missing one.
+    `names=None`: every floating-point initializer."""
     model = Path(model)
     return {name: np.memmap(place.file, dtype=place.dtype, mode="r", offset=place.offset,
                             shape=(int(np.prod(place.shape)) if place.shape else 1,)).reshape(place.shape)
@@ -94,11 +96,11 @@ class Stored:
     external: bool
 
 
-def locate_initializers(model: Path | str, names: Iterable[str]) -> dict[str, Stored]:
-    """Where the initializers `names` of the ONNX file `model` keep their bytes; PackageError naming a missing
-    one. Only the graph's initializer headers are read: tensor data is skipped by its length."""
+def locate_initializers(model: Path | str, names: Iterable[str] | None) -> dict[str, Stored]:
+    """Where the initializers `names` (None: all floating-point ones) of the ONNX file `model` keep their bytes;
+    PackageError naming a missing one. Only the graph's initializer headers are read: tensor data is skipped."""
     model = Path(model)
-    wanted = set(names)
+    wanted = set(names) if names is not None else None
     found: dict[str, Stored] = {}
     try:
         with open(model, "rb") as stream:
@@ -106,20 +108,21 @@ def locate_initializers(model: Path | str, names: Iterable[str]) -> dict[str, St
             if graph is None:
                 raise PackageError(f"{model} is not an ONNX model: it has no graph")
             for field, wire, offset, length in _fields(stream, *graph):
-                if field == 5 and wire == _BYTES and len(found) < len(wanted):
+                if field == 5 and wire == _BYTES and (wanted is None or len(found) < len(wanted)):
                     tensor = _tensor(stream, model, offset, offset + length, wanted)
                     if tensor is not None:
                         found[tensor[0]] = tensor[1]
     except (ValueError, EOFError, UnicodeDecodeError) as error:
         raise PackageError(f"{model} is not a readable ONNX model (damaged or truncated?): {error}") from None
-    missing = sorted(wanted - set(found))
+    missing = sorted(wanted - set(found)) if wanted is not None else []
     if missing:
         raise PackageError(f"{model} has no initializer {missing[0]!r} (of {len(missing)} missing) that its "
                            "manifest's parameter map names: the package was modified after export; re-export it")
     return found
 
 
-def _tensor(stream: BinaryIO, model: Path, start: int, end: int, wanted: set[str]) -> tuple[str, Stored] | None:
+def _tensor(stream: BinaryIO, model: Path, start: int, end: int,
+            wanted: set[str] | None) -> tuple[str, Stored] | None:
     dims: list[int] = []
     dtype, name, raw = 0, None, None
     external: dict[str, str] = {}
@@ -132,7 +135,7 @@ def _tensor(stream: BinaryIO, model: Path, start: int, end: int, wanted: set[str
             dtype = length
         elif field == 8 and wire == _BYTES:
             name = _read(stream, offset, offset + length).decode()
-            if name not in wanted:
+            if wanted is not None and name not in wanted:
                 return None
         elif field == 9 and wire == _BYTES:
             raw = (offset, length)
@@ -140,7 +143,7 @@ def _tensor(stream: BinaryIO, model: Path, start: int, end: int, wanted: set[str
             entry = {f: _read(stream, o, o + n).decode() for f, w, o, n in _fields(stream, offset, offset + length)
                      if w == _BYTES}
             external[entry.get(1, "")] = entry.get(2, "")
-    if name is None:
+    if name is None or (wanted is None and ELEM_TYPES.get(dtype) not in _FLOAT_TYPES):
         return None
     numpy_dtype = _numpy_dtype(dtype, name, model)
     if raw is not None:
