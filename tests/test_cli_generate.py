@@ -161,3 +161,17 @@ def test_jpeg_and_webp_carry_the_infotext_in_exif_as_a1111_reads_it(tmp_path: Pa
     assert text.startswith("a handwritten seven, ünïcode: yes\nSteps: 6, Sampler: Euler, ")
     generate(tmp_path, "--from-png", name, "-o", "again.png")
     assert fields_of(tmp_path / "again.png") == parse_infotext(text).fields
+
+
+def test_prompts_are_read_with_a1111_emphasis_unless_told_otherwise(tmp_path: Path):
+    from diffrt.runtime import DiffusionPipeline
+
+    prompt = "a (handwritten:1.5) [seven] BREAK two"
+    generate(tmp_path, "digits", prompt, *FAST, "--seed", "5", "-o", "weighted.png")
+    generate(tmp_path, "digits", prompt, *FAST, "--seed", "5", "--prompt-weighting", "none", "-o", "plain.png")
+    pipe = DiffusionPipeline.from_pretrained("digits")
+    pipe.set_progress_bar_config(disable=True)
+    for name, weighting in (("weighted.png", "a1111"), ("plain.png", None)):
+        want = pipe(prompt, generator=[5], num_inference_steps=6, prompt_weighting=weighting).images[0]
+        np.testing.assert_array_equal(pixels(tmp_path / name), np.asarray(want))
+    assert np.abs(pixels(tmp_path / "weighted.png").astype(int) - pixels(tmp_path / "plain.png")).max() > 0

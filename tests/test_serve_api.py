@@ -342,3 +342,16 @@ def test_cors_is_off_unless_configured_and_basic_auth_needs_the_key(base_url):
     assert httpx.get(f"{base_url}/v1/models", auth=("user", "wrong")).status_code == 401
     assert httpx.get(f"{base_url}/v1/models", auth=("user", KEY)).status_code == 200
     assert httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Token {KEY}"}).status_code == 401
+
+
+def test_a_servers_own_temporary_image_folder_goes_when_it_stops():
+    """Without --output-dir, `url` images live in a private temporary folder, made when first needed and removed
+    at shutdown; a folder the user named is kept (the module's server above writes into one)."""
+    config = ServeConfig(packages=["digits"], max_batch=1)
+    with app_server(config) as (base_url, app):
+        outputs = app.state.server.outputs
+        result = openai.OpenAI(api_key="unused", base_url=f"{base_url}/v1", max_retries=0).images.generate(
+            model="digits", prompt="a handwritten one", size=f"{SIZE}x{SIZE}", extra_body={"steps": 2})
+        folder = outputs.path
+        assert (folder / result.data[0].url.rsplit("/", 1)[1]).is_file()
+    assert not folder.exists()

@@ -133,3 +133,14 @@ def lora_spec(text: str) -> tuple[Path, float]:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"LoRA scale must be a finite number; got {scale!r}")
     return Path(path), value
+
+
+def add_prompt_weighting(parser: argparse.ArgumentParser) -> None:
+    """`--prompt-weighting a1111|none`, the same for every command that reads prompts."""
+    parser.add_argument("--prompt-weighting", choices=("a1111", "none"), default="a1111",
+                        help="a1111 (default): AUTOMATIC1111's (word:1.3) / [word] emphasis, BREAK and prompts "
+                             "longer than 75 tokens; none: Diffusers' plain prompts, cut at 77 tokens")
+
+
+def prompt_weighting(args: argparse.Namespace) -> str | None:
+    return None if args.prompt_weighting == "none" else args.prompt_weighting

@@ -17,15 +17,18 @@ from typing import Any
 from diffrt.cli.args import (
     RANDOM_SEED,
     SEED_MAX,
+    add_prompt_weighting,
     float_list,
     int_list,
     lora_spec,
     number_in,
     positive_int,
+    prompt_weighting,
     seed,
     utf8_text,
 )
 from diffrt.errors import DiffrtError, InputError, PackageError
+from diffrt.runtime.generation import weighting_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with --from-png, default: the image's `Model`")
     parser.add_argument("prompt", nargs="?", type=utf8_text, help="with --from-png, default: the image's prompt")
     parser.add_argument("-n", "--negative-prompt", type=utf8_text, default=None)
+    add_prompt_weighting(parser)
     parser.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps (pipeline default)")
     parser.add_argument("--guidance", type=number_in(0), default=None, help="guidance_scale (pipeline default)")
     parser.add_argument("--scheduler", default=None, help='Diffusers class name or A1111 name ("DPM++ 2M Karras")')
@@ -279,6 +283,7 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if args.ays:
         kwargs.update(_ays(pipe, args.steps))
+    kwargs.update(weighting_kwargs(pipe, prompt_weighting(args)))
     return kwargs
 
 

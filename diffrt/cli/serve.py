@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from diffrt.cli.args import number_in, positive_int
+from diffrt.cli.args import add_prompt_weighting, number_in, positive_int, prompt_weighting
 from diffrt.errors import InputError
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser requests from this origin (repeatable; default: CORS off)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each package")
+    add_prompt_weighting(parser)
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve application (a running cluster, or "
                         "a local one); one deployment per package")
     parser.add_argument("--replicas", type=positive_int, default=1, help="with --ray: replicas per package")
@@ -74,7 +75,8 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,
         max_upload_bytes=int(args.max_upload_mb * MEBIBYTE), timeout=args.timeout, output_dir=args.output_dir,
-        cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period)
+        cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period,
+        prompt_weighting=prompt_weighting(args))
 
 
 def _graceful_server_class() -> type:

@@ -6,6 +6,8 @@ so that the same request gives the same image and the same record whichever fron
 - A scheduler is chosen by Diffusers class name or A1111 sampler name ("DPM++ 2M Karras"), built on the package's
   own scheduler config.
 - The A1111 infotext fields of an image (`Steps`, `Sampler`, `Seed`, ...), written by `runtime/infotext.py`.
+- Prompts are read with A1111's emphasis syntax and long-prompt rule by default (`DEFAULT_PROMPT_WEIGHTING`): what
+  A1111's users and its API clients send.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from diffrt.errors import InputError
 SEED_MAX = 2**63 - 1
 RANDOM_SEED = -1
 RANDOM_SEED_LIMIT = 2**32  # A1111 draws random seeds below 2**32
+DEFAULT_PROMPT_WEIGHTING = "a1111"
 
 
 def seeds_for(first: int | None, count: int, parameter: str = "seed") -> list[int]:
@@ -68,3 +71,25 @@ def infotext_fields(pipe: Any, scheduler: Any, *, steps: int, guidance: float | 
             "Size": f"{width}x{height}", "Model hash": model_hash(pipe.package.manifest), "Model": model,
             "Denoising strength": strength}
 
+
+
+def weighting_kwargs(pipe: Any, weighting: str | None) -> dict[str, Any]:
+    """`prompt_weighting=` for a pipeline call, when the pipeline reads prompts (the digits model has none)."""
+    return {"prompt_weighting": weighting} if weighting and "prompt_weighting" in call_defaults(pipe) else {}
+
+
+def prompt_chunk_count(pipe: Any, texts: list[str], weighting: str | None) -> int:
+    """How many 77-token chunks the longest of `texts` takes under `weighting` (1 for plain prompts, which are cut
+    at 77 tokens); InputError naming `prompt` when a text needs more than the package's UNet takes. Requests with
+    different counts must not share a call: the shorter would be padded with empty chunks, changing its image."""
+    from diffrt.runtime.prompt_chunks import CHUNK_TOKENS, prompt_chunks
+
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if not weighting_kwargs(pipe, weighting) or tokenizer is None:
+        return 1
+    count = max((prompt_chunks(tokenizer, text).count for text in texts), default=1)
+    limit = pipe.max_prompt_chunks()
+    if count > limit:
+        raise InputError(f"`prompt` needs {count} chunks of {CHUNK_TOKENS} tokens; this package's UNet takes at most "
+                         f"{limit} ({limit * CHUNK_TOKENS} tokens): shorten it")
+    return count

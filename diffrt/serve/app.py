@@ -45,6 +45,7 @@ def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
         finally:
             state.shutting_down = True
             await state.backend.stop_backend()
+            state.outputs.close()
 
     app = FastAPI(title="diffrt", version=__version__, lifespan=lifespan)
     app.state.server = state

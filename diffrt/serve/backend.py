@@ -39,7 +39,7 @@ class LocalBackend:
 
     async def start_backend(self) -> None:
         for name, info in self.infos.items():
-            worker = PackageWorker(name, PipelineSet(info.pipe, name), self.metrics,
+            worker = PackageWorker(name, PipelineSet(info.pipe, name, self.config.prompt_weighting), self.metrics,
                                    max_batch=min(self.config.max_batch, info.max_rows),
                                    batch_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue,
                                    replica=f"pid-{os.getpid()}")

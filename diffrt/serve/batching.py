@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffrt.errors import InputError
 from diffrt.serve.jobs import GenerationRequest, GenerationResult, ServeError
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.runner import Abandoned, BatchControl, PipelineSet, run_batch
@@ -82,6 +83,10 @@ class PackageWorker:
             raise ServeError(429, f"the queue of {self.name!r} is full ({self.max_queue} requests waiting); retry "
                              f"after {retry} s", code="queue_full", kind="rate_limit_error",
                              headers={"Retry-After": str(retry)})
+        try:
+            request.prompt_chunks = self.pipes.prompt_chunks(request)
+        except InputError as error:
+            raise ServeError(400, str(error), param="prompt", code="invalid_value") from None
         job = Job(request, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self.metrics.queue_depth.labels(self.name).set(len(self._pending))
@@ -213,8 +218,6 @@ class PackageWorker:
 
 
 def _as_serve_error(error: Exception) -> ServeError:
-    from diffrt.errors import InputError
-
     if isinstance(error, ServeError):
         return error
     if isinstance(error, InputError):  # a value only the pipeline could check (e.g. an image too small)

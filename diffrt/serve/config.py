@@ -28,5 +28,7 @@ class ServeConfig:
     output_dir: Path | None = None
     cors_origins: list[str] = field(default_factory=list)
     warmup: bool = True
+    #: how prompts are read: "a1111" (emphasis, BREAK, long prompts; A1111's API clients send this syntax) or None
+    prompt_weighting: str | None = "a1111"
     #: seconds SIGTERM waits for requests in flight before the server stops anyway
     grace_period: float = 30.0

@@ -44,6 +44,8 @@ class GenerationRequest:
     image: Any = None
     mask: Any = None
     strength: float | None = None
+    #: 77-token chunks of the longest prompt (set by the package's worker): only equal counts share a call
+    prompt_chunks: int = 1
 
     @property
     def task(self) -> str:
@@ -54,11 +56,11 @@ class GenerationRequest:
         return len(self.seeds)
 
     def batch_key(self) -> Hashable:
-        """Requests with equal keys share UNet calls: same task, size, steps, scheduler and guidance. Requests with an
-        input image are never combined (each has its own image to encode)."""
+        """Requests with equal keys share UNet calls: same task, size, steps, scheduler, guidance and prompt chunk
+        count. Requests with an input image are never combined (each has its own image to encode)."""
         if self.task != "text2image":
             return ("own", id(self))
-        return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance)
+        return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance, self.prompt_chunks)
 
 
 @dataclass

@@ -47,7 +47,7 @@ class PackageReplica:
     def _worker(self) -> PackageWorker:
         if self.worker is None:  # created on the replica's event loop, on first use
             self.worker = PackageWorker(
-                self.info.name, PipelineSet(self.info.pipe, self.info.name), Metrics(),
+                self.info.name, PipelineSet(self.info.pipe, self.info.name, self.config.prompt_weighting), Metrics(),
                 max_batch=min(self.config.max_batch, self.info.max_rows),
                 batch_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue, replica=self.replica)
             self.worker.start()

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from diffrt.runtime.generation import infotext_fields, scheduler_for
+from diffrt.runtime.generation import infotext_fields, prompt_chunk_count, scheduler_for, weighting_kwargs
 from diffrt.runtime.image import postprocess
 from diffrt.runtime.image_files import encode_image
 from diffrt.runtime.infotext import format_infotext
@@ -59,11 +59,16 @@ class PipelineSet:
     """One package's pipelines: the text-to-image one loaded once, the image-to-image / inpainting ones and the
     scheduler variants made from it with `from_pipe` (same engines, no reload), kept for reuse."""
 
-    def __init__(self, pipe: Any, model: str) -> None:
+    def __init__(self, pipe: Any, model: str, prompt_weighting: str | None = None) -> None:
         self.base = pipe
         self.model = model
+        self.prompt_weighting = prompt_weighting
         self._variants: dict[tuple[str, str | None], Any] = {}
         self._lock = threading.Lock()
+
+    def prompt_chunks(self, request: GenerationRequest) -> int:
+        """The request's prompt chunk count (InputError when its prompt is longer than the package takes)."""
+        return prompt_chunk_count(self.base, [*request.prompts, *request.negative_prompts], self.prompt_weighting)
 
     def get(self, task: str, scheduler: str | None) -> Any:
         from diffrt.runtime.pipelines.auto import (
@@ -96,6 +101,7 @@ def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control
         "generator": [s for r in requests for s in r.seeds],
         "num_inference_steps": first.steps, "guidance_scale": first.guidance,
         "callback_on_step_end": control.callback,
+        **weighting_kwargs(pipe, pipes.prompt_weighting),
     }
     if first.task == "text2image":
         kwargs.update(height=first.height, width=first.width)
