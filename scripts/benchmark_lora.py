@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -71,21 +72,27 @@ def make_lora(package: Path, rank: int, out: Path) -> tuple[Path, int]:
     return out, out.stat().st_size
 
 
-def unet_step_seconds(pipe, runs: int, size: int) -> float:
-    """Median seconds of one UNet run at `size` px, batch 2 (classifier-free guidance), one 77-token chunk."""
+def unet_feeds(pipe, size: int) -> dict[str, np.ndarray]:
+    """One UNet step's inputs at `size` px, batch 2 (classifier-free guidance), one 77-token chunk."""
     rng = np.random.default_rng(0)
     latent = size // pipe.vae_scale_factor
-    feeds = {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
-             "timestep": np.full((2,), 500.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
-    engine = pipe.engine("unet")
-    engine.run(feeds)  # warm-up
-    times = []
+    return {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
+            "timestep": np.full((2,), 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
+
+
+def interleaved_medians(engines: list, feeds: dict, runs: int) -> list[float]:
+    """Median seconds per engine, their runs interleaved (A B A B ...): on a shared machine whose load changes by
+    the minute, only runs made side by side compare."""
+    for engine in engines:
+        engine.run(feeds)  # warm-up (and session creation)
+    times: list[list[float]] = [[] for _ in engines]
     for _ in range(runs):
-        start = time.perf_counter()
-        engine.run(feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for engine, samples in zip(engines, times):
+            start = time.perf_counter()
+            engine.run(feeds)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def main() -> None:
@@ -93,13 +100,14 @@ def main() -> None:
     presets = sorted((Path.home() / ".cache" / "diffrt" / "presets").glob("sd15-*"))
     parser.add_argument("--preset-dir", type=Path, default=presets[0] if presets else None)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from diffrt.runtime import DiffusionPipeline
 
     info = machine_info()
+    print(f"load average before: {info['load_average']}")
     print(f"CPU: {info['cpu']}  flags: {' '.join(info['cpu_flags'])}  usable cpus: {info['usable_cpus']}  "
           f"load average: {info['load_average']}")
     work = Path(tempfile.mkdtemp(prefix="diffrt-lora-bench-"))
@@ -117,20 +125,28 @@ def main() -> None:
         result["lora"] = {"rank": args.rank, "bytes": size}
         pipe = DiffusionPipeline.from_pretrained(package, load="eager")
         result["unet_file"] = str((args.preset_dir / "package-fp32-onnxruntime" / "unet" / MODEL_FILE))
-        result["unet_step_before"] = unet_step_seconds(pipe, args.runs, args.size)
+        base = pipe.engine("unet")
         start = time.perf_counter()
         pipe.load_lora_weights(lora, adapter_name="a")
-        result["load_lora_seconds"] = time.perf_counter() - start
-        result["unet_step_after"] = unet_step_seconds(pipe, args.runs, args.size)
+        result["load_lora_seconds"] = time.perf_counter() - start  # read + deltas + UNet and text encoder sessions
+        start = time.perf_counter()
+        pipe.adapters.overrides("unet")
+        result["unet_deltas_seconds"] = time.perf_counter() - start  # the NumPy part of it, UNet only
         start = time.perf_counter()
         pipe.set_adapters("a", adapter_weights=0.5)
         result["switch_weight_seconds"] = time.perf_counter() - start
+        feeds = unet_feeds(pipe, args.size)
+        # `base` was closed by the switch; its session is created again on its warm-up run
+        before, after = interleaved_medians([base, pipe.engine("unet")], feeds, args.runs)
+        result["unet_step_seconds"] = {"without_lora": before, "with_lora": after,
+                                       "size": args.size, "batch": 2, "runs": args.runs}
+        base.close()
         start = time.perf_counter()
         pipe.unload_lora_weights()
         result["unload_seconds"] = time.perf_counter() - start
-        result["unet_step_after_unload"] = unet_step_seconds(pipe, args.runs, args.size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["load_average_after"] = list(os.getloadavg())
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
