@@ -54,8 +54,29 @@ def peft_lora(checkpoint: Path, kind: str, out: Path, seed: int, rank: int = 4, 
     return out / "pytorch_lora_weights.safetensors"
 
 
-def kohya_lora(peft_file: Path, kind: str, out: Path) -> Path:
-    """The same LoRA in kohya / A1111 naming (alpha per module, as kohya's trainer writes it)."""
+def to_sgm(module: str, layers_per_block: int) -> str:
+    """A Diffusers UNet module path in the original (SGM) UNet's names, as kohya's SDXL trainer writes them."""
+    import re
+
+    stride = layers_per_block + 1
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    match = re.match(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions)\.(\d+)\.(.+)$", module)
+    assert match, module
+    kind, level, role, index, rest = match.groups()
+    inner = "0" if role == "resnets" else "1"
+    rest = resnet.get(rest, rest) if role == "resnets" else rest
+    if kind == "mid_block":
+        position = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(role, index)]
+        return f"middle_block.{position}.{rest}"
+    if kind == "down_blocks":
+        return f"input_blocks.{int(level) * stride + int(index) + 1}.{inner}.{rest}"
+    return f"output_blocks.{int(level) * stride + int(index)}.{inner}.{rest}"
+
+
+def kohya_lora(peft_file: Path, kind: str, out: Path, sgm_layers_per_block: int | None = None) -> Path:
+    """The same LoRA in kohya / A1111 naming (alpha per module, as kohya's trainer writes it); with
+    `sgm_layers_per_block`, UNet modules in the original SGM names (kohya's SDXL files)."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
@@ -69,6 +90,7 @@ def kohya_lora(peft_file: Path, kind: str, out: Path) -> Path:
         component, _, rest = key.partition(".")
         module, _, role = rest.rpartition(".lora_")
         if component == "unet":
+            module = to_sgm(module, sgm_layers_per_block) if sgm_layers_per_block is not None else module
             name = "lora_unet_" + module.replace(".", "_")
         else:
             if not module.startswith("text_model."):

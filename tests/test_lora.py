@@ -43,7 +43,11 @@ def loras(tiny_checkpoint, lora_dir):
         if key not in built:
             folder = lora_dir / f"{kind}-{seed}-{len(built)}"
             path = peft_lora(tiny_checkpoint(kind), kind, folder, seed, **options)
-            built[key] = kohya_lora(path, kind, folder / "kohya.safetensors") if fmt == "kohya" else path
+            layers = json.loads((tiny_checkpoint(kind) / "unet" / "config.json").read_text())["layers_per_block"]
+            if fmt != "peft":
+                sgm = layers if fmt == "kohya-sgm" else None
+                path = kohya_lora(path, kind, folder / "kohya.safetensors", sgm_layers_per_block=sgm)
+            built[key] = path
         return built[key]
 
     return get
@@ -98,10 +102,12 @@ def test_export_maps_every_adaptable_weight_onto_its_initializer(kind, tiny_chec
 
 
 # ----- parity with Diffusers -----
-@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "kohya-sgm"])
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_lora_image_matches_diffusers(kind, fmt, tiny_checkpoint, tiny_package, loras):
-    path = loras(kind, fmt)
+    """kohya-sgm: UNet modules in the original SGM block names (`input_blocks_4_1_...`), with the resnets' 3x3
+    convolutions too (LoCon), as kohya's SDXL trainer names them."""
+    path = loras(kind, fmt, conv=fmt == "kohya-sgm")
     ref = reference(tiny_checkpoint, kind)
     ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
     pipe = ours(tiny_package, kind)
@@ -127,7 +133,7 @@ def test_two_adapters_at_different_weights_match_diffusers(kind, tiny_checkpoint
 
 def test_locon_conv_lora_matches_diffusers(tiny_checkpoint, tiny_package, loras):
     """LoCon: low-rank updates of the resnets' 3x3 convolutions (down [r, in, 3, 3], up [out, r, 1, 1])."""
-    path = loras("sd15", "kohya", seed=3, conv=True)
+    path = loras("sd15", "kohya", seed=3, conv=True)  # diffusers' module names
     ref = reference(tiny_checkpoint, "sd15")
     ref.load_lora_weights(str(path))
     pipe = ours(tiny_package, "sd15")

@@ -70,8 +70,10 @@ class LoraFile:
         return {update.component for update in self.updates}
 
 
-def read_lora(path: Path, parameters: Mapping[str, set[str]], strict: bool = True) -> LoraFile:
+def read_lora(path: Path, parameters: Mapping[str, set[str]], strict: bool = True,
+              layers_per_block: int | None = None) -> LoraFile:
     """The updates in the LoRA file `path`, keyed onto `parameters` ({component: its mapped parameter names}).
+    `layers_per_block` (the UNet config's) reads kohya files in the original SGM block names (SDXL trainers).
 
     Keys that match no parameter of the package: InputError listing a few, or (strict=False) a warning with their
     count, those keys skipped."""
@@ -83,6 +85,8 @@ def read_lora(path: Path, parameters: Mapping[str, set[str]], strict: bool = Tru
     updates, unmatched = [], list(unknown)
     for (component, module, kohya), roles in sorted(groups.items()):
         parameter = _resolve(lookup.get(component), component, module, kohya)
+        if parameter is None and kohya and component == "unet" and layers_per_block is not None:
+            parameter = _resolve(lookup.get(component), component, sgm_to_diffusers(module, layers_per_block), kohya)
         if parameter is None or "down" not in roles or "up" not in roles:
             unmatched.append(str(roles.get("key", module)))
             continue
@@ -150,6 +154,43 @@ def _resolve(lookup: dict[str, str] | None, component: str, module: str, kohya: 
         return lookup.get(module)
     parameter = canonical_parameter(component, module) + ".weight"
     return parameter if parameter in lookup.values() else None
+
+
+# The original (SGM / LDM) UNet's names -> Diffusers': blocks by position, resnet layers by role.
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_SGM_MIDDLE = re.compile(r"^middle_block_(\d+)_(.+)$")
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+_SGM_OTHER = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+              "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+              "label_emb_0_2": "add_embedding_linear_2"}
+
+
+def sgm_to_diffusers(module: str, layers_per_block: int) -> str:
+    """`input_blocks_4_1_transformer_blocks_0_attn1_to_q` -> `down_blocks_1_attentions_0_transformer_blocks_0_...`
+    (kohya's SDXL names, underscored), as Diffusers' own kohya loader maps them."""
+    if module in _SGM_OTHER:
+        return _SGM_OTHER[module]
+    stride = layers_per_block + 1
+    middle = _SGM_MIDDLE.match(module)
+    if middle:
+        index, rest = int(middle.group(1)), middle.group(2)
+        part = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(index)
+        return f"mid_block_{part}_{_SGM_RESNET.get(rest, rest)}" if part else module
+    block = _SGM_BLOCK.match(module)
+    if not block:
+        return module
+    kind, index, inner, rest = block.group(1), int(block.group(2)), int(block.group(3)), block.group(4)
+    rest = _SGM_RESNET.get(rest, rest)
+    if kind == "input_blocks":
+        level, layer = divmod(index - 1, stride)
+        if rest.startswith("op"):  # the downsampling convolution
+            return f"down_blocks_{level}_downsamplers_0_conv{rest[2:]}"
+        return f"down_blocks_{level}_{('resnets', 'attentions')[min(inner, 1)]}_{layer}_{rest}"
+    level, layer = divmod(index, stride)
+    if inner == 2 or rest.startswith("conv") and inner == 1 and not rest.startswith(("conv1", "conv2")):
+        return f"up_blocks_{level}_upsamplers_0_{rest}"
+    return f"up_blocks_{level}_{('resnets', 'attentions')[inner]}_{layer}_{rest}"
 
 
 def _metadata_alphas(metadata: Mapping[str, str]) -> dict[tuple[str, str], object]:

@@ -92,7 +92,10 @@ class LoraLoaderMixin:
             raise invalid("adapter_name", "a name not loaded yet (delete_adapters first to replace it)", adapter_name)
         self._check_engines_support_adapters()
         path = resolve_adapter_file(pretrained_model_name_or_path_or_dict, weight_name or DEFAULT_WEIGHT_NAME, **hub)
-        lora = read_lora(path, self.adapters.weights.parameter_names(), strict=strict)
+        layers = self.adapters.weights.package.unet_config.get("layers_per_block") \
+            if self.adapters.weights.package.has("unet") else None
+        lora = read_lora(path, self.adapters.weights.parameter_names(), strict=strict,
+                         layers_per_block=layers if isinstance(layers, int) else None)
         with self._lock:
             self.adapters.loras[adapter_name] = lora
             self.adapters.active = [(adapter_name, 1.0)]
