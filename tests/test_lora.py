@@ -102,11 +102,11 @@ def test_export_maps_every_adaptable_weight_onto_its_initializer(kind, tiny_chec
 
 
 # ----- parity with Diffusers -----
-@pytest.mark.parametrize("fmt", ["peft", "kohya", "kohya-sgm"])
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize(("kind", "fmt"), [("sd15", "peft"), ("sd15", "kohya"), ("sdxl", "peft"), ("sdxl", "kohya"),
+                                           ("sdxl", "kohya-sgm")])
 def test_lora_image_matches_diffusers(kind, fmt, tiny_checkpoint, tiny_package, loras):
     """kohya-sgm: UNet modules in the original SGM block names (`input_blocks_4_1_...`), with the resnets' 3x3
-    convolutions too (LoCon), as kohya's SDXL trainer names them."""
+    convolutions too (LoCon), as kohya's SDXL trainer names them (SD 1.x kohya files use Diffusers' names)."""
     path = loras(kind, fmt, conv=fmt == "kohya-sgm")
     ref = reference(tiny_checkpoint, kind)
     ref.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="style")
