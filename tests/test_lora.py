@@ -305,9 +305,8 @@ def test_cli_lora_with_scales_makes_the_python_api_image(tiny_package, loras, tm
     pipe.set_adapters(["a", "b"], [0.7, -0.4])
     expected = np.asarray(pipe(generator=5, **CALL).images[0])
     assert float(np.abs(expected - got).max()) <= 1 / 255 + 1e-6  # 8-bit PNG rounding
-    record = json.loads((tmp_path / "cli.json").read_text()) if (tmp_path / "cli.json").exists() else None
-    if record is not None:
-        assert record["loras"] == [{"path": str(first), "scale": 0.7}, {"path": str(second), "scale": -0.4}]
+    record = json.loads(Image.open(tmp_path / "cli.png").text["diffrt"])  # diffrt's record in the PNG
+    assert record["loras"] == [{"path": str(first), "scale": 0.7}, {"path": str(second), "scale": -0.4}]
     missing = run_cli(*args[:-4], "--lora", str(tmp_path / "none.safetensors:0.5"), "-o", tmp_path / "x.png")
     assert missing.returncode != 0
     one_line_error(missing.stderr, "generate", "none.safetensors does not exist")
