@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
 from typing import Callable
 
 from diffrt.runtime.generation import RANDOM_SEED, SEED_MAX
@@ -117,6 +118,21 @@ def utf8_text(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected UTF-8 text; got the invalid byte {byte!r} at character "
                                          f"{error.start} of {text!r}") from None
     return text
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """`--lora PATH[:SCALE]`: a LoRA file (or folder / Hub repo id) and its weight (default 1). The scale is what
+    follows the last `:` when that is a number, so paths with colons (C:\\...) still work."""
+    path, _, scale = text.rpartition(":")
+    try:
+        value = float(scale) if path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return Path(text), 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"LoRA scale must be a finite number; got {scale!r}")
+    return Path(path), value
 
 
 def add_prompt_weighting(parser: argparse.ArgumentParser) -> None:

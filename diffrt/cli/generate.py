@@ -20,6 +20,7 @@ from diffrt.cli.args import (
     add_prompt_weighting,
     float_list,
     int_list,
+    lora_spec,
     number_in,
     positive_int,
     prompt_weighting,
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --provider cuda or trt: replay each shape's GPU work as a CUDA graph")
     parser.add_argument("--vae", default=None, choices=("full", "tiny"),
                         help="full (default): the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
+    parser.add_argument("--lora", type=lora_spec, action="append", default=None, metavar="PATH[:SCALE]",
+                        help="apply a LoRA (.safetensors: kohya / A1111 or Diffusers / PEFT) at SCALE (default 1); "
+                             "repeat for several")
     parser.add_argument("-o", "--output", type=Path, default=Path("image.png"),
                         help="image file: .png (with the parameters as text), .jpg/.jpeg or .webp (in EXIF)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         image_files.check_output(path, args.overwrite)
     inputs = _input_images(args)
+    _check_loras(args)
     start = time.perf_counter()
     pipe = _load(args, task, from_png=made_with is not None)
     load_seconds = time.perf_counter() - start
@@ -205,15 +210,36 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     try:
         # load="eager": every engine is created here, so the timing line's "load" holds all of it
         pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
-                                    load="eager", **options)
+                                    load="lazy" if args.lora else "eager", **options)
     except PackageError as error:
         if not from_png:
             raise
         raise InputError(f"{error} (the package named by the image's `Model`; pass PACKAGE to use another)") from None
+    if args.lora:
+        _load_loras(pipe, args.lora)
+        pipe.load_engines()
     pipe.set_progress_bar_config(disable=True if getattr(args, "quiet", False) else None)  # None: terminals only
     if args.scheduler:
         pipe.scheduler = _scheduler(pipe, args.scheduler)
     return pipe
+
+
+def _check_loras(args: argparse.Namespace) -> None:
+    from diffrt.runtime.pipelines.lora_api import check_lora_source
+
+    for path, _ in args.lora or []:
+        check_lora_source(path)
+
+
+def _load_loras(pipe: Any, loras: list[tuple[Path, float]]) -> None:
+    """Each `--lora` as an adapter named after its file (made unique), all active at their scales."""
+    names: list[str] = []
+    for path, _ in loras:
+        name = path.stem or "lora"
+        name = name if name not in names else f"{name}_{len(names)}"
+        pipe.load_lora_weights(path, adapter_name=name)
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
 
 
 def _refuse_checkpoint(package: str) -> None:
@@ -293,6 +319,7 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
         "strength": strength, "sigmas": args.sigmas, "timesteps": args.timesteps, "ays": bool(args.ays),
         "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
         "provider": args.provider, "vae": args.vae,
+        "loras": [{"path": os.fsdecode(path), "scale": scale} for path, scale in args.lora or []],
         "image": None if args.image is None else os.fsdecode(args.image),
         "mask": None if args.mask is None else os.fsdecode(args.mask),
     }

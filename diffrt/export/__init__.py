@@ -9,6 +9,7 @@ from diffrt._lazy import lazy_names
 
 _LAZY: dict[str, str] = {
     "export_pipeline": "diffrt.export.exporter",
+    "add_parameter_maps": "diffrt.export.exporter",
     "check_options": "diffrt.export.component",
     "add_tiny_vae": "diffrt.export.taesd",
     "build_engines": "diffrt.export.tensorrt",

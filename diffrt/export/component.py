@@ -95,8 +95,9 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
     prepare_for_export(graph, precision, float32_group_norm=not fused)
     # A graph to fuse is written with every weight external: the fusions then run on the graph alone.
     threshold = 0 if fused else options.external_data_threshold
-    exported = export_graph(graph, folder / name, opset, threshold, translations)
+    exported = export_graph(graph, folder / name, opset, threshold, translations, map_parameters=not fused)
     graph.module = None  # type: ignore[assignment]  # free the weights before ONNX Runtime loads its copy
+    graph.parameter_root = None
     gc.collect()
     if fused:
         external = exported.weight_bytes > options.external_data_threshold
@@ -117,7 +118,7 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
     return component_entry(
         file=f"{name}/{MODEL_FILE}", external_data=exported.external_data, precision=precision, opset=opset,
         inputs=[s.manifest() for s in graph.inputs], outputs=[s.manifest() for s in graph.outputs],
-        dims=graph.dims, validation=validation.manifest() if validation else None,
+        dims=graph.dims, validation=validation.manifest() if validation else None, parameters=exported.parameters,
     )
 
 

@@ -33,7 +33,7 @@ from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDUL
 from diffrt.package.output import check_output, output_path
 from diffrt.package.writer import PackageWriter, build_manifest, model_index, record_component_files
 
-__all__ = ["export_pipeline", "COMPONENTS", "TARGET_OPSETS"]
+__all__ = ["export_pipeline", "add_parameter_maps", "COMPONENTS", "TARGET_OPSETS"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +194,43 @@ def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, A
                           target=options.target, opset=options.opset, exporter=_exporter_versions(),
                           components=entries)
 
+
+
+def add_parameter_maps(source: str | Path, package: str | Path, *, revision: str | None = None,
+                       variant: str | None = None, token: str | bool | None = None) -> dict[str, int]:
+    """Record the parameter map (docs/package-format.md) in a package exported before diffrt wrote one, from the
+    checkpoint `source` it was exported from, without exporting again; returns {component: parameters mapped}.
+
+    The map is exact: each parameter, converted to the package's precision as the export does, is found by the
+    digest of its bytes among the package's initializers (`diffrt.export.parameter_map`); a checkpoint that is not
+    the package's source matches nothing, which is an ExportError. Only diffrt.json changes (written atomically).
+    """
+    from diffrt.export.onnx import prepare_for_export
+    from diffrt.export.parameter_map import parameter_map
+    from diffrt.package.reader import ModelPackage
+    from diffrt.package.weights import PARAMETERS_KEY, canonical_parameter, read_initializers
+
+    opened = ModelPackage.open(package)
+    if opened.manifest is None:
+        raise InputError(f"{package} has no diffrt.json: only diffrt packages carry a parameter map")
+    src = _resolve(source, revision, variant, token, None)
+    counts = {}
+    manifest = dict(opened.manifest)
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        if not opened.has(name) or opened.component(name).manifest is None:
+            continue
+        graph = _load_graph(src, name)
+        prepare_for_export(graph, opened.component(name).manifest.get("precision", "fp32"))  # type: ignore[union-attr]
+        # Our own reader: memory-mapped, and it follows a symlinked external data file (onnx_ir refuses those).
+        initializers = read_initializers(opened.component(name).path, None)
+        found = parameter_map(name, graph.parameter_root, initializers)  # type: ignore[arg-type]
+        matrices = [key for key, value in graph.parameter_root.state_dict().items()  # type: ignore[union-attr]
+                    if value.ndim >= 2]
+        missing = [key for key in matrices if canonical_parameter(name, key) not in found]
+        if missing:
+            raise ExportError(f"{len(missing)} of the {len(matrices)} {name} weight matrices of {source} (e.g. "
+                              f"{missing[0]}) are not in {package}: not its source checkpoint, or another precision")
+        manifest["components"][name][PARAMETERS_KEY] = found
+        counts[name] = len(found)
+    write_json(Path(package) / MANIFEST_NAME, manifest)
+    return counts

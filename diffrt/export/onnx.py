@@ -78,6 +78,9 @@ class ComponentGraph:
     config_file: Path | None = None
     precision: str = "fp32"
     keep_float32: tuple[str, ...] = field(default_factory=tuple)
+    #: the Diffusers / transformers model inside `module` whose parameters the manifest's `parameters` map names
+    #: (None: no map; adapters do not apply to this component)
+    parameter_root: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class ExportedFile:
     size_bytes: int
     seconds: float
     weight_bytes: int = 0
+    parameters: dict[str, list[list[str]]] | None = None
 
 
 class _OutputsByName(nn.Module):
@@ -163,7 +167,7 @@ def text_encoder_graph(name: str, folder: Path, class_name: str, variant: str | 
     module = _OutputsByName(model, ["input_ids"], [o.name for o in outputs])
     trace, checks = _batch_sizes()
     return ComponentGraph(name, module, inputs, outputs, {"batch": BATCH_RANGE}, trace, checks,
-                          folder / name / CONFIG_NAME)
+                          folder / name / CONFIG_NAME, parameter_root=model)
 
 
 def _text_time_sizes(config: Mapping[str, Any], pooled_dim: int | None, aesthetics: bool) -> tuple[int, int]:
@@ -208,7 +212,7 @@ def unet_graph(folder: Path, variant: str | None, pooled_dim: int | None, aesthe
     checks = [{"batch": 1, "height": 8, "width": 8, "sequence": TEXT_LENGTH},
               {"batch": 3, "height": 16, "width": 8, "sequence": 2 * TEXT_LENGTH}]
     return ComponentGraph("unet", _Positional(unet, names), inputs, outputs, dims, trace, checks,
-                          folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"))
+                          folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"), parameter_root=unet)
 
 
 def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:
@@ -304,10 +308,12 @@ def prepare_for_export(graph: ComponentGraph, precision: str, float32_group_norm
 
 def export_graph(graph: ComponentGraph, folder: Path, opset: int,
                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                 translations: Mapping[Any, Any] | None = None) -> ExportedFile:
+                 translations: Mapping[Any, Any] | None = None, map_parameters: bool = True) -> ExportedFile:
     """Export `graph` to `folder/model.onnx` (+ `model.onnx_data` when the weights exceed the threshold).
 
-    `translations`: ONNX translations of our custom torch ops (the cuda target's MultiHeadAttention)."""
+    `translations`: ONNX translations of our custom torch ops (the cuda target's MultiHeadAttention).
+    `map_parameters`: locate `graph.parameter_root`'s parameters among the initializers (`ExportedFile.parameters`;
+    off for a graph that is rewritten after export, whose initializers the map would not name)."""
     import onnx_ir as ir
 
     start = time.perf_counter()
@@ -325,6 +331,11 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
     if graph.precision != "fp32":
         upcast_softmax(model)
     _name_output_dims(model, graph.outputs, ir)
+    parameters = None
+    if map_parameters and graph.parameter_root is not None:
+        from diffrt.export.parameter_map import parameter_map
+
+        parameters = parameter_map(graph.name, graph.parameter_root, model.graph.initializers)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL_FILE
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -333,7 +344,7 @@ def export_graph(graph: ComponentGraph, folder: Path, opset: int,
     # the torch tensors: onnx.save_model first builds a ModelProto holding a second copy of every weight.
     ir.save(model, path, external_data=external)
     size = path.stat().st_size + ((folder / external).stat().st_size if external else 0)
-    return ExportedFile(path, external, size, time.perf_counter() - start, weights)
+    return ExportedFile(path, external, size, time.perf_counter() - start, weights, parameters)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from diffrt.errors import ExportError
 from diffrt.package.files import AtomicFolder, files_sha256
 from diffrt.package.names import FORMAT_NAME, FORMAT_VERSION, ONNX_ENTRY
 from diffrt.package.output import check_output, output_path
+from diffrt.package.weights import PARAMETERS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ def build_manifest(*, pipeline: str, source: Mapping[str, Any], precision: str, 
 
 def component_entry(*, file: str, external_data: str | None, precision: str, inputs: list[dict],
                     outputs: list[dict], dims: Mapping[str, tuple[int, int]],
-                    validation: Mapping[str, float] | None, opset: int | None = None) -> dict[str, Any]:
+                    validation: Mapping[str, float] | None, opset: int | None = None,
+                    parameters: Mapping[str, list[list[str]]] | None = None) -> dict[str, Any]:
+    """One component's manifest entry; `parameters`: {Diffusers parameter: [[initializer, layout], ...]}
+    (`diffrt.package.weights`), for the components adapters apply to."""
     return {
         "file": file,
         "external_data": external_data,
@@ -96,6 +100,7 @@ def component_entry(*, file: str, external_data: str | None, precision: str, inp
         "outputs": outputs,
         "dims": {name: [int(low), int(high)] for name, (low, high) in dims.items()},
         "validation": dict(validation) if validation is not None else None,
+        **({PARAMETERS_KEY: dict(parameters)} if parameters is not None else {}),
     }
 
 

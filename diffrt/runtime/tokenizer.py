@@ -8,6 +8,7 @@ lowercase), pre-tokenizer and `<|startoftext|> ... <|endoftext|>` post-processor
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,6 +115,8 @@ class CLIPTokenizer:
         self.eos_token_id = self._token_id("eos_token")
         self.bos_token_id = self._token_id("bos_token")
         self._num_special = tokenizer.num_special_tokens_to_add(False)
+        #: multi-vector textual-inversion tokens: "tok" -> "tok tok_1 tok_2" (Diffusers' maybe_convert_prompt)
+        self._expansions: dict[str, str] = {}
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
@@ -149,9 +152,28 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def add_tokens(self, tokens: Sequence[str], expansion: str | None = None) -> list[int]:
+        """Add `tokens` (textual inversion) as transformers' `add_tokens` does: unsplittable, matched after
+        normalisation; their ids follow the vocabulary. With `expansion`, prompts mentioning `tokens[0]` use all of
+        them (a multi-vector embedding). InputError for a token the vocabulary has already."""
+        taken = [token for token in tokens if self._tokenizer.token_to_id(token) is not None]
+        if taken:
+            raise invalid("token", "a token not in the tokenizer's vocabulary yet", taken[0])
+        self._tokenizer.add_tokens([AddedToken(token, normalized=True, special=False) for token in tokens])
+        if expansion is not None:
+            self._expansions[tokens[0]] = expansion
+        return [int(self._tokenizer.token_to_id(token) or 0) for token in tokens]
+
+    def expand(self, text: str) -> str:
+        """`text` with each multi-vector token written out as all its tokens."""
+        for token, expansion in self._expansions.items():
+            if token in text:  # not inside an already written-out "tok_1"
+                text = re.sub(re.escape(token) + r"(?!_\d)", lambda _: expansion, text)
+        return text
+
     def tokens(self, text: str) -> list[int]:
         """Ids of `text` alone: no start or end token, never truncated (the pieces of a long, weighted prompt)."""
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self._tokenizer.encode(self.expand(text), add_special_tokens=False).ids)
 
     def token_id(self, token: str) -> int | None:
         """The id of one vocabulary entry (e.g. ",</w>"), None if the vocabulary lacks it."""
@@ -159,7 +181,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """Ids of one text with start and end tokens; cut to `max_length` (keeping the end token) if given."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        encoding = self._tokenizer.encode(self.expand(text), add_special_tokens=False)
         if max_length is not None and len(encoding.ids) + self._num_special > max_length:
             encoding.truncate(max_length - self._num_special)
         return list(self._tokenizer.post_process(encoding).ids)

@@ -66,6 +66,8 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     if not isinstance(component, (str, Path)) and component.name not in GRAPHED_COMPONENTS:
         options.pop("cuda_graph", None)
     path = component if isinstance(component, (str, Path)) else component.path
+    if options.get("initializers"):
+        check_initializer_overrides(provider)
     engine_class: type[Any]
     fixed: dict[str, Any]
     if _named(provider, "openvino"):
@@ -150,6 +152,17 @@ def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -
             f"`{unknown[0]}` is not an option of provider {provider!r} ({engine_class.__name__}); "
             f"its options are: {', '.join(accepted)}"
         )
+
+
+def check_initializer_overrides(provider: Any) -> None:
+    """LoRA and textual inversion replace initializers when a session is created: ONNX Runtime's
+    `SessionOptions.add_initializer`. ConfigError for the engines that have no such mechanism here."""
+    resolved = auto_provider() if _named(provider, "auto") else provider
+    if _named(resolved, "openvino") or _named(resolved, "trt"):
+        raise ConfigError(
+            f"LoRA and textual inversion are not supported with `provider` {resolved!r} yet (diffrt applies them as "
+            "ONNX Runtime initializer overrides; OpenVINO and TensorRT refit are not wired): use provider 'cpu' or "
+            "'cuda' (ONNX Runtime)")
 
 
 def check_provider(provider: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from diffrt.errors import DiffrtError, EngineError, invalid
+from diffrt.errors import DiffrtError, EngineError, PackageError, invalid
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
 from diffrt.runtime.engines.onnxruntime_cuda import (
     CUDA_OPTION_DEFAULTS,
@@ -161,6 +161,9 @@ class OnnxRuntimeEngine:
         optimized_model_cache: folder for optimised models, reused by later sessions; None disables the cache.
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
         session_options: a base `ort.SessionOptions`; the settings above are applied on top of it.
+        initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion),
+            through `SessionOptions.add_initializer`; the other weights still come from the file. The
+            optimised-model cache is not used for such a session (its folded weights would be the old ones).
         **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
             gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
             buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
@@ -178,6 +181,7 @@ class OnnxRuntimeEngine:
         optimized_model_cache: str | Path | None = None,
         dim_ranges: DimRanges | None = None,
         session_options: ort.SessionOptions | None = None,
+        initializers: Mapping[str, np.ndarray] | None = None,
         **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
@@ -195,6 +199,10 @@ class OnnxRuntimeEngine:
         self.optimized_model_cache = Path(optimized_model_cache) if optimized_model_cache is not None else None
         self.dim_ranges = dict(dim_ranges or {})
         self._base_options = session_options
+        # OrtValues must outlive the session that reads them: ORT keeps pointers into their buffers.
+        self._initializers = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                              for name, value in (initializers or {}).items()}
+        self._external_overrides = self._stored_externally(self._initializers)
         self._lock = threading.Lock()
         self._session: ort.InferenceSession | None = None
         self._inputs: list[TensorSpec] = []
@@ -240,7 +248,36 @@ class OnnxRuntimeEngine:
         for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
             if not _has_config(options, key):
                 options.add_session_config_entry(key, "0")
+        self._add_initializers(options)
         return options
+
+    def _stored_externally(self, names: Mapping[str, Any]) -> set[str]:
+        if not names:
+            return set()
+        from diffrt.package.weights import locate_initializers
+
+        try:
+            return {name for name, where in locate_initializers(self.path, names).items() if where.external}
+        except PackageError as error:
+            raise EngineError(f"cannot override initializers of {self.path}: {error}") from error
+
+    def _add_initializers(self, options: ort.SessionOptions) -> None:
+        """Initializer overrides: an initializer kept in the external data file is replaced when the graph is
+        loaded (`add_external_initializers`), before any optimisation, so every level sees the new weights. One
+        kept inside model.onnx can only be replaced after the graph optimisations (`add_initializer`), and level
+        "all"'s layout transformer has by then copied Conv weights into reordered ones the override never reaches
+        (measured: wrong images), so such a session runs at most at level "extended"."""
+        if not self._initializers:
+            return
+        external = [name for name in self._initializers if name in self._external_overrides]
+        if external:
+            options.add_external_initializers(external, [self._initializers[name] for name in external])
+        inline = [name for name in self._initializers if name not in self._external_overrides]
+        for name in inline:
+            options.add_initializer(name, self._initializers[name])
+        extended = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if inline and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            options.graph_optimization_level = extended
 
     def _create_session(self) -> ort.InferenceSession:
         if self.cuda is None or self.cuda.cuda_graph is False:
@@ -342,7 +379,7 @@ class OnnxRuntimeEngine:
         return self._external_data().is_file()
 
     def _cache_path(self) -> Path | None:
-        if self.optimized_model_cache is None:
+        if self.optimized_model_cache is None or self._initializers:
             return None
         uncacheable = [name for name, _ in self.providers if name in _UNCACHEABLE]
         if self.cuda is not None and self.cuda.prefer_nhwc:

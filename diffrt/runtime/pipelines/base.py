@@ -16,6 +16,8 @@ import numpy as np
 from diffrt import rng
 from diffrt.errors import PackageError, invalid
 from diffrt.package.reader import ModelPackage
+from diffrt.runtime.adapters.package_weights import PackageWeights
+from diffrt.runtime.adapters.state import AdapterState
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
@@ -23,8 +25,10 @@ from diffrt.runtime.pipelines.checks import PackageLimits
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
 from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
+from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
 from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.providers import check_package_target, check_provider
+from diffrt.runtime.pipelines.textual_inversion_api import TextualInversionMixin
 from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
 from diffrt.runtime.pipelines.weighted_prompts import DEFAULT_MAX_CHUNKS
@@ -86,7 +90,7 @@ def randn_tensor(shape: Sequence[int], generator: Any) -> np.ndarray:
     return rng.randn(tuple(shape), generator=generator)
 
 
-class DiffusionPipeline(DiffusersApi):
+class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
     """Loads a model package and runs it; `from_pretrained` picks the concrete class from `model_index.json`."""
 
     #: components a package must have for this class (checked before any engine is created)
@@ -125,6 +129,9 @@ class DiffusionPipeline(DiffusersApi):
         self.provider = provider
         self.engine_options = engine_options
         self._engines: dict[str, Engine] = {}
+        #: the adapter state each engine was created with (`AdapterState.signature`)
+        self._engine_signatures: dict[str, Any] = {}
+        self.adapters = AdapterState(PackageWeights(package))
         self._lock = threading.Lock()
         self._progress_bar_config: dict[str, Any] = {}
         self._call = CallState()
@@ -222,7 +229,11 @@ class DiffusionPipeline(DiffusersApi):
                 engine = self._engines.get(name)
                 if engine is None:
                     component = self.package.component(name)
-                    engine = create_engine(component, provider=self.provider, **self.engine_options)
+                    signature = self.adapters.signature(name)
+                    overrides = self.adapters.overrides(name) if signature != ((), ()) else {}
+                    options = {**self.engine_options, **({"initializers": overrides} if overrides else {})}
+                    engine = create_engine(component, provider=self.provider, **options)
+                    self._engine_signatures[name] = signature
                     # Engines open their model on first use (ONNX Runtime's session, OpenVINO's model read);
                     # reading the IO specs does it now, so that time is "load", not the stage that runs it.
                     _ = engine.inputs
@@ -437,6 +448,8 @@ def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
     options.update(overrides)
     new = target(pipeline.package, **options)
     new._engines = pipeline._engines
+    new._engine_signatures = pipeline._engine_signatures
+    new.adapters = pipeline.adapters
     new._progress_bar_config = dict(pipeline._progress_bar_config)
     return new
 

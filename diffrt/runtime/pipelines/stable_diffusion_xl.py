@@ -221,7 +221,8 @@ class _StableDiffusionXLBase(_StableDiffusionBase):
         negative_pooled_prompt_embeds), each repeated `num_images_per_prompt` times per prompt; the negatives are
         None without classifier-free guidance (unless passed). `device` is accepted and ignored."""
         if lora_scale is not None:
-            raise checks.invalid("lora_scale", "None (LoRA is applied when loading the package)", lora_scale)
+            raise checks.invalid("lora_scale", "None (a LoRA's text-encoder weight is part of its session: "
+                                 "set_adapters(names, adapter_weights={\"text_encoder\": w}))", lora_scale)
         checks.check_positive_int("num_images_per_prompt", num_images_per_prompt)
         checks.check_clip_skip(clip_skip)
         checks.check_prompt_weighting(prompt_weighting)

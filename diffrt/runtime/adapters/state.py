@@ -1,0 +1,103 @@
+"""A pipeline's adapters: the LoRA files loaded, which are active at which weights, what is fused, the textual
+inversion rows; and, per component, the initializer overrides they amount to.
+
+Everything is computed in NumPy from the package's own weights: a component's override is
+`base + sum(weight * scale * up @ down)` for the parameters the active (and fused) LoRAs touch, in the layout and
+dtype the initializer has. A component with nothing applied has no override, so its engine is the plain package
+one, bit for bit (what `unload_lora_weights` returns to).
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping
+
+import numpy as np
+
+from diffrt.errors import InputError
+from diffrt.package.weights import to_initializer
+from diffrt.runtime.adapters.lora_file import LoraFile
+from diffrt.runtime.adapters.package_weights import PackageWeights
+
+logger = logging.getLogger(__name__)
+
+#: an adapter's weight: one number, or one per component ({"unet": 0.5, "text_encoder": 1.0}), as in Diffusers
+Weight = float | Mapping[str, float]
+
+
+def component_weight(weight: Weight, component: str) -> float:
+    if isinstance(weight, Mapping):
+        return float(weight.get(component, 1.0))
+    return float(weight)
+
+
+@dataclass
+class TokenRows:
+    """Textual-inversion rows appended to a text encoder's token embedding (ids from the vocabulary's end)."""
+
+    tokens: list[str] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+
+
+class AdapterState:
+    def __init__(self, weights: PackageWeights) -> None:
+        self.weights = weights
+        self.loras: dict[str, LoraFile] = {}
+        self.active: list[tuple[str, Weight]] = []
+        self.enabled = True
+        self.fused: list[tuple[LoraFile, str, float]] = []  # (file, adapter name, weight) baked into the base
+        self.token_rows: dict[str, TokenRows] = defaultdict(TokenRows)
+
+    # ----- what is applied -----
+    def contributions(self, component: str) -> list[tuple[LoraFile, float]]:
+        applied = [(lora, weight) for lora, _, weight in self.fused if component in lora.components]
+        if self.enabled:
+            fused_names = {name for _, name, _ in self.fused}
+            for name, weight in self.active:
+                lora = self.loras[name]
+                if component in lora.components and name not in fused_names:
+                    applied.append((lora, component_weight(weight, component)))
+        return [(lora, weight) for lora, weight in applied if weight != 0.0]
+
+    def signature(self, component: str) -> Hashable:
+        """Changes exactly when the component's override does (decides which engines to re-create)."""
+        rows = self.token_rows.get(component)
+        return (tuple((id(lora), weight) for lora, weight in self.contributions(component)),
+                tuple(rows.tokens) if rows else ())
+
+    def overrides(self, component: str) -> dict[str, np.ndarray]:
+        """{initializer name: new value} for `component`; {} when nothing applies to it."""
+        deltas: dict[str, np.ndarray] = {}
+        for lora, weight in self.contributions(component):
+            for update in lora.updates:
+                if update.component == component:
+                    delta = update.delta() * np.float32(weight)
+                    deltas[update.parameter] = deltas[update.parameter] + delta if update.parameter in deltas \
+                        else delta
+        placements = self.weights.placements(component) if deltas or self.token_rows.get(component) else {}
+        result: dict[str, np.ndarray] = {}
+        for parameter, delta in deltas.items():
+            for place in placements[parameter]:
+                base = self.weights.base(component, place.initializer)
+                if base.size != delta.size:
+                    raise InputError(f"LoRA update of {component} {parameter} has {delta.size} values; the "
+                                     f"package's weight has {base.size} (a LoRA for another model?)")
+                value = base.astype(np.float32) + to_initializer(delta, place.layout, base.shape)
+                result[place.initializer] = value.astype(base.dtype)
+        rows = self.token_rows.get(component)
+        if rows and rows.tokens:
+            result.update(self._embedding_override(component, rows, placements))
+        return result
+
+    def _embedding_override(self, component: str, rows: TokenRows, placements: Mapping) -> dict[str, np.ndarray]:
+        from diffrt.runtime.adapters.textual_inversion import TOKEN_EMBEDDING
+
+        found = {}
+        for place in placements[TOKEN_EMBEDDING]:
+            base = self.weights.base(component, place.initializer)
+            table = base.reshape(base.shape[0], -1) if place.layout == "direct" else base.T
+            extra = np.stack(rows.vectors).astype(table.dtype)
+            grown = np.concatenate([table, extra], axis=0)
+            found[place.initializer] = np.ascontiguousarray(grown if place.layout == "direct" else grown.T)
+        return found
