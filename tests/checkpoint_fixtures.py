@@ -359,3 +359,24 @@ def tiny_controlnet(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], 
         return folder
 
     return get
+
+
+# base kind -> its ControlNets, exported into one package per base (named pose and depth in the package)
+CONTROLNET_PACKAGES = {"sd15": ("cn_sd15", "cn_sd15_b"), "sdxl": ("cn_sdxl", "cn_sdxl_b")}
+CONTROLNET_NAMES = ("pose", "depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_package(tiny_checkpoint, tiny_controlnet, checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_controlnet_package("sd15")` -> a package of the tiny base with ControlNets `pose` and `depth`."""
+
+    def get(kind: str) -> Path:
+        output = checkpoints_root / f"{kind}_controlnet_package"
+        if not (output / "diffrt.json").exists():
+            from diffrt.export import export_pipeline
+
+            specs = [f"{name}={tiny_controlnet(cn)}" for name, cn in zip(CONTROLNET_NAMES, CONTROLNET_PACKAGES[kind])]
+            export_pipeline(tiny_checkpoint(kind), output, controlnets=specs)
+        return output
+
+    return get

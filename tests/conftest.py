@@ -29,6 +29,7 @@ from checkpoint_fixtures import (  # noqa: E402,F401
     checkpoints_root,
     tiny_checkpoint,
     tiny_controlnet,
+    tiny_controlnet_package,
     tiny_package,
 )
 

@@ -11,6 +11,7 @@ _LAZY: dict[str, str] = {
     "export_pipeline": "diffrt.export.exporter",
     "check_options": "diffrt.export.component",
     "add_tiny_vae": "diffrt.export.taesd",
+    "add_controlnets": "diffrt.export.controlnet",
     "build_engines": "diffrt.export.tensorrt",
     "COMPONENTS": "diffrt.export.onnx",
     "TARGET_OPSETS": "diffrt.export.onnx",
