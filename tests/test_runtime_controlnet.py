@@ -134,6 +134,51 @@ def test_sd15_controlnet_img2img_matches_diffusers(fixtures):
     assert_close(np.asarray(expected), ours(generator=0, output_type="np", **kwargs).images)
 
 
+def test_sd15_controlnet_inpaint_matches_diffusers(fixtures):
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[16:48, 8:40] = 1.0
+    kwargs = {"prompt": PROMPT, "image": control_image(5), "mask_image": Image.fromarray((mask * 255).astype(np.uint8)),
+              "control_image": control_image(1), "strength": 0.8, "num_inference_steps": 4}
+    tiny_checkpoint, tiny_controlnet, package = fixtures
+    ref = diffusers_pipe("sd15", ["pose"], tiny_checkpoint, tiny_controlnet, "StableDiffusionControlNetInpaintPipeline")
+    expected = ref(generator=torch.Generator("cpu").manual_seed(0), output_type="np", **kwargs).images
+    from diffrt.runtime.pipelines.controlnet import StableDiffusionControlNetInpaintPipeline
+
+    ours = our_pipe("sd15", ["pose"], package, StableDiffusionControlNetInpaintPipeline)
+    assert_close(np.asarray(expected), ours(generator=0, output_type="np", **kwargs).images)
+
+
+def test_sdxl_controlnet_img2img_matches_diffusers(fixtures):
+    kwargs = {"prompt": PROMPT, "image": control_image(5), "control_image": control_image(1), "strength": 0.7,
+              "num_inference_steps": 3}
+    tiny_checkpoint, tiny_controlnet, package = fixtures
+    ref = diffusers_pipe("sdxl", ["pose"], tiny_checkpoint, tiny_controlnet,
+                         "StableDiffusionXLControlNetImg2ImgPipeline")
+    expected = ref(generator=torch.Generator("cpu").manual_seed(0), output_type="np", **kwargs).images
+    from diffrt.runtime.pipelines.controlnet_xl import StableDiffusionXLControlNetImg2ImgPipeline
+
+    ours = our_pipe("sdxl", ["pose"], package, StableDiffusionXLControlNetImg2ImgPipeline)
+    assert_close(np.asarray(expected), ours(generator=0, output_type="np", **kwargs).images)
+
+
+@pytest.mark.parametrize("task, expected", [
+    ("AutoPipelineForText2Image", "StableDiffusionControlNetPipeline"),
+    ("AutoPipelineForImage2Image", "StableDiffusionControlNetImg2ImgPipeline"),
+    ("AutoPipelineForInpainting", "StableDiffusionControlNetInpaintPipeline"),
+])
+def test_auto_classes_pick_the_controlnet_pipelines(task, expected, tiny_controlnet_package):
+    import diffrt.runtime as runtime
+
+    pipe = getattr(runtime, task).from_pretrained(tiny_controlnet_package("sd15"))
+    assert type(pipe).__name__ == expected
+
+
+def test_warmup_runs_every_controlnet(tiny_controlnet_package):
+    pipe = DiffusionPipeline.from_pretrained(tiny_controlnet_package("sd15"))
+    pipe.warmup(height=SIZE, width=SIZE)  # a gray control image for each ControlNet
+    assert {"controlnet_pose", "controlnet_depth", "unet"} <= set(pipe._engines)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "`image` .*required"),
     ({"image": control_image(1), "controlnet_conditioning_scale": float("nan")}, "controlnet_conditioning_scale"),

@@ -9,6 +9,7 @@ asks the ControlNets for the UNet's residuals at every step. The ControlNets a p
 from __future__ import annotations
 
 import contextvars
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -68,6 +69,14 @@ class ControlNetMixin(DiffusionPipeline):
 
     def engine_names(self) -> list[str]:
         return super().engine_names() + [CONTROLNET_PREFIX + name for name in self.controlnet_names]
+
+    def warmup(self, height: int | None = None, width: int | None = None, batch_size: int = 1,
+               **call_arguments: Any) -> float:
+        """`DiffusionPipeline.warmup`, with a gray control image per ControlNet unless given."""
+        key = "control_image" if "control_image" in inspect.signature(self.__call__).parameters else "image"
+        gray = np.full((1, height or self.default_size(), width or self.default_size(), 3), 0.5, np.float32)
+        call_arguments.setdefault(key, gray if len(self.controlnet_names) == 1 else [gray] * len(self.controlnet_names))
+        return super().warmup(height, width, batch_size, **call_arguments)
 
     def _global_pool(self) -> list[bool]:
         return [bool(self.package.component(CONTROLNET_PREFIX + name).config.get("global_pool_conditions"))
