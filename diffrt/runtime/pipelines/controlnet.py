@@ -116,6 +116,18 @@ class ControlNetMixin(DiffusionPipeline):
         return super().denoise(scheduler, latents, timesteps, state, *args, **kwargs)
 
 
+def inherit_signature(function: Any, parent: Any) -> None:
+    """Give `function(..., **kwargs)` the signature it really has: its own parameters, then the plain pipeline's
+    (keyword-only), so `inspect.signature` (warmup, the CLI's defaults, docs) sees every argument and default."""
+    ours, theirs = inspect.signature(function), inspect.signature(parent)
+    params = [p for p in ours.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in params}
+    params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in theirs.parameters.values()
+               if p.name not in names and p.name not in CONTROL_KEYS
+               and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    function.__signature__ = ours.replace(parameters=params)
+
+
 def plain_arguments(arguments: Mapping[str, Any], *also: str) -> dict[str, Any]:
     """A ControlNet `__call__`'s arguments (its locals() on entry) without the ControlNet ones (and `also`): what
     its plain counterpart takes."""

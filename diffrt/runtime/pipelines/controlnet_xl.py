@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffrt.runtime.pipelines.control import control_size
-from diffrt.runtime.pipelines.controlnet import ControlNetMixin, plain_arguments
+from diffrt.runtime.pipelines.controlnet import ControlNetMixin, inherit_signature, plain_arguments
 from diffrt.runtime.pipelines.stable_diffusion import image_size
 from diffrt.runtime.pipelines.stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -46,3 +46,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(ControlNetMixin, StableDiffusio
         pending = self._prepare_control(args, height, width, prompt, prompt_embeds, "control_image")
         with self._controlled(pending):
             return super().__call__(**call)
+
+
+inherit_signature(StableDiffusionXLControlNetPipeline.__call__, StableDiffusionXLPipeline.__call__)
+inherit_signature(StableDiffusionXLControlNetImg2ImgPipeline.__call__, StableDiffusionXLImg2ImgPipeline.__call__)

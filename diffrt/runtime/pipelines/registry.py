@@ -70,6 +70,13 @@ def controlnet_class_for(class_name: str) -> str:
     return CONTROLNET_CLASSES[name]
 
 
+def plain_class_for(class_name: str) -> str:
+    """The class a ControlNet package runs as when a call uses none of its ControlNets (`class_name` otherwise)."""
+    name = normalize_class_name(class_name)
+    plain = {controlnet: plain for plain, controlnet in CONTROLNET_CLASSES.items()}
+    return plain.get(name, name)
+
+
 def family_of(class_name: str) -> str:
     name = normalize_class_name(class_name)
     if "ControlNet" in name:
