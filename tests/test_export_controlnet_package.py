@@ -152,3 +152,23 @@ def test_add_controlnets_to_a_package_that_has_residuals_exports_only_the_contro
     assert (package / "unet" / "model.onnx").read_bytes() == unet_before
     pipe = DiffusionPipeline.from_pretrained(package)
     assert pipe.controlnet_names == ["pose", "depth", "extra"]
+
+
+def test_tensorrt_profiles_size_the_residuals_and_the_control_image(tiny_controlnet_package):
+    """Profiles need no GPU: each residual is the UNet's level-k map (ceil(latent / 2**k)), the control image is in
+    pixels, and the ControlNet's minimum batch stays undoubled (guess mode runs the conditional half only)."""
+    from diffrt.export.tensorrt_profiles import component_profiles, size_requests
+
+    package = ModelPackage.open(tiny_controlnet_package("sd15"))
+    static = size_requests(static=(1, 72, 64), default_size=64, vae_scale_factor=8)
+    unet = component_profiles(package.component("unet"), static, vae_scale_factor=8, cfg=True)[0]
+    assert unet["sample"] == ((2, 4, 9, 8),) * 3
+    assert unet["down_block_additional_residual_0"] == ((2, 32, 9, 8),) * 3
+    assert unet["down_block_additional_residual_3"] == ((2, 64, 5, 4),) * 3  # ceil(9 / 2) x ceil(8 / 2)
+    assert unet["mid_block_additional_residual"] == ((2, 64, 5, 4),) * 3
+    dynamic = size_requests(min_size=64, opt_size=64, max_size=(128, 96), batch=(1, 2, 3), default_size=64,
+                            vae_scale_factor=8)
+    pose = component_profiles(package.component("controlnet_pose"), dynamic, vae_scale_factor=8, cfg=True)[0]
+    assert pose["controlnet_cond"] == ((1, 3, 64, 64), (4, 3, 64, 64), (6, 3, 128, 96))
+    assert pose["sample"] == ((1, 4, 8, 8), (4, 4, 8, 8), (6, 4, 16, 12))
+    assert set(pose) == {"sample", "timestep", "encoder_hidden_states", "controlnet_cond"}
