@@ -102,3 +102,35 @@ def test_controlnet_weights_load_strictly(tiny_controlnet, tmp_path):
     with pytest.raises(ExportError, match="ControlNetModel weights do not match"):
         ControlNetModel.from_state_dict({**config, "conditioning_channels": 1},
                                         ControlNetModel.from_pretrained(folder).state_dict())
+
+
+@pytest.mark.parametrize("kind, base", [("cn_sd15", "sd15"), ("cn_sdxl", "sdxl")])
+def test_original_layout_file_converts_to_the_same_controlnet(kind, base, tiny_controlnet, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """lllyasviel's single-file layout -> a diffusers folder that diffusers loads into the same weights and config."""
+    import json
+
+    from safetensors.torch import save_file
+    from single_file_writer import controlnet_to_original
+
+    from diffrt.export.controlnet import resolve_controlnets
+
+    monkeypatch.setenv("DIFFRT_CACHE", str(tmp_path / "cache"))
+    folder = tiny_controlnet(kind)
+    ref = diffusers.ControlNetModel.from_pretrained(folder)
+    original = controlnet_to_original(ref.state_dict(), dict(ref.config))
+    file = tmp_path / "control_v11p_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(file))
+    unet_config = json.loads((tiny_checkpoint(base) / "unet" / "config.json").read_text())
+    (source,) = resolve_controlnets([file], unet_config=unet_config)
+    assert source.name == "control_v11p_tiny" and source.kind == "single_file"
+    converted = diffusers.ControlNetModel.from_pretrained(source.path)
+    for key in ("block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+                "conditioning_embedding_out_channels", "use_linear_projection", "transformer_layers_per_block",
+                "addition_embed_type", "projection_class_embeddings_input_dim", "down_block_types"):
+        assert converted.config[key] == ref.config[key], key
+    expected = ref.state_dict()
+    assert converted.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in converted.state_dict().items())
+    assert set(source.manifest()["weights_sha256"]) == {file.name}
+    assert resolve_controlnets([file], unet_config=unet_config)[0].path == source.path  # converted once

@@ -34,8 +34,8 @@ CLASS_NAME = "ControlNetModel"
 WEIGHTS = "diffusion_pytorch_model"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SCRATCH = "controlnet"  # `.controlnet.tmp-PID@HOST-*` inside the package while --into exports
-EXPECTED = (f"a {CLASS_NAME} folder ({CONFIG_NAME} + {WEIGHTS}.safetensors) or a Hub repo id (owner/name), "
-            "optionally as NAME=SOURCE")
+EXPECTED = (f"a {CLASS_NAME} folder ({CONFIG_NAME} + {WEIGHTS}.safetensors), an original-layout ControlNet "
+            ".safetensors file or a Hub repo id (owner/name), optionally as NAME=SOURCE")
 # The UNet's config keys a ControlNet must share: they fix the residuals' count, channels and conditioning.
 MUST_MATCH = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type",
               "addition_time_embed_dim", "projection_class_embeddings_input_dim")
@@ -51,13 +51,15 @@ class ControlNetSource:
     path: Path
     revision: str | None
     config: dict[str, Any]
+    file: Path | None = None  # a single file: the original the folder was converted from
+
 
     @property
     def component(self) -> str:
         return CONTROLNET_PREFIX + self.name
 
     def manifest(self) -> dict[str, Any]:
-        weights = sorted(self.path.glob(f"{WEIGHTS}*.safetensors"))
+        weights = [self.file] if self.file is not None else sorted(self.path.glob(f"{WEIGHTS}*.safetensors"))
         return {"id": self.id, "kind": self.kind, "revision": self.revision,
                 "weights_sha256": {path.name: files_sha256([path]) for path in weights}}
 
@@ -69,18 +71,21 @@ def split_name(spec: str | Path) -> tuple[str, str]:
     text = str(spec)
     name, sep, source = text.partition("=")
     if not sep:
-        source, name = text, Path(text.rstrip("/")).name
+        path = Path(text.rstrip("/"))
+        source, name = text, path.stem if path.suffix == ".safetensors" else path.name
     if not NAME.match(name):
         raise invalid("controlnet", "a name of letters, digits, '_', '.', '-' (NAME=SOURCE)", name)
     return name, source
 
 
 def resolve_controlnets(specs: Sequence[str | Path], revision: str | None = None, variant: str | None = None,
-                        token: str | bool | None = None) -> list[ControlNetSource]:
-    """Each `NAME=SOURCE` / SOURCE as a local folder (Hub ids fetched into the Hub cache); names must differ."""
+                        token: str | bool | None = None,
+                        unet_config: Mapping[str, Any] | None = None) -> list[ControlNetSource]:
+    """Each `NAME=SOURCE` / SOURCE as a local folder (Hub ids fetched into the Hub cache, original-layout
+    `.safetensors` files converted with the base `unet_config`); names must differ."""
     if isinstance(specs, (str, Path)) or not specs:
         raise invalid("controlnets", "a non-empty list of ControlNet sources", specs)
-    sources = [_resolve(*split_name(spec), revision, variant, token) for spec in specs]
+    sources = [_resolve(*split_name(spec), revision, variant, token, unet_config) for spec in specs]
     names = [source.name for source in sources]
     for name in names:
         if names.count(name) > 1:
@@ -88,11 +93,20 @@ def resolve_controlnets(specs: Sequence[str | Path], revision: str | None = None
     return sources
 
 
-def _resolve(name: str, text: str, revision: str | None, variant: str | None,
-             token: str | bool | None) -> ControlNetSource:
+def _resolve(name: str, text: str, revision: str | None, variant: str | None, token: str | bool | None,
+             unet_config: Mapping[str, Any] | None) -> ControlNetSource:
     path = Path(text).expanduser()
     if path.is_dir():
         return _from_folder(name, path.resolve(), text, "folder", None)
+    if path.is_file() and path.suffix == ".safetensors":
+        from diffrt.export.single_file_controlnet import materialize_controlnet
+
+        try:
+            folder = materialize_controlnet(path.resolve(), unet_config or {})
+        except ExportError as error:
+            raise InputError(f"`controlnet` {text}: {error}") from error
+        source = _from_folder(name, folder, text, "single_file", None)
+        return ControlNetSource(name, text, "single_file", folder, None, source.config, path.resolve())
     if path.exists() or not REPO_ID.match(text):
         raise invalid("controlnet", EXPECTED, text)
     stem = f"{WEIGHTS}.{variant}" if variant else WEIGHTS
@@ -175,12 +189,12 @@ def add_controlnets(package: str | Path, controlnets: Sequence[str | Path], *, s
     manifest = _package_manifest(root)
     options = check_options(manifest.get("precision", "fp32"), manifest.get("target", "onnxruntime"),
                             manifest.get("opset"), None, validate, tolerance)
-    sources = resolve_controlnets(controlnets, revision, variant, token)
+    unet_config = read_json(root / "unet" / CONFIG_NAME)
+    sources = resolve_controlnets(controlnets, revision, variant, token, unet_config)
     present = [s.component for s in sources if s.component in manifest["components"] or (root / s.component).exists()]
     if present and not overwrite:
         raise invalid("package", f"a package without {present[0]} (pass overwrite=True, or --overwrite, to "
                       "replace it)", str(root))
-    unet_config = read_json(root / "unet" / CONFIG_NAME)
     for controlnet in sources:
         check_fits(controlnet, unet_config)
     rows: Rows = []

@@ -140,8 +140,8 @@ def _controlnets(src: Any, names: list[str], controlnets: Sequence[str | Path] |
         controlnet_class_for(src.pipeline_class)
     except PackageError as error:
         raise InputError(f"`controlnets`: {error}") from error
-    control = resolve_controlnets(controlnets, revision if src.kind != "hub" else None, variant, token)
     unet_config = read_json(src.path / "unet" / CONFIG_NAME)
+    control = resolve_controlnets(controlnets, revision if src.kind != "hub" else None, variant, token, unet_config)
     for controlnet in control:
         check_fits(controlnet, unet_config)
     return control
