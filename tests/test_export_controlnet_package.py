@@ -172,3 +172,19 @@ def test_tensorrt_profiles_size_the_residuals_and_the_control_image(tiny_control
     assert pose["controlnet_cond"] == ((1, 3, 64, 64), (4, 3, 64, 64), (6, 3, 128, 96))
     assert pose["sample"] == ((1, 4, 8, 8), (4, 4, 8, 8), (6, 4, 16, 12))
     assert set(pose) == {"sample", "timestep", "encoder_hidden_states", "controlnet_cond"}
+
+
+def test_a_served_controlnet_package_answers_plain_a1111_requests(tiny_controlnet_package):
+    """The server runs a ControlNet package's plain pipelines (zero residuals): a request without ControlNet arguments
+    gets its image (the ControlNet pipeline would refuse it for lack of a control image)."""
+    import webuiapi
+    from serve_helpers import app_server
+
+    from diffrt.serve.config import ServeConfig
+
+    with app_server(ServeConfig(packages=[str(tiny_controlnet_package("sd15"))], max_batch=1)) as (base_url, _):
+        host, port = base_url.removeprefix("http://").split(":")
+        result = webuiapi.WebUIApi(host=host, port=int(port)).txt2img(prompt=PROMPT, width=64, height=64, steps=2,
+                                                                     seed=5)
+    assert result.image.size == (64, 64) and np.asarray(result.image).std() > 0
+    assert result.info["seed"] == 5

@@ -225,6 +225,7 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
         AutoPipelineForText2Image,
+        plain_pipeline,
     )
 
     auto = dict(zip(TASKS, (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)))[task]
@@ -236,7 +237,7 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
         options["controlnet"] = args.controlnet
         open_pipeline = auto.from_pretrained
     else:
-        open_pipeline = functools.partial(_open_plain, task)
+        open_pipeline = functools.partial(plain_pipeline, task)  # a ControlNet package runs without them
     try:
         # load="eager": every engine is created here, so the timing line's "load" holds all of it
         pipe = open_pipeline(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
@@ -249,16 +250,6 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     if args.scheduler:
         pipe.scheduler = _scheduler(pipe, args.scheduler)
     return pipe
-
-
-def _open_plain(task: str, package_path: str, *, revision: str | None = None, **options: Any) -> Any:
-    """The `task` pipeline of a package run without ControlNets: a ControlNet package's plain counterpart (its
-    UNet gets zero residuals; no ControlNet engine is created), any other package's usual pipeline."""
-    from diffrt.runtime.loading import open_package
-    from diffrt.runtime.pipelines.registry import pipeline_class_for_task, plain_class_for
-
-    package = open_package(package_path, revision=revision)
-    return pipeline_class_for_task(task, plain_class_for(package.pipeline_class))(package, **options)
 
 
 def _refuse_checkpoint(package: str) -> None:

@@ -71,20 +71,14 @@ class PipelineSet:
         return prompt_chunk_count(self.base, [*request.prompts, *request.negative_prompts], self.prompt_weighting)
 
     def get(self, task: str, scheduler: str | None) -> Any:
-        from diffrt.runtime.pipelines.auto import (
-            AutoPipelineForImage2Image,
-            AutoPipelineForInpainting,
-            AutoPipelineForText2Image,
-        )
+        from diffrt.runtime.pipelines.auto import plain_variant
 
         key = (task, scheduler)
         with self._lock:
             if key not in self._variants:
-                auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
-                        "inpainting": AutoPipelineForInpainting}[task]
                 overrides = {} if scheduler is None else {
                     "scheduler": scheduler_for(self.base.package.scheduler_config, scheduler)}
-                variant = auto.from_pipe(self.base, **overrides)
+                variant = plain_variant(task, self.base, **overrides)
                 variant.set_progress_bar_config(disable=True)
                 self._variants[key] = variant
             return self._variants[key]
