@@ -202,3 +202,19 @@ def test_a_prompt_longer_than_the_unet_takes_is_refused_before_encoding(sd15):
         pipe("a cat", negative_prompt=too_long, prompt_weighting="a1111", num_inference_steps=1)
     with pytest.raises(ValueError, match="prompt_weighting"):
         pipe("a cat", prompt_weighting="compel", num_inference_steps=1)
+
+
+def test_plain_long_prompts_equal_compels_chunks(sd15):
+    """Where compel's convention and A1111's coincide (no weights, no commas to backtrack to), the embeddings agree:
+    75-token chunks, each between its own start and end token, encoded alone and concatenated."""
+    from compel import Compel
+
+    folder, package = sd15
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    prompt = " ".join(["a cat sitting on a red mat"] * 20)
+    with torch.no_grad():
+        expected = Compel(tokenizer=tokenizer, text_encoder=encoder, truncate_long_prompts=False)(prompt).numpy()
+    embeds, _ = ours(package).encode_prompt(prompt, None, 1, False, prompt_weighting="a1111")
+    assert embeds.shape == expected.shape and embeds.shape[1] > 2 * 77
+    np.testing.assert_allclose(embeds, expected, atol=EMBED_TOL)

@@ -178,7 +178,8 @@ ZEROS = np.zeros((1, 3, 8, 8), np.float32)
         (lambda: pre(pil(16, 16), resize_mode="stretch"), r"`resize_mode` must be one of default, fill, crop"),
         (lambda: pre(pil(16, 16), resample="box"), r"`resample` must be one of nearest, linear"),
         (lambda: pre(pil(16, 16), height=4), r"`height` must be at least 8 \(the VAE scale factor\); got 4"),
-        (lambda: pre(pil(16, 5)), r"`width` must be at least 8 \(the VAE scale factor\); got 5"),
+        (lambda: pre(pil(16, 5)), r"`image` must be at least 8x8 pixels \(the VAE scale factor of this package\); "
+                                  r"got '16x5 \(height x width\)'"),
         (lambda: pre(pil(16, 16), width=-8), r"`width` must be None or a positive integer; got -8"),
         (lambda: pre([]), r"`image` must be an image or a non-empty list of images"),
         (lambda: pre([pil(8, 8), arr((8, 8, 3))]), r"`image` must be a PIL image, a numpy"),

@@ -293,7 +293,9 @@ def test_feeds_are_checked_against_the_manifest_before_running(package: ModelPac
     engine = create_engine(package.component("unet"), "openvino", static_shapes=True)
     feeds = component_feeds("unet")
     short = dict(feeds, encoder_hidden_states=feeds["encoder_hidden_states"][:, :10])
-    with pytest.raises(InputError, match=r"`encoder_hidden_states` dimension 1 \('sequence'\) must be in \[77, 308\]"):
+    low, high = package.component("unet").dim_ranges["sequence"]
+    with pytest.raises(InputError, match=rf"`encoder_hidden_states` dimension 1 \('sequence'\) must be in "
+                                         rf"\[{low}, {high}\]"):
         engine.run(short)
     with pytest.raises(InputError, match=r"`timestep` dimension 0 \('batch'\) must equal 2 as in `sample`"):
         engine.run(dict(feeds, timestep=feeds["timestep"][:1]))

@@ -109,10 +109,35 @@ def test_a_client_that_goes_away_has_its_work_cancelled(pool):
         assert metric(base_url, "diffrt_images_generated_total", package="digits") == 1  # only the first request
 
 
+def fail_at_run_time(package) -> None:
+    """Make the package's UNet a valid graph, with the manifest's inputs and outputs and its files recorded anew
+    (so opening the package finds nothing wrong), that fails inside ONNX Runtime when it runs: its output goes
+    through a Reshape to 7 rows, which no latent batch divides into."""
+    import onnx
+    from onnx import helper
+
+    from diffrt.package.writer import record_component_files
+
+    path = package / "unet" / "model.onnx"
+    model = onnx.load(path)
+    graph = model.graph
+    producer = next(node for node in graph.node if "out_sample" in node.output)
+    producer.output[list(producer.output).index("out_sample")] = "unbroken"
+    graph.initializer.append(helper.make_tensor("seven_rows", onnx.TensorProto.INT64, [2], [7, -1]))
+    graph.node.extend([helper.make_node("Shape", ["unbroken"], ["unbroken_shape"]),
+                       helper.make_node("Reshape", ["unbroken", "seven_rows"], ["seven"]),
+                       helper.make_node("Reshape", ["seven", "unbroken_shape"], ["out_sample"])])
+    onnx.save(model, path)
+    manifest_path = package / "diffrt.json"
+    manifest = json.loads(manifest_path.read_text())
+    record_component_files(package, manifest["components"], ["unet"])
+    manifest_path.write_text(json.dumps(manifest))
+
+
 def test_an_engine_error_is_a_500_for_that_request_and_the_server_carries_on(tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(resolve_builtin("digits"), broken)
-    (broken / "unet" / "model.onnx").write_bytes(b"not an onnx model")
+    fail_at_run_time(broken)
     with app_server(config(packages=["digits", str(broken)])) as (base_url, _):
         response = generate(base_url, {**SHORT, "model": "broken"})
         assert response.status_code == 500

@@ -81,6 +81,13 @@ def snap_size(height: int, width: int, vae_scale_factor: int, source: str | None
     return height - height % vae_scale_factor, width - width % vae_scale_factor
 
 
+def _check_given_size(height: int | None, width: int | None, vae_scale_factor: int) -> None:
+    """An explicit `height` / `width` too small is the user's argument, named as such (not the image's size)."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value - value % vae_scale_factor < vae_scale_factor:
+            raise invalid(name, f"at least {vae_scale_factor} (the VAE scale factor)", value)
+
+
 def input_image_size(image: Any, vae_scale_factor: int, name: str = "image") -> tuple[int, int]:
     """The (height, width) a pipeline runs `image` at (its first image's size snapped down to a multiple of the
     VAE scale factor), read without converting any pixel: sizes are checked before the work."""
@@ -187,6 +194,7 @@ def _pil_batch(
 ) -> np.ndarray:
     if crops_coords is not None:
         images = [image.crop(crops_coords) for image in images]
+    _check_given_size(height, width, vae_scale_factor)
     height, width = snap_size(height or images[0].height, width or images[0].width, vae_scale_factor,
                               name if height is None or width is None else None)
     images = [_resize_pil(image, height, width, resample, resize_mode) for image in images]
@@ -206,6 +214,7 @@ def _numpy_batch(
     except ValueError as error:
         raise invalid(name, "images of one shape", [a.shape for a in arrays]) from error
     images = _nhwc_to_nchw(array)
+    _check_given_size(height, width, vae_scale_factor)
     height, width = snap_size(height or images.shape[2], width or images.shape[3], vae_scale_factor,
                               name if height is None or width is None else None)
     return resize_nearest(images, height, width)
