@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from checkpoint_fixtures import CONTROLNET_PACKAGES
@@ -174,17 +175,34 @@ def test_tensorrt_profiles_size_the_residuals_and_the_control_image(tiny_control
     assert set(pose) == {"sample", "timestep", "encoder_hidden_states", "controlnet_cond"}
 
 
-def test_a_served_controlnet_package_answers_plain_a1111_requests(tiny_controlnet_package):
-    """The server runs a ControlNet package's plain pipelines (zero residuals): a request without ControlNet arguments
-    gets its image (the ControlNet pipeline would refuse it for lack of a control image)."""
+def test_a1111_api_runs_controlnet_units_and_plain_requests(tiny_controlnet_package, tmp_path):
+    """A served ControlNet package: `alwayson_scripts.controlnet` units (the real webuiapi client's ControlNetUnit)
+    give the image our pipeline makes with the same arguments; a request without units runs the plain pipeline; a
+    unit asking for a preprocessor is refused naming its field."""
     import webuiapi
     from serve_helpers import app_server
 
     from diffrt.serve.config import ServeConfig
 
-    with app_server(ServeConfig(packages=[str(tiny_controlnet_package("sd15"))], max_batch=1)) as (base_url, _):
+    package = tiny_controlnet_package("sd15")
+    pose = Image.open(control_picture(tmp_path / "pose.png")).convert("RGB")
+    unit = webuiapi.ControlNetUnit(image=pose, module="none", model="pose [0123abcd]", weight=0.7,
+                                   guidance_end=0.5)
+    with app_server(ServeConfig(packages=[str(package)], max_batch=1)) as (base_url, _):
         host, port = base_url.removeprefix("http://").split(":")
-        result = webuiapi.WebUIApi(host=host, port=int(port)).txt2img(prompt=PROMPT, width=64, height=64, steps=2,
-                                                                     seed=5)
-    assert result.image.size == (64, 64) and np.asarray(result.image).std() > 0
-    assert result.info["seed"] == 5
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+        controlled = api.txt2img(prompt=PROMPT, width=64, height=64, steps=2, seed=5, controlnet_units=[unit])
+        plain = api.txt2img(prompt=PROMPT, width=64, height=64, steps=2, seed=5)
+        refused = httpx.post(f"{base_url}/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "width": 64, "height": 64, "steps": 2,
+            "alwayson_scripts": {"controlnet": {"args": [{**unit.to_dict(), "module": "openpose"}]}}})
+    assert refused.status_code == 400 and "alwayson_scripts.controlnet.args[0].module" in refused.text
+    pipe = DiffusionPipeline.from_pretrained(package, controlnet="pose")
+    expected = pipe(PROMPT, image=pose, height=64, width=64, num_inference_steps=2, guidance_scale=7.0,
+                    controlnet_conditioning_scale=0.7, control_guidance_end=0.5, generator=[5],
+                    prompt_weighting="a1111").images[0]
+    got = np.asarray(controlled.image, np.int16)
+    # The server's ONNX Runtime sessions run other shapes first; on these tiny random weights a last-bit difference
+    # can flip a few pixels by more, so the bound is on the mean (and far below the plain image's distance).
+    assert np.abs(got - np.asarray(expected, np.int16)).mean() <= 1.0
+    assert np.abs(got - np.asarray(plain.image, np.int16)).mean() > 5 * np.abs(got - np.asarray(expected)).mean()
