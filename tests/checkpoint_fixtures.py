@@ -324,3 +324,59 @@ def tiny_package(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], Pat
         return built[kind]
 
     return get
+
+
+# ControlNets for the tiny checkpoints: (base checkpoint kind, seed). Two per base so multi-ControlNet sums differ.
+CONTROLNETS = {"cn_sd15": ("sd15", 1), "cn_sd15_b": ("sd15", 2), "cn_sdxl": ("sdxl", 3), "cn_sdxl_b": ("sdxl", 4)}
+
+
+def build_controlnet(folder: Path, base: Path, seed: int) -> None:
+    """A diffusers ControlNetModel shaped from the base checkpoint's UNet (as `ControlNetModel.from_unet` does, the
+    way real ControlNets are trained), with every weight random: the zero convolutions of a fresh ControlNet would
+    make its residuals 0 and every parity test pass trivially."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                parameter.copy_(0.2 * torch.randn_like(parameter))
+    controlnet.eval().save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_controlnet("cn_sd15")` -> folder of a diffusers ControlNetModel for that tiny base, built once."""
+
+    def get(kind: str) -> Path:
+        base, seed = CONTROLNETS[kind]
+        folder = checkpoints_root / kind
+        if not (folder / "config.json").exists():
+            build_controlnet(folder, tiny_checkpoint(base), seed)
+        return folder
+
+    return get
+
+
+# base kind -> its ControlNets, exported into one package per base (named pose and depth in the package)
+CONTROLNET_PACKAGES = {"sd15": ("cn_sd15", "cn_sd15_b"), "sdxl": ("cn_sdxl", "cn_sdxl_b")}
+CONTROLNET_NAMES = ("pose", "depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_package(tiny_checkpoint, tiny_controlnet, checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_controlnet_package("sd15")` -> a package of the tiny base with ControlNets `pose` and `depth`."""
+
+    def get(kind: str) -> Path:
+        output = checkpoints_root / f"{kind}_controlnet_package"
+        if not (output / "diffrt.json").exists():
+            from diffrt.export import export_pipeline
+
+            specs = [f"{name}={tiny_controlnet(cn)}" for name, cn in zip(CONTROLNET_NAMES, CONTROLNET_PACKAGES[kind])]
+            export_pipeline(tiny_checkpoint(kind), output, controlnets=specs)
+        return output
+
+    return get

@@ -24,7 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # Session fixtures `tiny_checkpoint`, `any_tiny_checkpoint`, `checkpoints_root` (tiny diffusers checkpoints).
-from checkpoint_fixtures import any_tiny_checkpoint, checkpoints_root, tiny_checkpoint, tiny_package  # noqa: E402,F401
+from checkpoint_fixtures import (  # noqa: E402,F401
+    any_tiny_checkpoint,
+    checkpoints_root,
+    tiny_checkpoint,
+    tiny_controlnet,
+    tiny_controlnet_package,
+    tiny_package,
+)
 
 # Session fixture `optimum_python`: the real Optimum in its own cached venv (tests/optimum_env.py).
 from optimum_env import optimum_python  # noqa: E402,F401

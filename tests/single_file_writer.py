@@ -179,3 +179,32 @@ def write_single_file(folder: Path, kind: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return out
+
+
+def controlnet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel state dict in lllyasviel's layout (`control_model.` prefix): the UNet encoder's
+    keys as `unet_to_original` writes them, plus `input_hint_block.N` (convs at even indices, SiLU between),
+    `zero_convs.N.0` and `middle_block_out.0`."""
+    unet_config = {**config, "up_block_types": ["UpBlock2D"] * len(config["block_out_channels"])}
+    hint_convs = 2 + 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    out = {}
+    for key, value in state.items():
+        if key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            part, _, tail = rest.partition(".")
+            if part == "conv_in":
+                new = f"input_hint_block.0.{tail}"
+            elif part == "conv_out":
+                new = f"input_hint_block.{2 * (hint_convs - 1)}.{tail}"
+            else:
+                index, _, tail = tail.partition(".")
+                new = f"input_hint_block.{2 * (int(index) + 1)}.{tail}"
+        elif key.startswith("controlnet_down_blocks."):
+            index, _, tail = key[len("controlnet_down_blocks."):].partition(".")
+            new = f"zero_convs.{index}.0.{tail}"
+        elif key.startswith("controlnet_mid_block."):
+            new = "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        else:
+            new = next(iter(unet_to_original({key: value}, unet_config)))
+        out["control_model." + new] = value
+    return out

@@ -79,7 +79,7 @@ def unet_inputs(config: Any, batch: int, height: int, width: int, seed: int = 0)
             time_ids[:, -1] = 6.0  # refiner: aesthetic score
         ours.update(text_embeds=text_embeds, time_ids=time_ids)
         theirs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
-    if config["time_cond_proj_dim"]:
+    if config.get("time_cond_proj_dim"):  # (a ControlNet config has no such key)
         guidance = torch.randn(batch, config["time_cond_proj_dim"], generator=gen)
         ours["timestep_cond"] = theirs["timestep_cond"] = guidance
     return (sample, timestep, context), ours, theirs

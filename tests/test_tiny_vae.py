@@ -265,7 +265,7 @@ def test_tiny_vae_source_must_be_an_autoencoder_tiny(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["export", "--into", "PKG"], "`--into PACKAGE` needs `--tiny-vae TAESD`"),
+    (["export", "--into", "PKG"], "`--into PACKAGE` needs `--tiny-vae TAESD` or `--controlnet CN`"),
     (["export", "SRC", "--tiny-vae", "T", "--into", "PKG"], "it takes no `source`"),
     (["export", "--tiny-vae", "T"], "`source` and `output` are required"),
 ])

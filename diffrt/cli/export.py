@@ -34,32 +34,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny-vae", default=None, metavar="TAESD",
                         help="AutoencoderTiny folder or Hub repo id (e.g. madebyollin/taesd): also export "
                         "vae_decoder_tiny (+ vae_encoder_tiny), used with `diffrt generate --vae tiny`")
+    parser.add_argument("--controlnet", action="append", default=None, metavar="CN",
+                        help="ControlNetModel folder or Hub repo id, optionally NAME=CN (default name: the folder or "
+                        "repo name); repeatable. Adds component controlnet_NAME and gives the UNet the residual "
+                        "inputs it needs; used with `diffrt generate --controlnet NAME --control-image IMAGE`")
     parser.add_argument("--into", type=Path, default=None, metavar="PACKAGE",
-                        help="add the --tiny-vae components to this existing package (its precision and opset; "
-                        "--revision then applies to the tiny VAE) instead of exporting SOURCE")
+                        help="add the --tiny-vae and/or --controlnet components to this existing package (its "
+                        "precision and opset; --revision then applies to them) instead of exporting SOURCE; with "
+                        "--controlnet, SOURCE may name the package's checkpoint (to export its UNet again with "
+                        "residual inputs; default: the source its manifest records)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.into is not None:  # `--tiny-vae TAESD --into PACKAGE`: only the tiny components, added in place
-        from diffrt.export import add_tiny_vae
+    if args.into is not None:  # `--tiny-vae TAESD / --controlnet CN --into PACKAGE`: components added in place
+        from diffrt.export import add_controlnets, add_tiny_vae
 
+        allowed_source = ("source",) if args.controlnet else ()
         extra = [f"`{name}`" for name in ("source", "output", "variant", "opset", "components")
-                 if getattr(args, name) is not None]
-        if args.tiny_vae is None:
-            raise InputError("`--into PACKAGE` needs `--tiny-vae TAESD`: the tiny VAE to add to the package")
+                 if getattr(args, name) is not None and name not in allowed_source]
+        if args.tiny_vae is None and not args.controlnet:
+            raise InputError("`--into PACKAGE` needs `--tiny-vae TAESD` or `--controlnet CN`: what to add to the "
+                             "package")
         if extra:
-            raise InputError(f"`--into PACKAGE` adds the tiny VAE in the package's own precision and opset; it takes "
+            raise InputError(f"`--into PACKAGE` adds components in the package's own precision and opset; it takes "
                              f"no {', '.join(extra)}")
-        add_tiny_vae(args.into, args.tiny_vae, revision=args.revision, token=args.token, overwrite=args.overwrite,
-                     validate=args.validate, tolerance=args.tolerance)
+        if args.tiny_vae is not None:
+            add_tiny_vae(args.into, args.tiny_vae, revision=args.revision, token=args.token,
+                         overwrite=args.overwrite, validate=args.validate, tolerance=args.tolerance)
+        if args.controlnet:
+            add_controlnets(args.into, args.controlnet, source=args.source, revision=args.revision,
+                            token=args.token, overwrite=args.overwrite, validate=args.validate,
+                            tolerance=args.tolerance)
         if args.tensorrt:  # engines for the new components; existing engines are kept (their records match)
             from diffrt.export.tensorrt import build_engines
 
             build_engines(args.into)
         return 0
     if args.source is None or args.output is None:
-        raise InputError("`source` and `output` are required (or `--tiny-vae TAESD --into PACKAGE` to add the tiny "
-                         "VAE to an existing package)")
+        raise InputError("`source` and `output` are required (or `--tiny-vae TAESD` / `--controlnet CN` with "
+                         "`--into PACKAGE` to add to an existing package)")
     if args.tensorrt:  # checked first: a long export must not end in "tensorrt is not installed"
         from diffrt.cli.build_engines import check_export
 
@@ -70,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.output, revision=args.revision, variant=args.variant, precision=args.precision,
         target=args.target, opset=args.opset, components=args.components, overwrite=args.overwrite,
         validate=args.validate, tolerance=args.tolerance, token=args.token, tiny_vae=args.tiny_vae,
+        controlnets=args.controlnet,
     )
     if args.tensorrt:
         from diffrt.export.tensorrt import build_engines

@@ -8,6 +8,7 @@ parameters as A1111's infotext (`runtime/infotext.py`), which `--from-png` reads
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import time
@@ -60,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=number_in(0, 1, open_low=True), default=None,
                         help="with --image: how much of it to repaint, (0, 1] (pipeline default)")
     parser.add_argument("--mask", type=Path, default=None, help="mask image: inpainting (white = repaint)")
+    parser.add_argument("--controlnet", action="append", default=None, metavar="NAME",
+                        help="a ControlNet of the package (exported with `diffrt export --controlnet`); repeatable "
+                        "(multi-ControlNet), each with its own --control-image")
+    parser.add_argument("--control-image", action="append", type=Path, default=None, metavar="IMAGE",
+                        help="the conditioning image (pose, depth, edges, ...) of each --controlnet, in order")
+    parser.add_argument("--control-scale", action="append", type=number_in(0), default=None, metavar="SCALE",
+                        help="controlnet_conditioning_scale: once for all ControlNets or once per --controlnet "
+                        "(pipeline default: 1.0; 0.8 image-to-image, 0.5 inpainting)")
+    parser.add_argument("--guess-mode", action="store_true", default=None,
+                        help="ControlNet guess mode: the ControlNets see no prompt (Diffusers' guess_mode)")
     parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
@@ -173,8 +184,23 @@ def _check_arguments(args: argparse.Namespace) -> str:
                          f"{args.provider!r}")
     if args.seed is not None and args.seed != RANDOM_SEED and args.seed + args.num_images - 1 > SEED_MAX:
         raise InputError(f"`--seed` {args.seed} + `--num-images` {args.num_images} passes the largest seed, 2**63 - 1")
+    _check_control(args)
     args.vae = args.vae or "full"
     return "inpainting" if args.mask is not None else "image2image" if args.image is not None else "text2image"
+
+
+def _check_control(args: argparse.Namespace) -> None:
+    names, images, scales = args.controlnet or [], args.control_image or [], args.control_scale or []
+    if images and not names:
+        raise InputError("`--control-image` needs `--controlnet NAME`: which of the package's ControlNets it steers")
+    if len(images) != len(names):
+        raise InputError(f"give one `--control-image` per `--controlnet`: got {len(names)} ControlNet(s) and "
+                         f"{len(images)} image(s)")
+    if len(scales) not in (0, 1, len(names)) or (scales and not names):
+        raise InputError(f"give `--control-scale` once (for every ControlNet) or once per `--controlnet` "
+                         f"({len(names)}); got {len(scales)}")
+    if args.guess_mode and not names:
+        raise InputError("`--guess-mode` needs `--controlnet NAME`")
 
 
 def _seeds(first: int | None, count: int) -> list[int]:
@@ -186,11 +212,15 @@ def _seeds(first: int | None, count: int) -> list[int]:
 def _input_images(args: argparse.Namespace) -> dict[str, Any]:
     from diffrt.cli.image_files import open_image
 
-    images = {}
+    images: dict[str, Any] = {}
     if args.image is not None:
         images["image"] = open_image(args.image, "--image", "RGB")
     if args.mask is not None:
         images["mask_image"] = open_image(args.mask, "--mask", "L")
+    if args.control_image:
+        control = [open_image(path, "--control-image", "RGB") for path in args.control_image]
+        # text-to-image takes the control image as `image`; image-to-image and inpainting as `control_image`
+        images["control_image" if args.image is not None else "image"] = control[0] if len(control) == 1 else control
     return images
 
 
@@ -200,6 +230,7 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
         AutoPipelineForText2Image,
+        plain_pipeline,
     )
 
     auto = dict(zip(TASKS, (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)))[task]
@@ -207,10 +238,15 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     options: dict[str, Any] = {"cuda_graph": True} if args.cuda_graph else {}
     if args.threads is not None:
         options["threads"] = args.threads
+    if args.controlnet:
+        options["controlnet"] = args.controlnet
+        open_pipeline = auto.from_pretrained
+    else:
+        open_pipeline = functools.partial(plain_pipeline, task)  # a ControlNet package runs without them
     try:
         # load="eager": every engine is created here, so the timing line's "load" holds all of it
-        pipe = auto.from_pretrained(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
-                                    load="lazy" if args.lora else "eager", **options)
+        pipe = open_pipeline(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
+                             load="lazy" if args.lora else "eager", **options)
     except PackageError as error:
         if not from_png:
             raise
@@ -281,6 +317,11 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     optional = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
                 "width": args.width, "strength": args.strength, "sigmas": args.sigmas, "timesteps": args.timesteps}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if args.control_scale:
+        scales = args.control_scale
+        kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    if args.guess_mode:
+        kwargs["guess_mode"] = True
     if args.ays:
         kwargs.update(_ays(pipe, args.steps))
     kwargs.update(weighting_kwargs(pipe, prompt_weighting(args)))
@@ -322,6 +363,11 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
         "loras": [{"path": os.fsdecode(path), "scale": scale} for path, scale in args.lora or []],
         "image": None if args.image is None else os.fsdecode(args.image),
         "mask": None if args.mask is None else os.fsdecode(args.mask),
+        "controlnet": args.controlnet, "control_image": [os.fsdecode(p) for p in args.control_image or []] or None,
+        "controlnet_conditioning_scale": kwargs.get("controlnet_conditioning_scale",
+                                                    defaults.get("controlnet_conditioning_scale"))
+        if args.controlnet else None,
+        "guess_mode": bool(args.guess_mode) if args.controlnet else None,
     }
     return format_infotext(args.prompt, args.negative_prompt, fields), record
 

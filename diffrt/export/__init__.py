@@ -12,6 +12,7 @@ _LAZY: dict[str, str] = {
     "add_parameter_maps": "diffrt.export.exporter",
     "check_options": "diffrt.export.component",
     "add_tiny_vae": "diffrt.export.taesd",
+    "add_controlnets": "diffrt.export.controlnet",
     "build_engines": "diffrt.export.tensorrt",
     "COMPONENTS": "diffrt.export.onnx",
     "TARGET_OPSETS": "diffrt.export.onnx",

@@ -10,8 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffrt.errors import ExportError, InputError
+from diffrt.errors import ExportError, InputError, PackageError
 from diffrt.export.component import Options, Rows, check_options, export_component, summary_table
+from diffrt.export.controlnet_graph import text_time_facts
 from diffrt.export.onnx import (
     COMPONENTS,
     EXTERNAL_DATA_THRESHOLD,
@@ -46,7 +47,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
                     opset: int | None = None, components: Sequence[str] | None = None, overwrite: bool = False,
                     validate: bool = True, tolerance: float | None = None, token: str | bool | None = None,
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                    tiny_vae: str | Path | None = None) -> Path:
+                    tiny_vae: str | Path | None = None, controlnets: Sequence[str | Path] | None = None) -> Path:
     """Export the checkpoint `source` to the model package folder `output`; returns `output`.
 
     `precision` fp32 | fp16 | bf16 (float32 islands kept, see `diffrt.export.precision`); `target` onnxruntime
@@ -54,12 +55,14 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     vae_encoder, vae_decoder (default: all the checkpoint has); `tolerance` overrides the validation bound
     (relative to the output scale; defaults per precision in `DEFAULT_TOLERANCE`). `tiny_vae`, an AutoencoderTiny
     (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
-    `diffrt.export.taesd`.
+    `diffrt.export.taesd`. `controlnets`, ControlNetModel folders or Hub repo ids (each optionally `NAME=SOURCE`),
+    adds `controlnet_<name>` components and exports the UNet with their residual inputs (see
+    `diffrt.export.controlnet`); the package then runs as the ControlNet pipeline of its kind.
     """
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
     output = output_path(output)
     remove_stale_temp(output)  # a killed earlier run's temp folders (and maybe the package it was replacing)
-    local = _local_sources(source, tiny_vae)
+    local = _local_sources(source, tiny_vae) + _local_controlnets(controlnets)
     check_output(output, overwrite, local)
     # The tiny VAE first: its files are small, so a wrong one fails before a large checkpoint download.
     tiny = resolve_tiny_vae(tiny_vae, token=token) if tiny_vae is not None else None
@@ -68,18 +71,21 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
         check_fits(tiny, read_json(src.path / "unet" / CONFIG_NAME), read_json(src.path / "vae" / CONFIG_NAME))
-    sources = local + _resolved_sources(src, tiny)
+    control = _controlnets(src, names, controlnets, revision, variant, token)
+    sources = local + _resolved_sources(src, tiny) + [(f"ControlNet {c.name}", c.path) for c in control]
     check_output(output, overwrite, sources)
     weights = _weight_files(src, names) + ([tiny.path / TINY_WEIGHTS] if tiny is not None else [])
     check_free_space(output, check_weight_files(weights), options.precision)
     rows: Rows = []
     with PackageWriter(output, overwrite, sources) as folder:
-        entries = _export_components(src, names, folder, options, rows)
+        entries = _export_components(src, names, folder, options, rows, residuals=bool(control))
         if tiny is not None:
             entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
-        _write_support_files(src, names + tiny_components, folder)
+        if control:
+            entries.update(_export_controlnets(src, control, folder, options, rows))
+        _write_support_files(src, names + tiny_components, folder, [c.component for c in control])
         record_component_files(folder, entries)
-        write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries))
+        write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries, bool(control)))
     logger.info("exported %s to %s\n%s", src.id, output, summary_table(rows))
     return output
 
@@ -112,25 +118,66 @@ def _resolved_sources(src: Any, tiny: Any) -> list[tuple[str, Path]]:
     return found + ([("tiny VAE", Path(tiny.path))] if tiny is not None else [])
 
 
+def _local_controlnets(controlnets: Sequence[str | Path] | None) -> list[tuple[str, Path]]:
+    from diffrt.export.controlnet import split_name
+
+    found = [split_name(spec) for spec in controlnets or []]
+    return [(f"ControlNet {name}", Path(path).expanduser()) for name, path in found if Path(path).expanduser().exists()]
+
+
+def _controlnets(src: Any, names: list[str], controlnets: Sequence[str | Path] | None, revision: str | None,
+                 variant: str | None, token: str | bool | None) -> list[Any]:
+    """The resolved ControlNets, each checked against the UNet (before anything is exported)."""
+    if controlnets is None:
+        return []
+    from diffrt.export.controlnet import check_fits, resolve_controlnets
+    from diffrt.runtime.pipelines.registry import controlnet_class_for
+
+    if "unet" not in names:
+        raise InputError("`controlnets` need the UNet in the package (it takes their residuals); add unet to "
+                         "`components`")
+    try:
+        controlnet_class_for(src.pipeline_class)
+    except PackageError as error:
+        raise InputError(f"`controlnets`: {error}") from error
+    unet_config = read_json(src.path / "unet" / CONFIG_NAME)
+    control = resolve_controlnets(controlnets, revision if src.kind != "hub" else None, variant, token, unet_config)
+    for controlnet in control:
+        check_fits(controlnet, unet_config)
+    return control
+
+
+def _export_controlnets(src: Any, control: list[Any], folder: Path, options: Options,
+                        rows: Rows) -> dict[str, dict[str, Any]]:
+    from diffrt.export.controlnet import export_controlnets
+
+    pooled, aesthetics = text_time_facts(src.path)
+    return export_controlnets(control, folder, options, read_json(src.path / "unet" / CONFIG_NAME), pooled,
+                              aesthetics, rows)
+
+
 def _weight_files(src: Any, names: list[str]) -> list[Path]:
     """The checkpoint's weight files the export of `names` reads."""
     folders = {WEIGHTS_OF[name] for name in names}
     return [path for rel, path in sorted(src.weight_files.items()) if rel.split("/")[0] in folders]
 
 
-def _load_graph(src: Any, name: str) -> ComponentGraph:
+def _load_graph(src: Any, name: str, residuals: bool = False) -> ComponentGraph:
     root: Path = src.path
     if name.startswith("text_encoder"):
         return text_encoder_graph(name, root, src.components[name][1], src.variant)
     if name == "unet":
-        pooled = read_json(root / "text_encoder_2" / CONFIG_NAME).get("projection_dim")
-        aesthetics = bool(read_json(root / INDEX_NAME).get("requires_aesthetics_score"))
-        return unet_graph(root, src.variant, pooled, aesthetics)
+        graph = unet_graph(root, src.variant, *text_time_facts(root))
+        if residuals:  # a package with ControlNets: the UNet takes their residuals
+            from diffrt.export.controlnet_graph import add_residual_inputs
+
+            graph = add_residual_inputs(graph)
+        return graph
     return vae_graph(name, root, src.variant)
 
 
 def _export_components(src: Any, names: list[str], folder: Path, options: Options,
-                       rows: Rows) -> dict[str, dict[str, Any]]:
+                       rows: Rows, residuals: bool = False) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -140,7 +187,7 @@ def _export_components(src: Any, names: list[str], folder: Path, options: Option
         for number, name in enumerate(bar, 1):
             bar.set_postfix_str(name)
             logger.info("exporting %s (%d/%d)", name, number, len(names))
-            entries[name] = _export_component(src, name, folder, options, rows)
+            entries[name] = _export_component(src, name, folder, options, rows, residuals)
             seconds, diff = rows[-1][2:]
             logger.info("%s: %s in %.1f s, max abs diff %s", name, entries[name]["precision"], seconds,
                         "not checked" if diff is None else f"{diff:.3g}")
@@ -148,14 +195,14 @@ def _export_components(src: Any, names: list[str], folder: Path, options: Option
 
 
 def _export_component(src: Any, name: str, folder: Path, options: Options,
-                      rows: Rows) -> dict[str, Any]:
+                      rows: Rows, residuals: bool = False) -> dict[str, Any]:
     """Load, export and validate one component; its manifest entry."""
     vae_config = read_json(src.path / "vae" / CONFIG_NAME) if name.startswith("vae") else {}
     precision = component_precision(name, options.precision, src.pipeline_class, vae_config)
-    return export_component(_load_graph(src, name), precision, folder, options, rows)
+    return export_component(_load_graph(src, name, residuals), precision, folder, options, rows)
 
 
-def _write_support_files(src: Any, names: list[str], folder: Path) -> None:
+def _write_support_files(src: Any, names: list[str], folder: Path, controlnets: Sequence[str] = ()) -> None:
     """Scheduler config, tokenizers of the exported text encoders, and model_index.json."""
     others = []
     scheduler = src.path / SCHEDULER_CONFIG
@@ -166,7 +213,12 @@ def _write_support_files(src: Any, names: list[str], folder: Path) -> None:
         if encoder in names and tokenizer in src.components:
             write_tokenizer(src.path / tokenizer, folder / tokenizer)
             others.append(tokenizer)
-    write_json(folder / INDEX_NAME, model_index(read_json(src.path / INDEX_NAME), names, others))
+    index = model_index(read_json(src.path / INDEX_NAME), names, others)
+    if controlnets:
+        from diffrt.export.controlnet import controlnet_index
+
+        index = controlnet_index(index, controlnets)
+    write_json(folder / INDEX_NAME, index)
 
 
 def _exporter_versions() -> dict[str, str]:
@@ -186,11 +238,17 @@ def _exporter_versions() -> dict[str, str]:
     return versions
 
 
-def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, Any]) -> dict[str, Any]:
+def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, Any],
+              controlnets: bool = False) -> dict[str, Any]:
     used = {WEIGHTS_OF[name] for name in names}
     hashes = {rel: digest for rel, digest in src.weights_sha256().items() if rel.split("/")[0] in used}
     source = {"id": str(src.id), "revision": src.revision, "kind": src.kind, "weights_sha256": hashes}
-    return build_manifest(pipeline=src.pipeline_class, source=source, precision=options.precision,
+    pipeline = src.pipeline_class
+    if controlnets:
+        from diffrt.runtime.pipelines.registry import controlnet_class_for
+
+        pipeline = controlnet_class_for(pipeline)
+    return build_manifest(pipeline=pipeline, source=source, precision=options.precision,
                           target=options.target, opset=options.opset, exporter=_exporter_versions(),
                           components=entries)
 

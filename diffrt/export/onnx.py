@@ -205,14 +205,20 @@ def unet_graph(folder: Path, variant: str | None, pooled_dim: int | None, aesthe
         inputs.append(IOSpec("timestep_cond", "float32", ("batch", config["time_cond_proj_dim"])))
     outputs = [IOSpec("out_sample", "float32", ("batch", config["out_channels"], "height", "width"))]
     names = [spec.name for spec in inputs]
+    dims, trace, checks = unet_sizes(len(config["block_out_channels"]))
+    return ComponentGraph("unet", _Positional(unet, names), inputs, outputs, dims, trace, checks,
+                          folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"), parameter_root=unet)
+
+
+def unet_sizes(levels: int) -> tuple[dict[str, tuple[int, int]], dict[str, int], list[dict[str, int]]]:
+    """Dim ranges, trace sizes and check sizes of a UNet (or ControlNet) with `levels` resolution levels."""
     dims = {"batch": BATCH_RANGE, "height": LATENT_RANGE, "width": LATENT_RANGE, "sequence": SEQUENCE_RANGE}
-    side = _trace_side(len(config["block_out_channels"]))
+    side = _trace_side(levels)
     trace = {"batch": 2, "height": 2 * side, "width": 3 * side, "sequence": TEXT_LENGTH}
     # 8x8 takes SD's deepest level down to 1x1, 16x8 to 2x1: sizes the trace never saw.
     checks = [{"batch": 1, "height": 8, "width": 8, "sequence": TEXT_LENGTH},
               {"batch": 3, "height": 16, "width": 8, "sequence": 2 * TEXT_LENGTH}]
-    return ComponentGraph("unet", _Positional(unet, names), inputs, outputs, dims, trace, checks,
-                          folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"), parameter_root=unet)
+    return dims, trace, checks
 
 
 def vae_graph(name: str, folder: Path, variant: str | None) -> ComponentGraph:

@@ -142,7 +142,8 @@ def export_tiny_components(tiny: TinyVaeSource, names: list[str], folder: Path, 
     return entries
 
 
-def _package_manifest(root: Path) -> dict[str, Any]:
+def package_manifest(root: Path) -> dict[str, Any]:
+    """The diffrt.json of the package folder `root` (InputError / PackageError when it is not one)."""
     if not (root / MANIFEST_NAME).is_file():
         raise invalid("package", f"a diffrt model package folder (with {MANIFEST_NAME})", str(root))
     manifest = read_json(root / MANIFEST_NAME)
@@ -168,7 +169,7 @@ def add_tiny_vae(package: str | Path, source: str | Path, *, revision: str | Non
     the package, renamed into place, and then model_index.json and diffrt.json are rewritten atomically.
     """
     root = Path(package)
-    manifest = _package_manifest(root)
+    manifest = package_manifest(root)
     options = check_options(precision or manifest.get("precision", "fp32"), manifest.get("target", "onnxruntime"),
                             manifest.get("opset"), None, validate, tolerance)
     names = tiny_names("vae_encoder" in manifest["components"])

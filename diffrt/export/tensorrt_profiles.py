@@ -10,6 +10,9 @@ input specs and checking the manifest's dimension ranges:
   follow the batch (their widths are fixed in the manifest).
 - vae_decoder: `latent_sample` batch x latents; vae_encoder: `sample` batch x pixels.
 - text encoders: `input_ids` batch x 77 (negative prompts run as a separate call of the same size).
+- ControlNet residuals (a ControlNet's outputs, the UNet's extra inputs): the UNet's level-k feature maps,
+  `height_k` = ceil(latent height / 2**k); a ControlNet's `controlnet_cond` image is in pixels (`image_height`),
+  and its batch range keeps the undoubled minimum (guess mode runs it on the conditional half only).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from diffrt.errors import ExportError, invalid
+from diffrt.package.names import CONTROLNET_PREFIX
 from diffrt.package.reader import ComponentInfo
 from diffrt.package.tensorrt_records import Profile
 
@@ -145,13 +149,27 @@ def dimension_sizes(component: str, request: SizeRange, vae_scale_factor: int, c
                     prompt_chunks: int) -> dict[str, Triple]:
     """(min, opt, max) of each named dynamic dimension of `component` for `request`."""
     latent_h, latent_w = _latent(request.height, vae_scale_factor), _latent(request.width, vae_scale_factor)
-    if component.startswith("unet"):
+    if component.startswith(("unet", CONTROLNET_PREFIX)):
         sequence = (TEXT_LENGTH, TEXT_LENGTH, TEXT_LENGTH * prompt_chunks)
-        return {"batch": _batch(request, 2 if cfg else 1), "height": latent_h, "width": latent_w,
-                "sequence": sequence}
+        sizes = {"batch": _batch(request, 2 if cfg else 1), "height": latent_h, "width": latent_w,
+                 "sequence": sequence, **_levels(latent_h, latent_w)}
+        if component.startswith(CONTROLNET_PREFIX):
+            low = request.batch[0]
+            sizes.update(batch=(low, sizes["batch"][1], sizes["batch"][2]), image_height=request.height,
+                         image_width=request.width)
+        return sizes
     # VAE decoder: latent dims; VAE encoder: pixel dims; text encoders: the batch only.
     return {"batch": _batch(request, 1), "latent_height": latent_h, "latent_width": latent_w,
             "height": request.height, "width": request.width}
+
+
+def _levels(latent_h: Triple, latent_w: Triple, deepest: int = 8) -> dict[str, Triple]:
+    """`height_k` / `width_k`: the sides of the UNet's level-k feature maps (stride-2 convolutions round up)."""
+    def down(triple: Triple, level: int) -> Triple:
+        return tuple(-(-side // 2**level) for side in triple)
+
+    return {f"{axis}_{level}": down(triple, level) for level in range(1, deepest + 1)
+            for axis, triple in (("height", latent_h), ("width", latent_w))}
 
 
 def _check_range(component: ComponentInfo, dim: str, triple: Triple, request: SizeRange, factor: int,

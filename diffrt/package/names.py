@@ -24,3 +24,10 @@ ONNX_ENTRY = ("diffusers", "OnnxRuntimeModel")
 CLASS_PREFIXES = ("ORT", "Onnx")
 # TensorRT plans and their build records: <component>/engines/<key>.plan + <key>.json
 ENGINES_FOLDER = "engines"
+# ControlNets: component `controlnet_<name>`, and the residual tensors they hand the UNet (docs/package-format.md).
+# A ControlNet's outputs and the UNet's residual inputs are listed in the same order: skip connections, then mid.
+CONTROLNET_PREFIX = "controlnet_"
+CONTROLNET_DOWN_OUTPUT = "down_block_res_sample_{}"
+CONTROLNET_MID_OUTPUT = "mid_block_res_sample"
+UNET_DOWN_RESIDUAL = "down_block_additional_residual_{}"
+UNET_MID_RESIDUAL = "mid_block_additional_residual"

@@ -311,3 +311,21 @@ def postprocess(images: np.ndarray, output_type: str = "pil") -> list[Image.Imag
         raise invalid("images", "a float NCHW array", got)
     pixels = np.clip(images.astype(np.float32, copy=False) * 0.5 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     return numpy_to_pil(pixels) if output_type == "pil" else pixels
+
+
+def preprocess_control_image(image: ImageInput, height: int | None = None, width: int | None = None, *,
+                             vae_scale_factor: int = 8, name: str = "image") -> np.ndarray:
+    """A ControlNet's conditioning image(s): NCHW float32 in [0, 1] at (height, width), as Diffusers' control image
+    processor gives them (`VaeImageProcessor(do_convert_rgb=True, do_normalize=False)`): PIL images converted to
+    RGB and resized with Lanczos, arrays (HWC / NHWC in [0, 1]) resized nearest."""
+    _check_options(height, width, "lanczos", "default", vae_scale_factor)
+    items = _as_list(name, image)
+    if isinstance(items[0], Image.Image):
+        items = [item.convert("RGB") for item in items]
+        return _pil_batch(name, items, height, width, vae_scale_factor, "lanczos", "default", None,
+                          grayscale=False).astype(np.float32, copy=False)
+    for item in items:
+        _check_float_range(name, item, 0.0, 1.0)
+        if item.shape[-1] != 3:
+            raise invalid(name, "an array with 3 (RGB) channels last (HWC / NHWC)", f"shape {item.shape}")
+    return _numpy_batch(name, items, height, width, vae_scale_factor, grayscale=False).astype(np.float32, copy=False)

@@ -14,9 +14,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from PIL import Image, ImageOps
 
 from diffrt import __version__
+from diffrt.package.names import CONTROLNET_PREFIX
 from diffrt.runtime.generation import seeds_for
 from diffrt.schedulers import registered_names
 from diffrt.schedulers.names import ALIASES, SAMPLERS
+from diffrt.serve.a1111_controlnet import controlnet_units
 from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, GenerationResult
 from diffrt.serve.limits import bad, check_upload, decode_upload
 from diffrt.serve.packages import PackageInfo
@@ -37,7 +39,7 @@ SCHEDULE_TYPES = {"automatic": "Automatic", "karras": "Karras", "exponential": "
 async def txt2img(body: Txt2ImgRequest, request: Request, response: Response,
                   state: ServerState = Depends(server)) -> dict[str, Any]:
     info = _package(state, body)
-    job = _job(info, body, body.width, body.height)
+    job = _job(info, body, body.width, body.height, controlnet=_controlnet(body, info, state))
     result = await generate(state, job, NAMES, request)
     return _answer(response, info, body, job, result, body.model_dump())
 
@@ -54,7 +56,8 @@ async def img2img(body: Img2ImgRequest, request: Request, response: Response,
     if body.mask:
         mask = _decode(body.mask, "mask", state, "L").resize(size, Image.Resampling.NEAREST)
         mask = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
-    job = _job(info, body, body.width, body.height, image=image, mask=mask, strength=body.denoising_strength)
+    job = _job(info, body, body.width, body.height, image=image, mask=mask, strength=body.denoising_strength,
+               controlnet=_controlnet(body, info, state))
     result = await generate(state, job, NAMES, request)
     parameters = body.model_dump()
     if not body.include_init_images:
@@ -153,6 +156,12 @@ def _job(info: PackageInfo, body: Txt2ImgRequest, width: int, height: int, **ima
                              negative_prompts=[body.negative_prompt] * count, seeds=seeds, width=width,
                              height=height, steps=body.steps, guidance=body.cfg_scale, scheduler=_scheduler(body),
                              **image)
+
+
+def _controlnet(body: Txt2ImgRequest, info: PackageInfo, state: ServerState) -> dict[str, Any] | None:
+    available = [name[len(CONTROLNET_PREFIX):] for name in info.pipe.package.components
+                 if name.startswith(CONTROLNET_PREFIX)]
+    return controlnet_units(body.alwayson_scripts, available, lambda data, param: _decode(data, param, state, "RGB"))
 
 
 def _decode(data: str, param: str, state: ServerState, mode: str) -> Image.Image:

@@ -46,6 +46,8 @@ class GenerationRequest:
     strength: float | None = None
     #: 77-token chunks of the longest prompt (set by the package's worker): only equal counts share a call
     prompt_chunks: int = 1
+    #: ControlNet arguments (names, images, scales, starts, ends, guess_mode), from A1111's alwayson_scripts
+    controlnet: dict[str, Any] | None = None
 
     @property
     def task(self) -> str:
@@ -58,7 +60,7 @@ class GenerationRequest:
     def batch_key(self) -> Hashable:
         """Requests with equal keys share UNet calls: same task, size, steps, scheduler, guidance and prompt chunk
         count. Requests with an input image are never combined (each has its own image to encode)."""
-        if self.task != "text2image":
+        if self.task != "text2image" or self.controlnet is not None:  # its own images to condition on
             return ("own", id(self))
         return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance, self.prompt_chunks)
 

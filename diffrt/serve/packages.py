@@ -38,7 +38,7 @@ class PackageInfo:
 
 def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
     """Each package of `config`, opened (no engine built yet); InputError for a name served twice."""
-    from diffrt.runtime.pipelines.auto import AutoPipelineForText2Image
+    from diffrt.runtime.pipelines.auto import plain_pipeline
 
     options: dict[str, Any] = {} if config.threads is None else {"threads": config.threads}
     infos: dict[str, PackageInfo] = {}
@@ -47,7 +47,8 @@ def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
         if name in infos:
             raise InputError(f"`PACKAGE` {source!r} has the name {name!r} of another served package: each is "
                              "served under its folder name, which must differ")
-        pipe = AutoPipelineForText2Image.from_pretrained(source, provider=config.provider, **options)
+        # a package with ControlNets serves its plain pipelines (its UNet gets zero residuals)
+        pipe = plain_pipeline("text2image", source, provider=config.provider, **options)
         pipe.set_progress_bar_config(disable=True)
         defaults = call_defaults(pipe)
         infos[name] = PackageInfo(name, str(source), pipe, model_hash(pipe.package.manifest), pipe.default_size(),

@@ -63,28 +63,29 @@ class PipelineSet:
         self.base = pipe
         self.model = model
         self.prompt_weighting = prompt_weighting
-        self._variants: dict[tuple[str, str | None], Any] = {}
+        self._variants: dict[tuple[str, str | None, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
 
     def prompt_chunks(self, request: GenerationRequest) -> int:
         """The request's prompt chunk count (InputError when its prompt is longer than the package takes)."""
         return prompt_chunk_count(self.base, [*request.prompts, *request.negative_prompts], self.prompt_weighting)
 
-    def get(self, task: str, scheduler: str | None) -> Any:
-        from diffrt.runtime.pipelines.auto import (
-            AutoPipelineForImage2Image,
-            AutoPipelineForInpainting,
-            AutoPipelineForText2Image,
-        )
+    def get(self, task: str, scheduler: str | None, controlnets: tuple[str, ...] = ()) -> Any:
+        """The `task` pipeline with `scheduler`, running the package's ControlNets `controlnets` (none: plain)."""
+        from diffrt.runtime.pipelines.auto import plain_variant
+        from diffrt.runtime.pipelines.base import pipe_as
+        from diffrt.runtime.pipelines.registry import pipeline_class_for_task
 
-        key = (task, scheduler)
+        key = (task, scheduler, controlnets)
         with self._lock:
             if key not in self._variants:
-                auto = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
-                        "inpainting": AutoPipelineForInpainting}[task]
-                overrides = {} if scheduler is None else {
+                overrides: dict[str, Any] = {} if scheduler is None else {
                     "scheduler": scheduler_for(self.base.package.scheduler_config, scheduler)}
-                variant = auto.from_pipe(self.base, **overrides)
+                if controlnets:
+                    target = pipeline_class_for_task(task, self.base.package.pipeline_class)
+                    variant = pipe_as(target, self.base, {**overrides, "controlnet": list(controlnets)})
+                else:
+                    variant = plain_variant(task, self.base, **overrides)
                 variant.set_progress_bar_config(disable=True)
                 self._variants[key] = variant
             return self._variants[key]
@@ -94,7 +95,8 @@ def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control
         GenerationResult]:
     """Generate every request of the batch in one call; results in the order of `requests`."""
     first = requests[0]
-    pipe = pipes.get(first.task, first.scheduler)
+    units = first.controlnet
+    pipe = pipes.get(first.task, first.scheduler, tuple(units["names"]) if units else ())
     kwargs: dict[str, Any] = {
         "prompt": [p for r in requests for p in r.prompts],
         "negative_prompt": [p for r in requests for p in r.negative_prompts],
@@ -109,6 +111,12 @@ def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control
         kwargs.update(image=first.image, strength=first.strength)
         if first.mask is not None:
             kwargs["mask_image"] = first.mask
+    if units:  # one request per batch (its own control images)
+        images = units["images"] if len(units["images"]) > 1 else units["images"][0]
+        kwargs["image" if first.task == "text2image" else "control_image"] = images
+        kwargs.update(controlnet_conditioning_scale=_one_or_list(units["scales"]),
+                      control_guidance_start=_one_or_list(units["starts"]),
+                      control_guidance_end=_one_or_list(units["ends"]), guess_mode=units["guess_mode"])
     control.steps = first.steps
     interrupted = False
     try:
@@ -117,6 +125,10 @@ def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control
     except Interrupted as stop:  # A1111: an interrupted job returns what it has, decoded
         images, timings, interrupted = postprocess(pipe.decode(stop.latents)), {}, True
     return _split(pipe, pipes.model, requests, images, timings, interrupted)
+
+
+def _one_or_list(values: list[float]) -> float | list[float]:
+    return values[0] if len(values) == 1 else values
 
 
 def _split(pipe: Any, model: str, requests: Sequence[GenerationRequest], images: list[Any],

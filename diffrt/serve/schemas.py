@@ -57,6 +57,8 @@ class Txt2ImgRequest(_Body):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     save_images: bool = False
+    #: extensions' arguments; diffrt reads the ControlNet extension's (`diffrt.serve.a1111_controlnet`)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -5,6 +5,7 @@ No diffusers import anywhere here: these modules are what `diffrt.export.onnx` t
 from __future__ import annotations
 
 from diffrt.export.models.blocks import ConfiguredModel
+from diffrt.export.models.controlnet import ControlNetModel
 from diffrt.export.models.tiny_vae import AutoencoderTiny
 from diffrt.export.models.unet import UNet2DConditionModel
 from diffrt.export.models.vae import AutoencoderKL, VaeDecoderForExport, VaeEncoderForExport
@@ -13,6 +14,7 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderTiny",
     "ConfiguredModel",
+    "ControlNetModel",
     "UNet2DConditionModel",
     "VaeDecoderForExport",
     "VaeEncoderForExport",

@@ -283,8 +283,13 @@ class UNet2DConditionModel(ConfiguredModel):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict noise (or v / x0, per the checkpoint) for `sample` [B, C, H, W] at `timestep` [B] or []."""
+        """Predict noise (or v / x0, per the checkpoint) for `sample` [B, C, H, W] at `timestep` [B] or [].
+
+        ControlNet residuals, when given, are added to the skip connections (one per skip, in order) and to the
+        mid block's output, as diffusers does."""
         emb = self._embed_time(sample, timestep, text_embeds, time_ids, timestep_cond)
         if self._config["center_input_sample"]:
             sample = 2 * sample - 1.0
@@ -293,8 +298,12 @@ class UNet2DConditionModel(ConfiguredModel):
         for down_block in self.down_blocks:
             hidden_states, states = down_block(hidden_states, emb, encoder_hidden_states)
             skips.extend(states)
+        if down_block_additional_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
             hidden_states = self.mid_block(hidden_states, emb, encoder_hidden_states)
+        if mid_block_additional_residual is not None:
+            hidden_states = hidden_states + mid_block_additional_residual
         for module in self.up_blocks:
             up_block = cast(UpBlock, module)  # a ModuleList iterates as plain nn.Module
             count = len(up_block.resnets)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines.base import DiffusionPipeline, check_provider, pipe_as
-from diffrt.runtime.pipelines.registry import pipeline_class_for_task
+from diffrt.runtime.pipelines.registry import pipeline_class_for_task, plain_class_for
 
 
 class _AutoPipeline:
@@ -54,3 +54,17 @@ class AutoPipelineForImage2Image(_AutoPipeline):
 
 class AutoPipelineForInpainting(_AutoPipeline):
     task = "inpainting"
+
+
+def plain_pipeline(task: str, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
+                   **options: Any) -> DiffusionPipeline:
+    """The `task` pipeline of a package that runs none of its ControlNets: a ControlNet package's plain
+    counterpart (its UNet gets zero residuals, no ControlNet engine is created); any other package's usual one."""
+    package = open_package(pretrained_model_name_or_path, revision=revision)
+    return pipeline_class_for_task(task, plain_class_for(package.pipeline_class))(package, **options)
+
+
+def plain_variant(task: str, pipeline: DiffusionPipeline, **overrides: Any) -> DiffusionPipeline:
+    """`plain_pipeline`'s class on another pipeline's package and engines (`from_pipe`)."""
+    target = pipeline_class_for_task(task, plain_class_for(pipeline.package.pipeline_class))
+    return pipe_as(target, pipeline, overrides)

@@ -28,6 +28,7 @@ from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
 from diffrt.runtime.pipelines.prompts import TextEncoder
 from diffrt.runtime.pipelines.providers import check_package_target, check_provider
+from diffrt.runtime.pipelines.residuals import residual_specs, zero_residuals
 from diffrt.runtime.pipelines.textual_inversion_api import TextualInversionMixin
 from diffrt.runtime.pipelines.timestep import scalar_timestep
 from diffrt.runtime.pipelines.vae import check_vae, vae_components, vae_config
@@ -68,6 +69,8 @@ class DenoiseState:
     extra_channels: np.ndarray | None = None
     # Legacy inpainting with a 4-channel UNet blends the known region back after each step.
     blend: Callable[[np.ndarray, int], np.ndarray] | None = None
+    # ControlNet pipelines: (step index, t, scaled latents before extra channels, UNet feeds) -> residual feeds
+    controlnet: Callable[[int, Any, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
 
 def read_only_copy(array: np.ndarray) -> np.ndarray:
@@ -345,6 +348,9 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         engine = self.engine("unet")
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         cast = {k: (v.astype(dtypes[k], copy=False) if k in dtypes else v) for k, v in feeds.items()}
+        missing = [spec for spec in residual_specs(engine.inputs) if spec.name not in cast]
+        if missing:  # a ControlNet package's UNet on a call that runs no ControlNet: nothing to add
+            cast.update(zero_residuals(missing, cast["sample"].shape))
         return np.asarray(engine.run(scalar_timestep(engine, cast))["out_sample"], dtype=np.float32)
 
     def denoise(
@@ -372,11 +378,14 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
             before = dict(timings) if hook is not None else None
             with self._stage(timings, "host"):
                 model_input = np.concatenate([latents, latents]) if state.do_cfg else latents
-                model_input = scheduler.scale_model_input(model_input, t)
+                model_input = control_input = scheduler.scale_model_input(model_input, t)
                 if state.extra_channels is not None:
                     model_input = np.concatenate([model_input, state.extra_channels], axis=1)
                 feeds = dict(state.feeds, sample=model_input)
                 feeds["timestep"] = np.full((model_input.shape[0],), t, dtype=np.float32)
+            if state.controlnet is not None:
+                with self._stage(timings, "controlnet"):
+                    feeds.update(state.controlnet(i, t, control_input, feeds))
             with self._stage(timings, "unet"):
                 noise_pred = self.run_unet(feeds)
             with self._stage(timings, "host"):
@@ -464,8 +473,13 @@ def warmup_call_arguments(pipe: DiffusionPipeline, height: int | None, width: in
     parameters = inspect.signature(pipe.__call__).parameters
     # "np" output: the decoder prepares its shape too
     defaults = {"prompt": [""] * batch_size, "num_inference_steps": 1, "output_type": "np"}
+    gray = np.full((1, height, width, 3), 0.5, np.float32)
     if "image" in parameters:
-        defaults.update(image=np.full((1, height, width, 3), 0.5, np.float32), strength=1.0)
+        defaults["image"] = gray
+    if "strength" in parameters:
+        defaults["strength"] = 1.0
+    if "control_image" in parameters:  # ControlNet image-to-image and inpainting
+        defaults["control_image"] = gray
     if "mask_image" in parameters:
         defaults["mask_image"] = np.ones((1, height, width), np.float32)
     if "height" in parameters:

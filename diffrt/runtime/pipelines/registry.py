@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 _SD = "diffrt.runtime.pipelines.stable_diffusion"
 _SDXL = "diffrt.runtime.pipelines.stable_diffusion_xl"
 _INPAINT = "diffrt.runtime.pipelines.inpaint"
+_CN = "diffrt.runtime.pipelines.controlnet"
+_CN_SDXL = "diffrt.runtime.pipelines.controlnet_xl"
 
 # Diffusers class name -> "module:Class"
 PIPELINES: dict[str, str] = {
@@ -22,6 +24,19 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionXLPipeline": f"{_SDXL}:StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": f"{_SDXL}:StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline": f"{_INPAINT}:StableDiffusionXLInpaintPipeline",
+    "StableDiffusionControlNetPipeline": f"{_CN}:StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline": f"{_CN}:StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline": f"{_CN}:StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline": f"{_CN_SDXL}:StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLControlNetImg2ImgPipeline": f"{_CN_SDXL}:StableDiffusionXLControlNetImg2ImgPipeline",
+}
+# The pipeline class of a package that has ControlNets, by the class it had without (Diffusers' class pairs).
+CONTROLNET_CLASSES: dict[str, str] = {
+    "StableDiffusionPipeline": "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
 }
 
 # task -> family -> Diffusers class name (what AutoPipelineFor* pick)
@@ -30,8 +45,13 @@ TASKS: dict[str, dict[str, str]] = {
                    "lcm": "LatentConsistencyModelPipeline"},
     "image2image": {"sd": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline",
                     "lcm": "StableDiffusionImg2ImgPipeline"},
-    "inpainting": {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"},
+    "inpainting": {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
+                   "sd_controlnet": "StableDiffusionControlNetInpaintPipeline"},
 }
+TASKS["text2image"].update(sd_controlnet="StableDiffusionControlNetPipeline",
+                           sdxl_controlnet="StableDiffusionXLControlNetPipeline")
+TASKS["image2image"].update(sd_controlnet="StableDiffusionControlNetImg2ImgPipeline",
+                            sdxl_controlnet="StableDiffusionXLControlNetImg2ImgPipeline")
 
 
 def normalize_class_name(name: str) -> str:
@@ -39,8 +59,28 @@ def normalize_class_name(name: str) -> str:
     return name[3:] if name.startswith("ORT") else name
 
 
+def controlnet_class_for(class_name: str) -> str:
+    """The ControlNet pipeline class for a package of `class_name` (unchanged if it is one already)."""
+    name = normalize_class_name(class_name)
+    if name in CONTROLNET_CLASSES.values():
+        return name
+    if name not in CONTROLNET_CLASSES:
+        raise PackageError(f"diffrt has no ControlNet pipeline for a {name} package; it has ControlNet pipelines for "
+                           f"{', '.join(CONTROLNET_CLASSES)}")
+    return CONTROLNET_CLASSES[name]
+
+
+def plain_class_for(class_name: str) -> str:
+    """The class a ControlNet package runs as when a call uses none of its ControlNets (`class_name` otherwise)."""
+    name = normalize_class_name(class_name)
+    plain = {controlnet: plain for plain, controlnet in CONTROLNET_CLASSES.items()}
+    return plain.get(name, name)
+
+
 def family_of(class_name: str) -> str:
     name = normalize_class_name(class_name)
+    if "ControlNet" in name:
+        return "sdxl_controlnet" if "XL" in name else "sd_controlnet"
     if "XL" in name:
         return "sdxl"
     if name.startswith("LatentConsistency"):
