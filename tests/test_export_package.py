@@ -49,8 +49,11 @@ def check_manifest_schema(package: Path) -> dict:
     assert manifest["created"].endswith("Z")
     for name, entry in manifest["components"].items():
         assert name in ONNX_COMPONENTS
+        mapped = ["parameters"] if name in ("unet", "text_encoder", "text_encoder_2") else []
         assert list(entry) == ["file", "external_data", "precision", "opset", "inputs", "outputs", "dims",
-                               "validation", "files"]
+                               "validation", "files", *mapped]
+        for located in entry.get("parameters", {}).values():
+            assert located and all(layout in ("direct", "transposed") for _, layout in located), located
         assert all(set(record) == {"size", "sha256"} for record in entry["files"].values())
         assert isinstance(entry["opset"], int) and (manifest["target"] == "cuda" or entry["opset"] == manifest["opset"])
         assert entry["file"] == f"{name}/model.onnx" and (package / entry["file"]).is_file()

@@ -206,16 +206,18 @@ def test_components_still_export_a_subset_of_an_sd3_checkpoint_on_purpose(tiny_c
 
 
 @pytest.mark.parametrize(("edit", "named"), [
-    ({"_class_name": "StableDiffusionControlNetPipeline", "controlnet": ["diffusers", "ControlNetModel"]},
-     ("the pipeline class StableDiffusionControlNetPipeline", "`controlnet` (ControlNetModel)")),
+    ({"_class_name": "StableDiffusionControlNetPipeline", "controlnet": ["diffusers", "MultiControlNetModel"]},
+     ("`controlnet` (MultiControlNetModel)",)),
+    ({"_class_name": "StableDiffusionAdapterPipeline", "adapter": ["diffusers", "T2IAdapter"]},
+     ("the pipeline class StableDiffusionAdapterPipeline", "`adapter` (T2IAdapter)")),
     ({"scheduler": ["diffusers", "ScoreSdeVeScheduler"]}, ("`scheduler` (ScoreSdeVeScheduler)",)),
     ({"unet": ["diffusers", "UNet2DModel"]}, ("`unet` (UNet2DModel)",)),
 ])
 def test_unexportable_classes_and_components_are_named(checkpoint_copy, tmp_path, capsys, edit, named):
     index = json.loads((checkpoint_copy / "model_index.json").read_text())
     (checkpoint_copy / "model_index.json").write_text(json.dumps({**index, **edit}))
-    if "controlnet" in edit:
-        shutil.copytree(checkpoint_copy / "unet", checkpoint_copy / "controlnet")
+    for added in set(edit) - set(index):
+        shutil.copytree(checkpoint_copy / "unet", checkpoint_copy / added)
     export_refused(capsys, str(checkpoint_copy), str(tmp_path / "out"),
                    fragments=("diffrt cannot export", *named))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -207,3 +207,24 @@ def test_multi_controlnet_needs_one_image_per_net(tiny_controlnet_package):
 def test_unknown_controlnet_name_lists_the_package_ones(tiny_controlnet_package):
     with pytest.raises(InputError, match="pose, depth"):
         DiffusionPipeline.from_pretrained(tiny_controlnet_package("sd15"), controlnet="canny")
+
+
+def test_a_saved_controlnet_pipeline_exports_with_its_controlnet(tiny_checkpoint, tiny_controlnet, tmp_path):
+    """`StableDiffusionControlNetPipeline.save_pretrained` writes the ControlNet beside the UNet; `diffrt export`
+    of that folder keeps it (as `controlnet_controlnet`) and the package gives Diffusers' image."""
+    from diffrt.export import export_pipeline
+    from diffrt.package.files import read_json
+
+    net = diffusers.ControlNetModel.from_pretrained(tiny_controlnet("cn_sd15"))
+    reference = diffusers.StableDiffusionControlNetPipeline.from_pretrained(tiny_checkpoint("sd15"), controlnet=net)
+    reference.set_progress_bar_config(disable=True)
+    reference.save_pretrained(tmp_path / "ck")
+    package = export_pipeline(tmp_path / "ck", tmp_path / "package")
+    manifest = read_json(package / "diffrt.json")
+    assert manifest["pipeline"] == "StableDiffusionControlNetPipeline"
+    assert "controlnet_controlnet" in manifest["components"]
+    kwargs = {"prompt": PROMPT, "image": control_image(3), "num_inference_steps": 2, "height": SIZE, "width": SIZE}
+    expected = reference(generator=torch.Generator("cpu").manual_seed(5), output_type="np", **kwargs).images
+    ours = DiffusionPipeline.from_pretrained(package)
+    ours.set_progress_bar_config(disable=True)
+    assert_close(np.asarray(ours(generator=5, output_type="np", **kwargs).images), np.asarray(expected))

@@ -22,7 +22,7 @@ from diffrt.export.onnx import (
     unet_graph,
     vae_graph,
 )
-from diffrt.export.plan import TOKENIZER_OF, WEIGHTS_OF, check_index, plan_components
+from diffrt.export.plan import TOKENIZER_OF, WEIGHTS_OF, bundled_controlnets, check_index, plan_components
 from diffrt.export.precision import component_precision
 from diffrt.export.preflight import check_free_space, check_weight_files
 from diffrt.export.taesd import WEIGHTS_FILE as TINY_WEIGHTS
@@ -71,6 +71,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
         check_fits(tiny, read_json(src.path / "unet" / CONFIG_NAME), read_json(src.path / "vae" / CONFIG_NAME))
+    controlnets = bundled_controlnets(src, options.components, controlnets)
     control = _controlnets(src, names, controlnets, revision, variant, token)
     sources = local + _resolved_sources(src, tiny) + [(f"ControlNet {c.name}", c.path) for c in control]
     check_output(output, overwrite, sources)

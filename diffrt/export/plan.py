@@ -12,6 +12,7 @@ tokenizer silently dropped). So, from model_index.json alone, before any weights
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from diffrt.errors import ConfigError, invalid
@@ -30,6 +31,8 @@ SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
     "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
     "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES,
     "tokenizer": TOKENIZER_CLASSES, "tokenizer_2": TOKENIZER_CLASSES,
+    # a saved ControlNet pipeline's own ControlNet, exported as `controlnet_controlnet` (see `bundled_controlnets`)
+    "controlnet": ("ControlNetModel",),
 }
 #: package component -> the checkpoint folder its weights come from
 WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
@@ -94,6 +97,15 @@ def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
         logger.warning("%s is a %s, which diffrt has no pipeline for: the package holds the components %s for use "
                        "one by one", src.id, src.pipeline_class, ", ".join(names))
     return names
+
+
+def bundled_controlnets(src: Any, requested: Sequence[str] | None,
+                        controlnets: Sequence[str | Path] | None) -> list[str | Path] | None:
+    """`controlnets` with the checkpoint's own `controlnet` folder first (a saved StableDiffusionControlNetPipeline
+    carries one), named `controlnet` as `--controlnet CK/controlnet` would name it; a subset export leaves it out."""
+    if requested is not None or "controlnet" not in src.components:
+        return controlnets
+    return [f"controlnet={Path(src.path) / 'controlnet'}", *(controlnets or [])]
 
 
 def check_index(requested: Sequence[str] | None) -> IndexCheck:

@@ -121,6 +121,8 @@ def record_component_files(folder: Path, components: Mapping[str, dict[str, Any]
         if entry.get("external_data"):
             paths.append(model.parent / entry["external_data"])
         entry["files"] = {str(path): _file_record(folder / path) for path in paths if (folder / path).is_file()}
+        if "parameters" in entry:  # the documented key order: the (long) parameter map last
+            entry["parameters"] = entry.pop("parameters")
 
 
 def _file_record(path: Path) -> dict[str, Any]:
