@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from diffrt.cli.args import add_prompt_weighting, number_in, positive_int, prompt_weighting
+from diffrt.cli.args import add_prompt_weighting, int_in, number_in, positive_int, prompt_weighting
 from diffrt.errors import InputError
 
 if TYPE_CHECKING:
@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser requests from this origin (repeatable; default: CORS off)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each package")
+    parser.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+                        help="folder of LoRA files (A1111's models/Lora; repeatable): each *.safetensors below it is "
+                        "applied by its file name, with <lora:NAME:WEIGHT> in a prompt or the `loras` field")
+    parser.add_argument("--lora-cache", type=int_in(0, 1 << 10), default=defaults.lora_cache, metavar="N",
+                        help="LoRA-adapted pipelines kept per package, least recently used evicted (each holds its "
+                        "own engines: memory; default %(default)s)")
     add_prompt_weighting(parser)
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve application (a running cluster, or "
                         "a local one); one deployment per package")
@@ -69,6 +75,10 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
 
     if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"`--output-dir` {os.fsdecode(args.output_dir)!r} is not a folder")
+    for folder in args.lora_dir:
+        if not folder.is_dir():
+            raise InputError(f"`--lora-dir` {os.fsdecode(folder)!r} is not a folder (expected A1111's models/Lora: "
+                             "a folder of .safetensors files)")
     return ServeConfig(
         packages=list(args.packages), provider=args.provider, threads=args.threads,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_batch=args.max_batch,
@@ -76,7 +86,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_steps=args.max_steps, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,
         max_upload_bytes=int(args.max_upload_mb * MEBIBYTE), timeout=args.timeout, output_dir=args.output_dir,
         cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period,
-        prompt_weighting=prompt_weighting(args))
+        prompt_weighting=prompt_weighting(args), lora_dirs=list(args.lora_dir), lora_cache=args.lora_cache)
 
 
 def _graceful_server_class() -> type:

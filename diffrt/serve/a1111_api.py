@@ -4,6 +4,7 @@ shape (`images`: base64 PNGs with the infotext; `parameters`: the request; `info
 and other tools written for A1111 work unchanged."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -23,7 +24,7 @@ from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, G
 from diffrt.serve.limits import bad, check_upload, decode_upload
 from diffrt.serve.packages import PackageInfo
 from diffrt.serve.schemas import Img2ImgRequest, OptionsUpdate, Txt2ImgRequest
-from diffrt.serve.state import ServerState, generate, server
+from diffrt.serve.state import ServerState, apply_loras, generate, server
 
 router = APIRouter(prefix="/sdapi/v1")
 NAMES = {"width": "width", "height": "height", "steps": "steps", "images": "batch_size", "prompt": "prompt",
@@ -40,6 +41,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request, response: Response,
                   state: ServerState = Depends(server)) -> dict[str, Any]:
     info = _package(state, body)
     job = _job(info, body, body.width, body.height, controlnet=_controlnet(body, info, state))
+    await apply_loras(state, job, body.prompt, body.loras)
     result = await generate(state, job, NAMES, request)
     return _answer(response, info, body, job, result, body.model_dump())
 
@@ -58,6 +60,7 @@ async def img2img(body: Img2ImgRequest, request: Request, response: Response,
         mask = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
     job = _job(info, body, body.width, body.height, image=image, mask=mask, strength=body.denoising_strength,
                controlnet=_controlnet(body, info, state))
+    await apply_loras(state, job, body.prompt, body.loras)
     result = await generate(state, job, NAMES, request)
     parameters = body.model_dump()
     if not body.include_init_images:
@@ -116,6 +119,19 @@ async def interrupt(state: ServerState = Depends(server)) -> dict[str, Any]:
     """Stop the running batch(es) at the next step; their requests answer with what the steps so far made."""
     await state.backend.interrupt()
     return {}
+
+
+@router.get("/loras")
+async def loras(state: ServerState = Depends(server)) -> list[dict[str, Any]]:
+    """The LoRAs of --lora-dir as A1111's Lora extension lists them (name, alias, path, metadata)."""
+    return [entry.as_a1111() for entry in state.loras.entries()] if state.loras else []
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(state: ServerState = Depends(server)) -> None:
+    """Search --lora-dir again (files added or removed since the start)."""
+    if state.loras is not None:
+        await asyncio.to_thread(state.loras.refresh)
 
 
 @router.get("/scripts")
@@ -181,14 +197,14 @@ def _answer(response: Response, info: PackageInfo, body: Txt2ImgRequest, job: Ge
     response.headers[BATCH_HEADER] = str(result.batch_size)
     images = [base64.b64encode(png).decode("ascii") for png in result.pngs] if body.send_images else []
     details = {
-        "prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,
+        "prompt": body.prompt, "all_prompts": job.shown_prompts or job.prompts, "negative_prompt": body.negative_prompt,
         "all_negative_prompts": job.negative_prompts, "seed": result.seeds[0], "all_seeds": result.seeds,
         "subseed": -1, "all_subseeds": [-1] * len(result.seeds), "subseed_strength": 0, "width": job.width,
         "height": job.height, "sampler_name": job.scheduler or "", "cfg_scale": job.guidance, "steps": job.steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": info.name, "sd_model_hash": info.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": job.strength,
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": result.infotexts,
+        "extra_generation_params": dict(job.extra_fields), "index_of_first_image": 0, "infotexts": result.infotexts,
         "styles": body.styles, "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
         "version": f"diffrt {__version__}",

@@ -19,6 +19,7 @@ from diffrt.serve import a1111_api, http_errors, openai_api
 from diffrt.serve.backend import Backend, LocalBackend
 from diffrt.serve.config import ServeConfig
 from diffrt.serve.jobs import ServeError
+from diffrt.serve.loras import LoraLibrary
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.outputs import OutputFolder
 from diffrt.serve.packages import PackageInfo, open_packages
@@ -34,7 +35,7 @@ def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
     infos = infos if infos is not None else open_packages(config)
     metrics = Metrics()
     state = ServerState(config, infos, backend or LocalBackend(config, infos, metrics), metrics,
-                        OutputFolder(config.output_dir), current_model=next(iter(infos)))
+                        OutputFolder(config.output_dir), current_model=next(iter(infos)), loras=_lora_library(config))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,6 +60,16 @@ def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
     app.include_router(a1111_api.router)
     _add_service_routes(app, state)
     return app
+
+
+def _lora_library(config: ServeConfig) -> LoraLibrary | None:
+    """The --lora-dir LoRAs; ConfigError at start when the provider cannot apply them (OpenVINO, TensorRT engines)."""
+    if not config.lora_dirs:
+        return None
+    from diffrt.runtime.engines import check_initializer_overrides
+
+    check_initializer_overrides(config.provider)
+    return LoraLibrary(config.lora_dirs)
 
 
 def _add_service_routes(app: FastAPI, state: ServerState) -> None:

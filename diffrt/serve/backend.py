@@ -12,7 +12,7 @@ from diffrt.serve.batching import PackageWorker
 from diffrt.serve.config import ServeConfig
 from diffrt.serve.jobs import GenerationRequest, GenerationResult, ServeError
 from diffrt.serve.metrics import Metrics
-from diffrt.serve.packages import PackageInfo
+from diffrt.serve.packages import PackageInfo, adapted_pipelines
 from diffrt.serve.runner import PipelineSet
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class LocalBackend:
             worker = PackageWorker(name, PipelineSet(info.pipe, name, self.config.prompt_weighting), self.metrics,
                                    max_batch=min(self.config.max_batch, info.max_rows),
                                    batch_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue,
-                                   replica=f"pid-{os.getpid()}")
+                                   replica=f"pid-{os.getpid()}",
+                                   adapted=adapted_pipelines(self.config, info, self.metrics))
             worker.start()
             self.workers[name] = worker
         if self.config.warmup:

@@ -1,8 +1,9 @@
 """One worker per package: a bounded queue, dynamic batching, one batch at a time on a worker thread.
 
 A request waits in the queue until the worker takes it; the worker then gathers queued requests with the same
-batch key (task, size, steps, scheduler, guidance) up to `max_batch` images, waiting at most `batch_wait` for more,
-and runs them as one pipeline call (`runner.run_batch`). Requests with other keys keep their place in line.
+batch key (task, size, steps, scheduler, guidance, LoRA set) up to `max_batch` images, waiting at most `batch_wait`
+for more, and runs them as one pipeline call (`runner.run_batch`), on the package's pipeline or, for requests with
+LoRAs, on an adapted one (`lora_cache.AdaptedPipelines`). Requests with other keys keep their place in line.
 A full queue refuses at once (429 with Retry-After), never growing without bound. A cancelled request (timeout,
 client gone) is skipped if still queued and stops its batch at the next step if it was alone in it.
 If a batch of several requests fails, each is run again alone, so an error fails only the request that causes it.
@@ -20,6 +21,7 @@ from typing import Any
 
 from diffrt.errors import InputError
 from diffrt.serve.jobs import GenerationRequest, GenerationResult, ServeError
+from diffrt.serve.lora_cache import AdaptedPipelines
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.runner import Abandoned, BatchControl, PipelineSet, run_batch
 
@@ -43,9 +45,10 @@ class PackageWorker:
     """Serves one package; `submit` from the event loop, `await job.future` for the result."""
 
     def __init__(self, name: str, pipes: PipelineSet, metrics: Metrics, *, max_batch: int, batch_wait_s: float,
-                 max_queue: int, replica: str = "") -> None:
+                 max_queue: int, replica: str = "", adapted: AdaptedPipelines | None = None) -> None:
         self.name = name
         self.pipes = pipes
+        self.adapted = adapted
         self.metrics = metrics
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
@@ -74,6 +77,8 @@ class PackageWorker:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+        if self.adapted is not None:
+            self.adapted.release()
 
     # ----- requests -----
     def submit(self, request: GenerationRequest) -> Job:
@@ -193,9 +198,12 @@ class PackageWorker:
             GenerationResult | BaseException]:
         """The batch's results, or each request's own error: a failing batch of several runs again one by one."""
         try:
-            results: list[GenerationResult | BaseException] = list(run_batch(self.pipes, requests, control))
+            results: list[GenerationResult | BaseException] = list(run_batch(self._pipes_for(requests[0]),
+                                                                             requests, control))
             self._record(results, requests)
             return results
+        except ServeError as error:  # the batch's LoRA set cannot be applied: the same for each of its requests
+            return [error for _ in requests]
         except Abandoned:
             self.metrics.cancelled.labels(self.name, "while_running").inc(len(requests))
             return [ServeError(499, "cancelled", code="cancelled") for _ in requests]
@@ -207,6 +215,14 @@ class PackageWorker:
         for request in requests:
             outcome.extend(self._run_isolated([request], BatchControl(control.abandoned, control.interrupt)))
         return outcome
+
+    def _pipes_for(self, request: GenerationRequest) -> PipelineSet:
+        if not request.loras:
+            return self.pipes
+        if self.adapted is None:  # the API refuses LoRAs before queueing on a server without --lora-dir
+            raise ServeError(400, "this server applies no LoRAs (start it with --lora-dir)", param="prompt",
+                             code="lora_not_enabled")
+        return self.adapted.get(request.loras)
 
     def _record(self, results: list[GenerationResult | BaseException], requests: list[GenerationRequest]) -> None:
         rows = sum(r.rows for r in requests)

@@ -32,3 +32,7 @@ class ServeConfig:
     prompt_weighting: str | None = "a1111"
     #: seconds SIGTERM waits for requests in flight before the server stops anyway
     grace_period: float = 30.0
+    #: A1111's `models/Lora` folders: their `*.safetensors` (searched recursively) are applied by name per request
+    lora_dirs: list[Path] = field(default_factory=list)
+    #: adapted pipelines kept per package, least recently used evicted (each holds its own engines)
+    lora_cache: int = 2

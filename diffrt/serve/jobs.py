@@ -10,6 +10,18 @@ REPLICA_HEADER = "X-Diffrt-Replica"  # response header: which process made the i
 BATCH_HEADER = "X-Diffrt-Batch-Size"  # response header: images in the pipeline call that made this request's
 
 
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA file applied to a request, with A1111's text-encoder and UNet multipliers. `param` (the request field
+    it came from) names it in errors and takes no part in equality: requests with equal LoRA sets share a batch."""
+
+    name: str
+    path: str
+    text_encoder_scale: float
+    unet_scale: float
+    param: str = field(default="prompt", compare=False)
+
+
 class ServeError(Exception):
     """An error with the HTTP status to answer and, for OpenAI's error shape, the parameter it is about."""
 
@@ -48,6 +60,12 @@ class GenerationRequest:
     prompt_chunks: int = 1
     #: ControlNet arguments (names, images, scales, starts, ends, guess_mode), from A1111's alwayson_scripts
     controlnet: dict[str, Any] | None = None
+    #: the LoRAs applied to every image, in a canonical order (the batch key and the adapted-pipeline cache key)
+    loras: tuple[LoraUse, ...] = ()
+    #: the prompts as sent, for the infotext, when `prompts` differ (A1111 keeps `<lora:...>` tags there)
+    shown_prompts: list[str] | None = None
+    #: infotext fields beyond the generation's own (A1111's `extra_generation_params`, e.g. "Lora hashes")
+    extra_fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -58,11 +76,12 @@ class GenerationRequest:
         return len(self.seeds)
 
     def batch_key(self) -> Hashable:
-        """Requests with equal keys share UNet calls: same task, size, steps, scheduler, guidance and prompt chunk
-        count. Requests with an input image are never combined (each has its own image to encode)."""
+        """Requests with equal keys share UNet calls: same task, size, steps, scheduler, guidance, prompt chunk
+        count and LoRA set. Requests with an input image are never combined (each has its own image to encode)."""
         if self.task != "text2image" or self.controlnet is not None:  # its own images to condition on
             return ("own", id(self))
-        return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance, self.prompt_chunks)
+        return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance, self.prompt_chunks,
+                self.loras)
 
 
 @dataclass

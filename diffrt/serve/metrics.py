@@ -38,3 +38,12 @@ class Metrics:
         self.images = Counter("diffrt_images_generated", "images generated", ("package",), registry=self.registry)
         self.cancelled = Counter("diffrt_requests_cancelled", "requests dropped because their client went away or "
                                  "timed out, by when", ("package", "when"), registry=self.registry)
+        # per-request LoRAs (serve.lora_cache): a build opens a pipeline and creates its engines, a hit reuses one
+        self.lora_builds = Counter("diffrt_lora_pipeline_builds", "adapted pipelines built for a LoRA set",
+                                   ("package",), registry=self.registry)
+        self.lora_cache_hits = Counter("diffrt_lora_cache_hits", "batches served by an already built adapted pipeline",
+                                       ("package",), registry=self.registry)
+        self.lora_evictions = Counter("diffrt_lora_cache_evictions", "adapted pipelines evicted (least recently used)",
+                                      ("package",), registry=self.registry)
+        self.lora_cached = Gauge("diffrt_lora_cached_pipelines", "adapted pipelines kept (--lora-cache)", ("package",),
+                                 registry=self.registry)

@@ -1,6 +1,7 @@
 """OpenAI's Images API: `POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`, and the files
 behind `response_format="url"`. The official `openai` client works with `base_url="http://HOST:PORT/v1"`; diffrt's
-own parameters (negative_prompt, seed, steps, guidance_scale, scheduler, strength) come as extra body fields."""
+own parameters (negative_prompt, seed, steps, guidance_scale, scheduler, strength, loras) come as extra body
+fields; A1111's `<lora:NAME:WEIGHT>` tags in `prompt` apply LoRAs of --lora-dir as on the A1111 endpoints."""
 from __future__ import annotations
 
 import base64
@@ -19,7 +20,7 @@ from diffrt.serve.jobs import BATCH_HEADER, REPLICA_HEADER, GenerationRequest, G
 from diffrt.serve.limits import bad, check_upload, decode_upload, parse_size
 from diffrt.serve.packages import PackageInfo
 from diffrt.serve.schemas import ImageEditRequest, ImageGenerationRequest
-from diffrt.serve.state import ServerState, generate, server
+from diffrt.serve.state import ServerState, apply_loras, generate, server
 
 router = APIRouter()
 FILES_ROUTE = "/v1/images/files"
@@ -42,6 +43,7 @@ async def generations(body: ImageGenerationRequest, request: Request, response: 
     width, height = parse_size(body.size) if body.size else (info.default_size, info.default_size)
     job = _job(body, info, width, height)
     _check_format(body.response_format)
+    await apply_loras(state, job, body.prompt, body.loras)
     result = await generate(state, job, NAMES, request)
     return _answer(state, request, response, result, body.response_format)
 
@@ -69,6 +71,7 @@ async def edits(request: Request, response: Response, state: ServerState = Depen
     strength = body.strength if body.strength is not None else 1.0 if mask is not None else 0.8
     job = _job(body, info, image.width, image.height, image=image, mask=mask, strength=strength)
     _check_format(body.response_format)
+    await apply_loras(state, job, body.prompt, body.loras)
     result = await generate(state, job, NAMES, request)
     return _answer(state, request, response, result, body.response_format)
 

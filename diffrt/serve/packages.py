@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffrt.errors import InputError
 from diffrt.runtime.generation import call_defaults, model_name
 from diffrt.runtime.infotext import model_hash
 from diffrt.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from diffrt.serve.lora_cache import AdaptedPipelines
+    from diffrt.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +42,39 @@ class PackageInfo:
 
 def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
     """Each package of `config`, opened (no engine built yet); InputError for a name served twice."""
-    from diffrt.runtime.pipelines.auto import plain_pipeline
-
-    options: dict[str, Any] = {} if config.threads is None else {"threads": config.threads}
     infos: dict[str, PackageInfo] = {}
     for source in config.packages:
         name = model_name(source)
         if name in infos:
             raise InputError(f"`PACKAGE` {source!r} has the name {name!r} of another served package: each is "
                              "served under its folder name, which must differ")
-        # a package with ControlNets serves its plain pipelines (its UNet gets zero residuals)
-        pipe = plain_pipeline("text2image", source, provider=config.provider, **options)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = open_pipeline(config, source)
         defaults = call_defaults(pipe)
         infos[name] = PackageInfo(name, str(source), pipe, model_hash(pipe.package.manifest), pipe.default_size(),
                                   pipe.vae_scale_factor, min(int(defaults["num_inference_steps"]), config.max_steps),
                                   float(defaults["guidance_scale"]), _max_rows(pipe))
     return infos
+
+
+def open_pipeline(config: ServeConfig, source: str) -> Any:
+    """A new text-to-image pipeline of package `source` with the server's provider and threads, no engine created
+    yet. A package with ControlNets serves its plain pipelines (its UNet gets zero residuals)."""
+    from diffrt.runtime.pipelines.auto import plain_pipeline
+
+    options: dict[str, Any] = {} if config.threads is None else {"threads": config.threads}
+    pipe = plain_pipeline("text2image", source, provider=config.provider, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def adapted_pipelines(config: ServeConfig, info: PackageInfo, metrics: Metrics) -> AdaptedPipelines | None:
+    """The LoRA-adapted pipelines of a served package (`lora_cache.AdaptedPipelines`), None without --lora-dir."""
+    from diffrt.serve.lora_cache import AdaptedPipelines
+
+    if not config.lora_dirs:
+        return None
+    return AdaptedPipelines(info.name, lambda: open_pipeline(config, info.source), config.lora_cache, metrics,
+                            config.prompt_weighting)
 
 
 def _max_rows(pipe: Any) -> int:

@@ -25,7 +25,7 @@ from diffrt.serve.batching import PackageWorker
 from diffrt.serve.config import ServeConfig
 from diffrt.serve.jobs import GenerationRequest, GenerationResult
 from diffrt.serve.metrics import Metrics
-from diffrt.serve.packages import open_packages
+from diffrt.serve.packages import adapted_pipelines, open_packages
 from diffrt.serve.runner import PipelineSet
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,12 @@ class PackageReplica:
 
     def _worker(self) -> PackageWorker:
         if self.worker is None:  # created on the replica's event loop, on first use
+            metrics = Metrics()
             self.worker = PackageWorker(
-                self.info.name, PipelineSet(self.info.pipe, self.info.name, self.config.prompt_weighting), Metrics(),
+                self.info.name, PipelineSet(self.info.pipe, self.info.name, self.config.prompt_weighting), metrics,
                 max_batch=min(self.config.max_batch, self.info.max_rows),
-                batch_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue, replica=self.replica)
+                batch_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue, replica=self.replica,
+                adapted=adapted_pipelines(self.config, self.info, metrics))
             self.worker.start()
         return self.worker
 

@@ -90,6 +90,14 @@ class PipelineSet:
                 self._variants[key] = variant
             return self._variants[key]
 
+    def release(self) -> None:
+        """Let go of every engine of these pipelines (an evicted LoRA set): the memory goes with the last user."""
+        with self._lock:
+            for variant in self._variants.values():
+                variant.release_engines()
+            self._variants.clear()
+        self.base.release_engines()
+
 
 def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control: BatchControl) -> list[
         GenerationResult]:
@@ -142,9 +150,12 @@ def _split(pipe: Any, model: str, requests: Sequence[GenerationRequest], images:
             fields = infotext_fields(pipe, pipe.scheduler, steps=request.steps, guidance=request.guidance,
                                      seed=request.seeds[index], width=image.width, height=image.height, model=model,
                                      strength=request.strength if request.task != "text2image" else None)
-            text = format_infotext(request.prompts[index], request.negative_prompts[index], fields)
+            shown = (request.shown_prompts or request.prompts)[index]  # as sent: A1111 keeps <lora:...> tags
+            text = format_infotext(shown, request.negative_prompts[index], {**fields, **request.extra_fields})
             record = {"package": request.package, "task": request.task, "seed": request.seeds[index],
-                      "scheduler": type(pipe.scheduler).__name__, "interrupted": interrupted}
+                      "scheduler": type(pipe.scheduler).__name__, "interrupted": interrupted,
+                      "loras": [{"name": use.name, "text_encoder_scale": use.text_encoder_scale,
+                                 "unet_scale": use.unet_scale} for use in request.loras]}
             pngs.append(encode_image(image, "PNG", text, record))
             infotexts.append(text)
         results.append(GenerationResult(pngs, list(request.seeds), infotexts, dict(timings),

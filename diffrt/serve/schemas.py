@@ -3,13 +3,34 @@
 NaN and infinity are refused (422 naming the field)."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+
+class LoraSpec(_Body):
+    """diffrt's explicit `loras` entry: a LoRA of --lora-dir by name (or alias) and its weight (A1111's multiplier,
+    for the text encoders and the UNet alike). A weight that is not finite is a 400 naming `loras`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+
+    name: str
+    weight: float = 1.0
+
+
+def _json_text(value: object) -> object:
+    """A form field (`/v1/images/edits`) carries `loras` as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # reported by the field's own validation
+    return value
 
 
 class ImageGenerationRequest(_Body):
@@ -29,6 +50,10 @@ class ImageGenerationRequest(_Body):
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
+    #: LoRAs to apply besides the prompt's `<lora:NAME:WEIGHT>` tags (needs --lora-dir)
+    loras: list[LoraSpec] | None = None
+
+    _loras_from_form = field_validator("loras", mode="before")(_json_text)
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -59,6 +84,8 @@ class Txt2ImgRequest(_Body):
     save_images: bool = False
     #: extensions' arguments; diffrt reads the ControlNet extension's (`diffrt.serve.a1111_controlnet`)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    #: diffrt's extension: LoRAs to apply besides the prompt's `<lora:NAME:WEIGHT>` tags (needs --lora-dir)
+    loras: list[LoraSpec] | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):

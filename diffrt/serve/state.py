@@ -2,8 +2,9 @@
 and `generate`, the one path from a checked request to its result."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import Request
 
@@ -12,6 +13,7 @@ from diffrt.serve.backend import Backend, await_result
 from diffrt.serve.config import ServeConfig
 from diffrt.serve.jobs import GenerationRequest, GenerationResult, ServeError
 from diffrt.serve.limits import check_request
+from diffrt.serve.loras import LoraLibrary, lora_hashes, resolve_loras
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.outputs import OutputFolder
 from diffrt.serve.packages import PackageInfo, find_package
@@ -28,6 +30,8 @@ class ServerState:
     current_model: str = ""
     shutting_down: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    #: the LoRAs requests may name (--lora-dir); None: requests with LoRAs are refused
+    loras: LoraLibrary | None = None
 
     def package(self, name: str | None, param: str) -> PackageInfo:
         return find_package(self.infos, name or self.current_model, param)
@@ -49,6 +53,20 @@ async def generate(state: ServerState, job: GenerationRequest, names: dict[str, 
     check_request(job, state.infos[job.package], state.config, names)
     work, cancel = state.backend.start(job)
     return await await_result(work, cancel, state.config.timeout, client_gone(http_request))
+
+
+async def apply_loras(state: ServerState, job: GenerationRequest, prompt: str, explicit: Sequence[Any] | None,
+                      explicit_param: str = "loras") -> None:
+    """Give `job` the LoRAs of its `prompt`'s `<lora:...>` tags and of `explicit`: the text encoder reads the prompt
+    without the tags, the infotext keeps it as sent and gains A1111's `Lora hashes`. ServeError 400 (naming the
+    field) for an unknown name, a weight that is not finite, or LoRAs on a server without --lora-dir."""
+    found = resolve_loras(state.loras, prompt, explicit, explicit_param)
+    if not found.mentioned:
+        return
+    job.shown_prompts = list(job.prompts)
+    job.prompts = [found.prompt] * len(job.prompts)
+    job.loras = found.loras
+    job.extra_fields = {**job.extra_fields, **await asyncio.to_thread(lora_hashes, state.loras, found.mentioned)}
 
 
 async def client_gone(request: Request) -> None:
