@@ -335,6 +335,16 @@ def test_a1111_errors_have_a1111s_shape(base_url):
     assert httpx.get(f"{base_url}/sdapi/v1/no-such-route", headers=AUTH).status_code == 404
 
 
+def test_a_server_without_lora_dir_refuses_lora_tags_instead_of_ignoring_them(base_url):
+    response = post(base_url, "/v1/images/generations", {"prompt": "a seven <lora:ink:0.8>", "steps": STEPS})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "prompt" and error["code"] == "lora_not_enabled"
+    assert "'ink'" in error["message"] and "--lora-dir" in error["message"]
+    response = post(base_url, "/sdapi/v1/txt2img", {"prompt": "a seven", "loras": [{"name": "ink"}], "steps": STEPS})
+    assert response.status_code == 400 and "`loras`" in response.json()["detail"]
+    assert httpx.get(f"{base_url}/sdapi/v1/loras", headers=AUTH).json() == []
+
+
 def test_cors_is_off_unless_configured_and_basic_auth_needs_the_key(base_url):
     preflight = httpx.options(f"{base_url}/v1/images/generations", headers={
         "Origin": "https://example.com", "Access-Control-Request-Method": "POST"})

@@ -32,11 +32,17 @@ def test_diffrt_serve_refuses_bad_options_before_loading(tmp_path):
     one_line_error(result.stderr, "serve", "--max-batch")
 
 
+def test_diffrt_serve_refuses_a_lora_dir_that_is_no_folder(tmp_path):
+    result = run_cli("serve", "digits", "--lora-dir", str(tmp_path / "no-such-folder"), "--port", "1")
+    assert result.returncode != 0
+    one_line_error(result.stderr, "serve", "--lora-dir", "no-such-folder", "not a folder")
+
+
 def test_diffrt_serve_help_lists_the_service_options():
     result = run_cli("serve", "--help")
     assert result.returncode == 0
     for option in ("--api-key", "--max-batch", "--batch-wait-ms", "--max-queue", "--max-pixels", "--max-steps",
-                   "--max-images", "--timeout", "--output-dir", "--ray", "--replicas"):
+                   "--max-images", "--timeout", "--output-dir", "--lora-dir", "--lora-cache", "--ray", "--replicas"):
         assert option in result.stdout
 
 
