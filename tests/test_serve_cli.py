@@ -38,6 +38,12 @@ def test_diffrt_serve_refuses_a_lora_dir_that_is_no_folder(tmp_path):
     one_line_error(result.stderr, "serve", "--lora-dir", "no-such-folder", "not a folder")
 
 
+def test_diffrt_serve_refuses_lora_dir_with_a_provider_that_cannot_apply_loras(tmp_path):
+    result = run_cli("serve", "digits", "--lora-dir", str(tmp_path), "--provider", "openvino", "--port", "1")
+    assert result.returncode != 0
+    one_line_error(result.stderr, "serve", "LoRA", "`provider` 'openvino'")
+
+
 def test_diffrt_serve_help_lists_the_service_options():
     result = run_cli("serve", "--help")
     assert result.returncode == 0

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's API (`/sdapi/v1/...`): txt2img, img2img, samplers, schedulers, sd-models, options (whose
-`sd_model_checkpoint` picks the package), progress and interrupt, with A1111's field names, defaults and response
-shape (`images`: base64 PNGs with the infotext; `parameters`: the request; `info`: a JSON string), so `webuiapi`
-and other tools written for A1111 work unchanged."""
+`sd_model_checkpoint` picks the package), progress and interrupt, loras and refresh-loras (its Lora extension's),
+with A1111's field names, defaults and response shape (`images`: base64 PNGs with the infotext; `parameters`: the
+request; `info`: a JSON string), so `webuiapi` and other tools written for A1111 work unchanged."""
 from __future__ import annotations
 
 import asyncio

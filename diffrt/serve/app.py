@@ -32,10 +32,11 @@ BODY_OVERHEAD = 1024 * 1024  # form fields and JSON around an upload, on top of 
 def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
                backend: Backend | None = None) -> FastAPI:
     """The application; `infos` / `backend` default to this process (the Ray ingress passes its own backend)."""
+    loras = _lora_library(config)  # before the packages open: a provider without LoRA support fails at once
     infos = infos if infos is not None else open_packages(config)
     metrics = Metrics()
     state = ServerState(config, infos, backend or LocalBackend(config, infos, metrics), metrics,
-                        OutputFolder(config.output_dir), current_model=next(iter(infos)), loras=_lora_library(config))
+                        OutputFolder(config.output_dir), current_model=next(iter(infos)), loras=loras)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
