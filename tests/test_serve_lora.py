@@ -32,8 +32,8 @@ PROMPT = "a photo of a cat"
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_checkpoint, tmp_path_factory):
-    """A1111's models/Lora: `style` (kohya naming), `sub/detail` (PEFT naming, one folder down) and `misfit`
-    (keys matching no weight of the package)."""
+    """A1111's models/Lora: `style` (kohya naming), `sub/detail` (PEFT naming, one folder down), `misfit` (keys
+    matching no weight of the package) and `ink` (style's tensors, with the alias "inkwash" in its metadata)."""
     from safetensors.numpy import load_file, save_file
 
     root = tmp_path_factory.mktemp("Lora")
@@ -43,8 +43,9 @@ def lora_dir(tiny_checkpoint, tmp_path_factory):
     (root / "sub").mkdir()
     shutil.copy(peft_lora(checkpoint, "sd15", build / "b", seed=2), root / "sub" / "detail.safetensors")
     tensors = load_file(str(root / "style.safetensors"))
-    tensors = {key.replace("lora_unet_", "lora_unet_no_such_"): value for key, value in tensors.items()}
-    save_file(tensors, str(root / "misfit.safetensors"))
+    save_file({key.replace("lora_unet_", "lora_unet_no_such_"): value for key, value in tensors.items()},
+              str(root / "misfit.safetensors"))
+    save_file(tensors, str(root / "ink.safetensors"), metadata={"ss_output_name": "inkwash"})
     return root
 
 
@@ -132,6 +133,19 @@ def test_openai_loras_field_and_tag_agree_and_weight_zero_is_the_base_image(clie
     assert "Lora hashes: \"detail: " in png_text(zero)["parameters"]  # still named, as A1111 does
 
 
+def test_separate_text_encoder_and_unet_weights_and_aliases_follow_a1111(client, package, lora_dir):
+    got = png_pixels(generate(client, f"{PROMPT} <lora:inkwash:0.3:-0.7>", 6))  # by alias, as A1111 allows
+    pipe = DiffusionPipeline.from_pretrained(package)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir / "ink.safetensors", adapter_name="ink")
+    pipe.set_adapters("ink", {"text_encoder": 0.3, "unet": -0.7})
+    want = pipe(PROMPT, generator=6, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                prompt_weighting="a1111").images[0]
+    np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
+    style = str(lora_dir / "style.safetensors")
+    assert np.abs(got.astype(int) - direct(package, ((style, 0.3),), 6).astype(int)).max() > 0
+
+
 def test_the_server_image_equals_diffrt_generate_with_the_same_lora(client, package, lora_dir, tmp_path):
     from cli_runner import run_cli
 
@@ -217,7 +231,8 @@ def test_a_lora_that_does_not_fit_the_package_is_a_400(client):
 # ----- listing -----
 def test_sdapi_loras_lists_the_folder_as_a1111_and_refresh_finds_new_files(a1111, base_url, lora_dir):
     listed = {entry["name"]: entry for entry in a1111.get_loras()}
-    assert sorted(listed) == ["detail", "misfit", "style"]
+    assert sorted(listed) == ["detail", "ink", "misfit", "style"]
+    assert listed["ink"]["alias"] == "inkwash" and listed["ink"]["metadata"] == {"ss_output_name": "inkwash"}
     style = listed["style"]
     assert style["alias"] == "style" and style["path"] == str(lora_dir / "style.safetensors")
     assert style["metadata"] == {"ss_network_module": "networks.lora"}
