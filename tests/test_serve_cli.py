@@ -39,9 +39,9 @@ def test_diffrt_serve_refuses_a_lora_dir_that_is_no_folder(tmp_path):
 
 
 def test_diffrt_serve_refuses_lora_dir_with_a_provider_that_cannot_apply_loras(tmp_path):
-    result = run_cli("serve", "digits", "--lora-dir", str(tmp_path), "--provider", "openvino", "--port", "1")
+    result = run_cli("serve", "digits", "--lora-dir", str(tmp_path), "--provider", "trt", "--port", "1")
     assert result.returncode != 0
-    one_line_error(result.stderr, "serve", "LoRA", "`provider` 'openvino'")
+    one_line_error(result.stderr, "serve", "LoRA", "`provider` 'trt'")
 
 
 def test_diffrt_serve_help_lists_the_service_options():

@@ -64,7 +64,7 @@ def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
 
 
 def _lora_library(config: ServeConfig) -> LoraLibrary | None:
-    """The --lora-dir LoRAs; ConfigError at start when the provider cannot apply them (OpenVINO, TensorRT engines)."""
+    """The --lora-dir LoRAs; ConfigError at start when the provider cannot apply them (native TensorRT)."""
     if not config.lora_dirs:
         return None
     from diffrt.runtime.engines import check_initializer_overrides
