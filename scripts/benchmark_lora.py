@@ -1,6 +1,7 @@
 """LoRA switch time and UNet step time before / after, on an SD 1.5-sized package (docs/benchmarks.md).
 
     python scripts/benchmark_lora.py [--preset-dir ~/.cache/diffrt/presets/sd15-<hash>] [--rank 32] [--runs 3]
+                                     [--disabled-optimizers NchwcTransformer]
 
 Works on a copy of the preset's package (symlinks to its ONNX files, so nothing of the shared preset changes).
 A preset exported before the parameter map existed gets the map derived from its checkpoint
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--disabled-optimizers", default="",
+                        help="comma-separated ONNX Runtime transformers every session skips (NchwcTransformer)")
     args = parser.parse_args()
     from diffrt.runtime import DiffusionPipeline
 
@@ -125,7 +128,10 @@ def main() -> None:
             result["derive_map_seconds"] = time.perf_counter() - start
         lora, size = make_lora(package, args.rank, work / "lora.safetensors")
         result["lora"] = {"rank": args.rank, "bytes": size}
-        pipe = DiffusionPipeline.from_pretrained(package, load="eager")
+        disabled = [name for name in args.disabled_optimizers.split(",") if name]
+        result["disabled_optimizers"] = disabled
+        pipe = DiffusionPipeline.from_pretrained(package, load="eager",
+                                                 **({"disabled_optimizers": disabled} if disabled else {}))
         result["unet_file"] = str((args.preset_dir / "package-fp32-onnxruntime" / "unet" / MODEL_FILE))
         feeds = unet_feeds(pipe, args.size)
         # Sequential, one UNet session at a time (two SD 1.5 sessions and the deltas do not fit beside the other
