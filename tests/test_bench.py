@@ -18,7 +18,7 @@ import pytest
 
 from diffrt.bench.flops import unet_flops
 from diffrt.bench.presets import load_preset
-from diffrt.bench.report import METRICS, SCHEMA, TIMED, psnr
+from diffrt.bench.report import METRICS, OPTIONAL_METRICS, SCHEMA, TIMED, psnr
 from diffrt.bench.runner import BenchOptions, check_options, resolve, side_names, variants
 from diffrt.errors import InputError, PackageError
 
@@ -172,6 +172,8 @@ def test_unknown_preset_is_an_error_naming_the_choices(tmp_path: Path):
     ({"runs": 0}, "`runs` must be an integer >= 1; got 0"),
     ({"height": 100}, "`height` must be a multiple of 8, at least 8; got 100"),
     ({"scheduler": "NoSuchScheduler"}, "`scheduler` must be a Diffusers scheduler class name"),
+    ({"controlnets": 5}, "`controlnet` must be a number of ControlNets from 0 to 4; got 5"),
+    ({"controlnets": -1}, "`controlnet` must be a number of ControlNets from 0 to 4; got -1"),
 ])
 def test_bad_options_fail_before_any_work(changes: dict, message: str):
     with pytest.raises(InputError) as info:
@@ -330,3 +332,46 @@ def test_tiny_vae_side_adds_the_taesd_decoder_once_and_reports_its_decode(preset
     assert (Path(record["config"]["package"]) / "vae_decoder_tiny" / "model.onnx").is_file()
     # A different decoder (random weights): a different image, so its PSNR is finite.
     assert record["quality"]["diffrt[cpu+tiny-vae]"]["psnr_vs_first_db"] not in (None, "inf")
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(preset_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """Two ControlNets (multi-ControlNet) against Diffusers' ControlNet pipeline: the tiny preset's package with
+    random-weight ControlNets is built once (a minute), beside the plain one."""
+    return _run_tiny(preset_cache, tmp_path_factory.mktemp("bench") / "tiny_controlnet.json",
+                     "--controlnet", "2", "--compare", "diffusers")
+
+
+@pytest.mark.slow
+def test_controlnet_option_times_each_controlnet_call_against_diffusers(controlnet_run):
+    record, stdout = controlnet_run
+    assert record["config"]["controlnets"] == ["cn0", "cn1"]
+    assert record["config"]["package"].endswith("-controlnet2")
+    assert "ControlNets cn0, cn1" in next(line for line in stdout.splitlines() if " steps, guidance " in line)
+    # Same weights, control images, seed and scheduler: the images agree as in the plain comparison. The preset's
+    # ControlNets have random (non-zero) output convolutions, so their residuals shape the image on both sides.
+    quality = record["quality"]["diffrt"]["psnr_vs_diffusers_db"]
+    assert quality == "inf" or quality >= 45, quality
+    for name, side in record["sides"].items():
+        for sample in side["samples"]:
+            stages = sample["stages"]
+            assert stages["controlnet"] > 0 and all(stages[stage] > 0 for stage in TIMED), (name, stages)
+            assert sum(stages.values()) == pytest.approx(sample["total"], rel=0.05), name
+    assert record["sides"]["diffrt"]["info"]["controlnets"] == ["cn0", "cn1"]
+    assert record["sides"]["diffrt"]["info"]["torch_imported"] is False
+    assert set(record["ratios"]["diffusers"]) == set(METRICS) | set(OPTIONAL_METRICS)
+    line = next(line for line in stdout.splitlines() if line.startswith("ControlNet / step"))
+    assert line.rstrip().endswith("x"), line
+
+
+def test_plain_runs_show_no_controlnet_row(tiny_run):
+    record, stdout = tiny_run
+    assert record["config"]["controlnets"] == []
+    assert not any(line.startswith("ControlNet") for line in stdout.splitlines())
+
+
+def test_controlnet_count_beyond_the_package_is_a_package_error(tiny_run):
+    record, _ = tiny_run
+    with pytest.raises(PackageError, match=r"has 0 ControlNet\(s\) \(none\); --controlnet 1 needs 1: add them with "
+                       r"`diffrt export --controlnet CN --into"):
+        resolve(BenchOptions(target=record["config"]["package"], controlnets=1))

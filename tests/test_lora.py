@@ -279,12 +279,33 @@ def test_the_map_of_an_older_package_is_derived_from_its_checkpoint_exactly(tiny
         add_parameter_maps(tiny_checkpoint("sdxl"), copy)
 
 
-def test_openvino_provider_refuses_adapters_clearly(tiny_package, loras):
+@pytest.mark.parametrize(("kind", "fmt"), [("sd15", "kohya"), ("sdxl", "kohya-sgm")])
+def test_openvino_applies_adapters_as_onnx_runtime_does(kind, fmt, tiny_checkpoint, tiny_package, loras):
+    """OpenVINO swaps the adapted initializers into its read model: two adapters (one with LoCon convolutions on
+    SDXL) give Diffusers' image, and unloading gives OpenVINO's base image exactly."""
     pytest.importorskip("openvino")
-    pipe = DiffusionPipeline.from_pretrained(tiny_package("sd15"), provider="openvino")
-    with pytest.raises(ConfigError, match="`provider` 'openvino'.*use provider 'cpu'"):
-        pipe.load_lora_weights(loras("sd15", "peft"))
-    assert pipe.get_list_adapters() == {}
+    first, second = loras(kind, fmt, seed=1, conv=fmt == "kohya-sgm"), loras(kind, "peft", seed=2)
+    ref = reference(tiny_checkpoint, kind)
+    pipe = ours(tiny_package, kind, provider="openvino")
+    base = image_of(pipe)
+    for target in (ref, pipe):
+        target.load_lora_weights(str(first), adapter_name="a")
+        target.load_lora_weights(str(second), adapter_name="b")
+        target.set_adapters(["a", "b"], adapter_weights=[0.7, -0.4])
+    adapted = image_of(pipe)
+    assert_close(image_of(ref), adapted)
+    assert float(np.abs(adapted - base).max()) > 10 * TOL  # the adapters changed OpenVINO's image
+    pipe.unload_lora_weights()
+    np.testing.assert_array_equal(image_of(pipe), base)
+
+
+def test_tensorrt_refuses_adapters_clearly():
+    """Native TensorRT plans are not refittable yet: the refusal comes before any engine is built."""
+    from diffrt.runtime.engines import check_initializer_overrides
+
+    with pytest.raises(ConfigError, match="`provider` 'trt'.*TensorRT refit is not wired"):
+        check_initializer_overrides("trt")
+    check_initializer_overrides("openvino")  # no error: OpenVINO takes them
 
 
 def test_bad_adapter_arguments_name_the_parameter(tiny_package, loras):

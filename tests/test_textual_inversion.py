@@ -104,3 +104,15 @@ def test_bad_embeddings_are_refused_with_the_reason(tiny_package, tmp_path):
     nan[0, 0] = np.nan
     with pytest.raises(InputError, match="finite"):
         pipe.load_textual_inversion(nan, token="<nan>")
+
+
+def test_openvino_takes_the_new_token_embeddings(tiny_checkpoint, tiny_package, tmp_path):
+    """The token embedding grows by the new tokens: OpenVINO's swapped constant has more rows than the file's."""
+    pytest.importorskip("openvino")
+    path = tmp_path / "cat-toy.safetensors"
+    safetensors_numpy.save_file({"emb_params": vectors(2, 4)}, str(path))
+    ref = reference(tiny_checkpoint, "sd15")
+    ref.load_textual_inversion(str(path), token="<cat-toy>")
+    pipe = ours(tiny_package, "sd15", provider="openvino")
+    pipe.load_textual_inversion(path, token="<cat-toy>")
+    assert_close(image_of(ref), image_of(pipe))

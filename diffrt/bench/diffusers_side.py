@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from diffrt.bench.side import GpuMemoryOnce, RunConfig, peak_rss_mb, save_image
+from diffrt.bench.side import GpuMemoryOnce, RunConfig, control_inputs, peak_rss_mb, save_image
 from diffrt.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,12 @@ class DiffusersSide:
         self.torch = torch
         torch.set_num_threads(cfg.threads)
         device, dtype = ("cuda", torch.float16) if cfg.on_gpu else ("cpu", torch.float32)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.checkpoint, torch_dtype=dtype).to(device)
+        nets = self._controlnets(dtype)
+        if nets:  # the checkpoint's own pipeline class, as its ControlNet variant (what AutoPipeline maps it to)
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                cfg.checkpoint, controlnet=nets[0] if len(nets) == 1 else nets, torch_dtype=dtype).to(device)
+        else:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.checkpoint, torch_dtype=dtype).to(device)
         if cfg.scheduler:
             pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -96,6 +101,8 @@ class DiffusersSide:
             if getattr(pipe, name, None) is not None:
                 self.clock.time_module(getattr(pipe, name), "text_encoder")
         self.clock.time_module(pipe.unet, "unet")
+        for net in nets:
+            self.clock.time_module(net, "controlnet")
         self.clock.time_method(pipe.vae, "decode", "vae_decode")
         self.clock.time_method(pipe.scheduler, "step", "scheduler")
         self.pipe, self.device = pipe, device
@@ -107,13 +114,25 @@ class DiffusersSide:
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
-                            guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=generator)
+                            guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=generator,
+                            **control_inputs(cfg))
         self.clock.sync()
         total = time.perf_counter() - start
         save_image(cfg, out.images[0])
         stages = dict(self.clock.stages)
         stages["host"] = max(total - sum(stages.values()), 0.0)
         return {"total": total, "stages": stages, "steps": self.clock.steps}
+
+    def _controlnets(self, dtype: Any) -> list[Any]:
+        """The package's ControlNets as Diffusers models, from the folders its manifest records."""
+        import diffusers
+
+        missing = [name for name, source in zip(self.config.controlnets, self.config.controlnet_sources) if not source]
+        if missing:
+            raise InputError(f"--compare diffusers needs each ControlNet's diffusers folder; the package records none "
+                             f"for controlnet_{missing[0]} (export it from a local folder, or use a preset)")
+        return [diffusers.ControlNetModel.from_pretrained(source, torch_dtype=dtype)
+                for source in self.config.controlnet_sources]
 
     def memory(self) -> dict[str, float]:
         out = {"peak_rss_mb": peak_rss_mb(), **self._device_memory.read()}

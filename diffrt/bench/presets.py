@@ -28,7 +28,8 @@ from diffrt.errors import InputError, invalid
 from diffrt.package.files import AtomicFolder
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 
-__all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint"]
+__all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint",
+           "ensure_controlnet_package"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ class Preset:
         """The random-weight TAESD checkpoint (diffusers `AutoencoderTiny` folder) for `--vae tiny`."""
         return self.folder / "tiny_vae"
 
+    def controlnet_package(self, count: int, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+        """The package with `count` random-weight ControlNets (`--controlnet N`); the plain package stays plain."""
+        return self.folder / f"package-{precision}-{target}-controlnet{count}"
+
+    def controlnet(self, index: int) -> Path:
+        """The random-weight diffusers ControlNetModel folder number `index` (its seed is SEED + 1 + index)."""
+        return self.folder / f"controlnet_{index}"
+
     @property
     def default_size(self) -> int:
         return int(self.spec["default_size"])
@@ -94,9 +103,25 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
     logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                 "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
-    if subprocess.run(command).returncode != 0 or not (package / MANIFEST_NAME).exists():
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not (package / MANIFEST_NAME).exists():
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
                          "(torch, diffusers, transformers)")
+    return package
+
+
+def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+    """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use."""
+    preset = load_preset(name)
+    package = preset.controlnet_package(count, precision, target)
+    if (package / MANIFEST_NAME).exists():
+        return package
+    logger.info("preset %s: first use with %d ControlNet(s): building random-weight ControlNets and exporting them "
+                "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
+    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
+               "--controlnets", str(count)]
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not (package / MANIFEST_NAME).exists():
+        raise InputError(f"building preset {name!r} with {count} ControlNet(s) failed (see the log above); it needs "
+                         "the `export` extra (torch, diffusers, transformers)")
     return package
 
 
@@ -106,7 +131,8 @@ def ensure_tiny_vae(name: str, package: Path) -> Path:
         return package
     logger.info("preset %s: adding a random-weight tiny autoencoder (TAESD) to %s", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--tiny-vae-into", str(package)]
-    if subprocess.run(command).returncode != 0 or not (package / "vae_decoder_tiny").is_dir():
+    built = subprocess.run(command, stdout=subprocess.DEVNULL).returncode == 0
+    if not built or not (package / "vae_decoder_tiny").is_dir():
         raise InputError(f"adding the tiny VAE to preset {name!r} failed (see the log above); it needs the `export` "
                          "extra (torch, diffusers)")
     return package
@@ -194,6 +220,46 @@ def build_checkpoint(preset: Preset) -> Path:
     return _build_folder(preset.checkpoint, INDEX_NAME, write)
 
 
+def build_controlnet(preset: Preset, index: int) -> Path:
+    """A random-weight ControlNet for the preset's UNet: Diffusers' `ControlNetModel.from_unet` (its encoder starts as
+    a copy of the UNet's, as in training), with the zero-initialised convolutions drawn at random too, so the
+    residuals it adds are not zeros and the image depends on every part of it."""
+    import diffusers
+    import torch
+
+    def write(folder: Path) -> None:
+        torch.manual_seed(SEED + 1 + index)
+        unet = diffusers.UNet2DConditionModel.from_pretrained(preset.checkpoint / "unet")
+        controlnet = diffusers.ControlNetModel.from_unet(unet)
+        del unet
+        with torch.no_grad():
+            for parameter_name, parameter in controlnet.named_parameters():
+                if parameter_name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                    parameter.normal_(0.0, 0.02)
+        controlnet.eval().save_pretrained(folder, safe_serialization=True)
+
+    build_checkpoint(preset)
+    return _build_folder(preset.controlnet(index), CONFIG_NAME, write)
+
+
+def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32",
+                             target: str = "onnxruntime") -> Path:
+    """The preset's checkpoint exported with `count` ControlNets named `cn0`, `cn1`, ... (UNet with residual inputs)."""
+    from diffrt.export import export_pipeline
+
+    package = preset.controlnet_package(count, precision, target)
+    if (package / MANIFEST_NAME).exists():
+        return package
+    checkpoint = build_checkpoint(preset)
+    specs = [f"cn{index}={build_controlnet(preset, index)}" for index in range(count)]
+    start = time.perf_counter()
+    components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
+    export_pipeline(checkpoint, package, precision=precision, target=target, components=components,
+                    controlnets=specs, overwrite=True)
+    logger.info("preset %s: exported with %d ControlNet(s) in %.0f s", preset.name, count, time.perf_counter() - start)
+    return package
+
+
 def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
     """Build the checkpoint if needed, then export it to the cached package (the exporter writes atomically)."""
     from diffrt.export import export_pipeline
@@ -216,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--target", default="onnxruntime")
     parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
+    parser.add_argument("--controlnets", type=int, default=0, metavar="N",
+                        help="build the package with N random-weight ControlNets instead of the plain one")
     parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
                         help="add a random-weight tiny VAE to this package of the preset")
     args = parser.parse_args(argv)
@@ -227,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         add_tiny_vae(args.tiny_vae_into, build_tiny_vae(preset))
         print(args.tiny_vae_into)
         return 0
-    path = build_checkpoint(preset) if args.checkpoint_only else build_package(preset, args.precision, args.target)
+    if args.checkpoint_only:
+        path = build_checkpoint(preset)
+    elif args.controlnets > 0:
+        path = build_controlnet_package(preset, args.controlnets, args.precision, args.target)
+    else:
+        path = build_package(preset, args.precision, args.target)
     print(path)  # the one line of stdout a caller reads
     return 0
 

@@ -28,6 +28,10 @@ from diffrt.package.files import write_json as write_file_json
 
 SCHEMA = "diffrt-bench/1"
 TIMED = ("text_encoder", "unet", "scheduler", "host", "vae_decode")
+#: stages only some runs have (`--controlnet N`)
+OPTIONAL_TIMED = ("controlnet",)
+#: model stages (everything else in a call is host work)
+MODELS = ("text_encoder", "controlnet", "unet", "scheduler", "vae_decode")
 METRICS = {  # key -> (table label, per step)
     "text_encoder": ("text encoding", False),
     "unet_per_step": ("UNet / step", True),
@@ -36,6 +40,8 @@ METRICS = {  # key -> (table label, per step)
     "vae_decode": ("VAE decode", False),
     "total": ("total", False),
 }
+#: metrics of the optional stages, reported (and shown) for runs that have them
+OPTIONAL_METRICS = {"controlnet_per_step": ("ControlNet / step", True)}
 LIBRARIES = ("diffrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers", "transformers",
              "optimum", "tokenizers")
 
@@ -44,9 +50,10 @@ def derived(sample: Mapping[str, Any]) -> dict[str, float]:
     """The reported metrics of one run, from its total, its stage times and its step count."""
     stages, total = sample["stages"], float(sample["total"])
     steps = max(len(sample.get("steps") or []), 1)
-    timed_models = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "unet", "scheduler", "vae_decode"))
+    timed_models = sum(float(stages.get(k, 0.0)) for k in MODELS)
     out = {
         "text_encoder": float(stages.get("text_encoder", 0.0)),
+        "controlnet_per_step": float(stages.get("controlnet", 0.0)) / steps,
         "unet_per_step": float(stages.get("unet", 0.0)) / steps,
         "scheduler_per_step": float(stages.get("scheduler", 0.0)) / steps,
         "host_per_step": (total - timed_models) / steps,
@@ -54,11 +61,11 @@ def derived(sample: Mapping[str, Any]) -> dict[str, float]:
         "vae_decode": float(stages.get("vae_decode", 0.0)),
         "total": total,
     }
-    out["unaccounted"] = total - sum(float(stages.get(k, 0.0)) for k in TIMED)
+    out["unaccounted"] = total - sum(float(stages.get(k, 0.0)) for k in TIMED + OPTIONAL_TIMED)
     # GPU engines: the host<->device copies inside each UNet call (latents and timestep in, prediction out).
     out["transfer_per_step"] = sum(float(step.get("unet_transfer", 0.0)) for step in sample.get("steps") or []) / steps
-    # Everything outside the three engines (scheduler, CFG combine, conversions, Python), as a share of the total.
-    engines = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "unet", "vae_decode"))
+    # Everything outside the engines (scheduler, CFG combine, conversions, Python), as a share of the total.
+    engines = sum(float(stages.get(k, 0.0)) for k in ("text_encoder", "controlnet", "unet", "vae_decode"))
     out["host_share"] = (total - engines) / total if total > 0 else 0.0
     return out
 
@@ -176,7 +183,8 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
 def _ratios(side: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
     """side median / reference median per reported metric."""
     mine, theirs = side["summary"], reference["summary"]
-    return {key: mine[key]["median"] / theirs[key]["median"] for key in METRICS if theirs[key]["median"] > 0}
+    return {key: mine[key]["median"] / theirs[key]["median"] for key in (*METRICS, *OPTIONAL_METRICS)
+            if theirs[key]["median"] > 0}
 
 
 def _cell(value: float | None, unit: str = "s") -> str:
@@ -195,7 +203,7 @@ def format_table(record: Mapping[str, Any]) -> str:
     others = [s for s in sides if s != first]
     head = ["stage", "min", "median", "p90"] + [h for s in others for h in (f"{s} median", "ratio")]
     rows = [head]
-    for key, (label, _) in METRICS.items():
+    for key, (label, _) in _shown(record).items():
         mine = sides[first]["summary"][key]
         row = [label, _cell(mine["min"]), _cell(mine["median"]), _cell(mine["p90"])]
         for side in others:
@@ -205,8 +213,9 @@ def format_table(record: Mapping[str, Any]) -> str:
     rows += _extra_rows(record, first, others)
     providers = ", ".join(c["provider"] for name, c in record.get("sides_config", {}).items()
                           if name.startswith("diffrt"))
+    control = f"ControlNets {', '.join(cfg['controlnets'])}, " if cfg.get("controlnets") else ""
     title = (f"{record['preset'] or cfg['package']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, "
-             f"guidance {cfg['guidance']}, batch {cfg['batch']}, {providers or cfg['provider']}, "
+             f"guidance {cfg['guidance']}, batch {cfg['batch']}, {providers or cfg['provider']}, {control}"
              f"{cfg['threads']} threads, {sides[first]['summary']['total']['n']} measured run(s); "
              f"first column: {first}")
     note = f"ratio = that side's median / {first}'s median (> 1: {first} faster), interleaved in the same run"
@@ -221,6 +230,15 @@ def format_table(record: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _shown(record: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
+    """The table's metrics: an optional stage's row (ControlNet / step) only when a side ran that stage, after the
+    text encoder."""
+    ran = {key: value for key, value in OPTIONAL_METRICS.items()
+           if any(side["summary"].get(key, {}).get("median", 0.0) > 0 for side in record["sides"].values())}
+    first, *rest = METRICS.items()
+    return dict([first, *ran.items(), *rest])
+
+
 def _layout(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -231,7 +249,7 @@ def _layout(rows: list[list[str]]) -> str:
 def _diffusers_rows(record: Mapping[str, Any]) -> list[list[str]]:
     names = list(record["vs_diffusers"])
     rows = [["stage"] + names]
-    for key, (label, _) in METRICS.items():
+    for key, (label, _) in _shown(record).items():
         rows.append([label] + [f"{record['vs_diffusers'][n].get(key, float('nan')):.2f}" for n in names])
     for label, key in (("PSNR vs first side", "psnr_vs_first_db"), ("PSNR vs Diffusers", "psnr_vs_diffusers_db")):
         cells = [record.get("quality", {}).get(n, {}).get(key) for n in names]

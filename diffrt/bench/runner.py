@@ -19,10 +19,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diffrt.bench.presets import PRESETS, cache_root, ensure_package, ensure_tiny_vae, is_preset, load_preset
+from diffrt.bench.presets import (
+    PRESETS,
+    cache_root,
+    ensure_controlnet_package,
+    ensure_package,
+    ensure_tiny_vae,
+    is_preset,
+    load_preset,
+)
 from diffrt.bench.side import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
-from diffrt.package.names import INDEX_NAME
+from diffrt.package.names import CONFIG_NAME, CONTROLNET_PREFIX, INDEX_NAME
 from diffrt.package.reader import ModelPackage
 
 __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
@@ -39,6 +47,8 @@ CUDA_PROVIDERS = ("cuda", "cudaexecutionprovider")
 CUDA_FLAGS = {"graph": "cuda_graph", "nhwc": "prefer_nhwc"}
 #: package targets of presets: onnxruntime (every provider), cuda (ONNX Runtime CUDA only), tensorrt (provider trt)
 TARGETS = ("onnxruntime", "cuda", "tensorrt")
+#: the most ControlNets `--controlnet N` builds into a preset (each is about a third of the UNet)
+MAX_CONTROLNETS = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,8 @@ class BenchOptions:
     checkpoint: str | None = None
     #: the preset package's export target (None: tensorrt for provider trt, else onnxruntime)
     export_target: str | None = None
+    #: ControlNets run with the UNet (0: text-to-image alone; 1: single; 2+: multi-ControlNet)
+    controlnets: int = 0
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -77,6 +89,9 @@ def check_options(opts: BenchOptions) -> None:
         value = getattr(opts, name)
         if value is not None:
             _positive_int(name, value, 0 if name == "warmup" else 1)
+    if isinstance(opts.controlnets, bool) or not isinstance(opts.controlnets, int) or \
+            not 0 <= opts.controlnets <= MAX_CONTROLNETS:
+        raise invalid("controlnet", f"a number of ControlNets from 0 to {MAX_CONTROLNETS}", opts.controlnets)
     for name in ("height", "width"):
         value = getattr(opts, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
@@ -195,7 +210,9 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
             raise invalid("provider", "'trt' alone (its package is exported for TensorRT)", opts.provider)
         on_cpu = providers <= set(CPU_PROVIDERS)
         target = opts.export_target or ("tensorrt" if providers == {"trt"} else "onnxruntime")
-        package = ensure_package(opts.target, precision="fp32" if on_cpu else "fp16", target=target)
+        precision = "fp32" if on_cpu else "fp16"
+        package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target) if opts.controlnets
+                   else ensure_package(opts.target, precision=precision, target=target))
         if any(variant.vae == "tiny" for variant in variants(opts)):
             ensure_tiny_vae(opts.target, package)
         size = preset.default_size
@@ -217,9 +234,30 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
     if missing:
         raise PackageError(f"`package` {str(package)!r} has no {', '.join(missing)} component, needed to benchmark "
                            "text-to-image; export it with those components")
+    controlnet_components(opened, opts.controlnets)
     sample = opened.unet_config.get("sample_size", 64)
     size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * 8
     return package, opts.checkpoint or _source_checkpoint(opened), int(size)
+
+
+def controlnet_components(package: ModelPackage, count: int) -> list[tuple[str, str]]:
+    """(name, source folder or "") of the package's first `count` ControlNets: diffrt runs them by name, Diffusers
+    loads them from the folder the manifest records (a preset's, or a local export's)."""
+    if count == 0:
+        return []
+    components = (package.manifest or {}).get("components", {})
+    found = [name for name in components if name.startswith(CONTROLNET_PREFIX)]
+    if len(found) < count:
+        listed = ", ".join(found) or "none"
+        raise PackageError(f"`package` {str(package.root)!r} has {len(found)} ControlNet(s) ({listed}); "
+                           f"--controlnet {count} needs {count}: add them with `diffrt export --controlnet CN "
+                           f"--into {package.root}`")
+    out = []
+    for name in found[:count]:
+        source = (components[name].get("source") or {}).get("id")
+        folder = source if isinstance(source, str) and (Path(source) / CONFIG_NAME).is_file() else ""
+        out.append((name[len(CONTROLNET_PREFIX):], folder))
+    return out
 
 
 class Worker:
@@ -265,10 +303,12 @@ def run_config(opts: BenchOptions, package: Path, checkpoint: str | None, size: 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = opts.threads or available
     first = variants(opts)[0]
+    control = controlnet_components(ModelPackage.open(package), opts.controlnets) if opts.controlnets else []
     return RunConfig(package=str(package), checkpoint=checkpoint, provider=first.provider, steps=opts.steps,
                      height=opts.height or size, width=opts.width or size, batch=opts.batch,
                      guidance=opts.guidance, scheduler=opts.scheduler, threads=int(threads or 1), seed=opts.seed,
-                     cache_dir=str(cache_root() / "optimized"))
+                     cache_dir=str(cache_root() / "optimized"), controlnets=tuple(name for name, _ in control),
+                     controlnet_sources=tuple(source for _, source in control))
 
 
 def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[str, tuple[str, RunConfig]]:

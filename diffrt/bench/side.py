@@ -46,6 +46,10 @@ class RunConfig:
     cache_dir: str | None = None
     #: boolean engine options switched on for this side (`cuda_graph`, `prefer_nhwc`: `--provider cuda:graph+nhwc`)
     engine_flags: tuple[str, ...] = ()
+    #: the package's ControlNets to run (names, without `controlnet_`); empty: text-to-image alone
+    controlnets: tuple[str, ...] = ()
+    #: the same ControlNets' diffusers folders, for the Diffusers side ("" where the package records none)
+    controlnet_sources: tuple[str, ...] = ()
 
     @property
     def on_gpu(self) -> bool:
@@ -53,6 +57,19 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def control_inputs(config: RunConfig) -> dict[str, Any]:
+    """The ControlNet call arguments both sides get: one control picture per ControlNet (a seeded random RGB image
+    of the run's size: a ControlNet sees every pixel, so its cost and its effect do not depend on the content)."""
+    if not config.controlnets:
+        return {}
+    import numpy as np
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(config.seed + 1 + k).integers(
+        0, 256, (config.height, config.width, 3), dtype=np.uint8)) for k in range(len(config.controlnets))]
+    return {"image": images[0] if len(images) == 1 else images}
 
 
 class Side(Protocol):

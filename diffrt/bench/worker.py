@@ -15,7 +15,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from diffrt.bench.side import GpuMemoryOnce, RunConfig, Side, peak_rss_mb, save_image
+from diffrt.bench.side import GpuMemoryOnce, RunConfig, Side, control_inputs, peak_rss_mb, save_image
 
 if TYPE_CHECKING:
     pass
@@ -48,6 +48,8 @@ class DiffrtSide:
         if cfg.vae != "full":
             options["vae"] = cfg.vae
         options.update({flag: True for flag in cfg.engine_flags})
+        if cfg.controlnets:
+            options["controlnet"] = list(cfg.controlnets)
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
         if cfg.scheduler:
             scheduler_class = get_scheduler_class(cfg.scheduler)
@@ -72,7 +74,8 @@ class DiffrtSide:
         self._steps = []
         start = time.perf_counter()
         out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
-                        guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=cfg.seed)
+                        guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=cfg.seed,
+                        **control_inputs(cfg))
         total = time.perf_counter() - start
         save_image(cfg, out.images[0])
         return {"total": total, "stages": dict(out.timings), "steps": self._steps}
@@ -93,7 +96,7 @@ class DiffrtSide:
                 continue
         return {"library": "diffrt", **versions, "provider": self.config.provider,
                 "engine": type(engine).__name__, "precision": _package_precision(self.pipe, engine),
-                "vae": self.config.vae,
+                "vae": self.config.vae, "controlnets": list(self.config.controlnets),
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
                 "cuda_graph": getattr(engine, "cuda_graph_active", None),
                 "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default="full",
                         help="full | tiny | full,tiny: the package's VAE and/or its tiny autoencoder (TAESD); "
                              "each value is a side per provider (default full)")
+    parser.add_argument("--controlnet", type=int, default=0, metavar="N",
+                        help="run the ControlNet pipeline with N ControlNets (1: single, 2-4: multi) on a control "
+                             "image: a preset gets a package with N random-weight ControlNets (built on first use), "
+                             "a package folder uses its first N; --compare diffusers runs Diffusers' ControlNet "
+                             "pipeline on the same ControlNets (default 0: text-to-image alone)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
-        export_target=args.export_target,
+        export_target=args.export_target, controlnets=args.controlnet,
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)

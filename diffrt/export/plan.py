@@ -100,7 +100,7 @@ def plan_components(src: Any, requested: Sequence[str] | None) -> list[str]:
 
 
 def bundled_controlnets(src: Any, requested: Sequence[str] | None,
-                        controlnets: Sequence[str | Path] | None) -> list[str | Path] | None:
+                        controlnets: Sequence[str | Path] | None) -> Sequence[str | Path] | None:
     """`controlnets` with the checkpoint's own `controlnet` folder first (a saved StableDiffusionControlNetPipeline
     carries one), named `controlnet` as `--controlnet CK/controlnet` would name it; a subset export leaves it out."""
     if requested is not None or "controlnet" not in src.components:

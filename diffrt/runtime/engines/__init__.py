@@ -155,14 +155,14 @@ def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -
 
 
 def check_initializer_overrides(provider: Any) -> None:
-    """LoRA and textual inversion replace initializers when a session is created: ONNX Runtime's
-    `SessionOptions.add_initializer`. ConfigError for the engines that have no such mechanism here."""
+    """LoRA and textual inversion replace initializers when an engine is created: ONNX Runtime's
+    `SessionOptions.add_initializer`, OpenVINO's constants swapped in the read model. ConfigError for TensorRT,
+    whose refit is not wired."""
     resolved = auto_provider() if _named(provider, "auto") else provider
-    if _named(resolved, "openvino") or _named(resolved, "trt"):
+    if _named(resolved, "trt"):
         raise ConfigError(
             f"LoRA and textual inversion are not supported with `provider` {resolved!r} yet (diffrt applies them as "
-            "ONNX Runtime initializer overrides; OpenVINO and TensorRT refit are not wired): use provider 'cpu' or "
-            "'cuda' (ONNX Runtime)")
+            "initializer overrides; TensorRT refit is not wired): use provider 'cuda' (ONNX Runtime) or 'cpu'")
 
 
 def check_provider(provider: Any) -> None:

@@ -6,6 +6,8 @@ without it, so the precision is checked against the CPU before compiling and aga
 Compiled models are cached on disk (`CACHE_DIR`) so a second start skips compilation. With `static_shapes`, each feed
 shape gets its own reshaped, compiled model (a small LRU), which lets OpenVINO pick kernels for fixed sizes.
 Compiled models are thread-safe but infer requests are not: each call borrows a request from a per-model pool.
+LoRA and textual inversion replace initializers: OpenVINO's ONNX reader keeps each initializer as a Constant named
+after it, so the read model's Constants are swapped for the new arrays before anything is compiled.
 """
 from __future__ import annotations
 
@@ -130,6 +132,24 @@ def _merge_specs(ports: Sequence[Any], declared: Sequence[TensorSpec] | None, ki
     return [_spec(port, by_name.get(port.get_any_name())) for port in ports]
 
 
+def replace_constants(model: Any, arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """Swap the Constants named after ONNX initializers for `arrays` (same element type; a different leading
+    size is allowed, as a token embedding with added tokens has), then re-infer the model's types and shapes."""
+    ov = import_openvino()
+    found = {op.get_friendly_name(): op for op in model.get_ops()
+             if op.get_type_name() == "Constant" and op.get_friendly_name() in arrays}
+    missing = sorted(set(arrays) - set(found))
+    if missing:
+        raise EngineError(f"cannot override initializers of {path} with OpenVINO: no constant named "
+                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    for name, op in found.items():
+        value = np.ascontiguousarray(arrays[name], dtype=op.get_output_element_type(0).to_dtype())
+        replacement = ov.op.Constant(value)
+        replacement.set_friendly_name(name)
+        op.output(0).replace(replacement.output(0))
+    model.validate_nodes_and_infer_types()
+
+
 class _Compiled:
     """A compiled model and a pool of its infer requests, one borrowed per running call."""
 
@@ -163,6 +183,9 @@ class OpenVINOEngine:
         static_cache_size: how many per-shape compiled models to keep (least recently used is dropped).
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
         input_specs, output_specs: the manifest's specs; they name the dynamic dims (ONNX names are lost).
+        initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion), swapped
+            into the read model before compilation; the compiled-model cache is not used then (each adapter set is
+            its own model, and caching every one would fill the disk).
     """
 
     def __init__(
@@ -176,6 +199,7 @@ class OpenVINOEngine:
         dim_ranges: DimRanges | None = None,
         input_specs: Sequence[TensorSpec] | None = None,
         output_specs: Sequence[TensorSpec] | None = None,
+        initializers: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         import_openvino()
         self.path = Path(path)
@@ -194,6 +218,7 @@ class OpenVINOEngine:
         self.static_cache_size = static_cache_size
         self.dim_ranges = dict(dim_ranges or {})
         self._declared = (input_specs, output_specs)
+        self._initializers = dict(initializers or {})
         self._lock = threading.Lock()
         self._model: Any = None
         self._inputs: list[TensorSpec] = []
@@ -211,6 +236,8 @@ class OpenVINOEngine:
                     model = core().read_model(str(self.path))
                 except Exception as error:  # OpenVINO raises its own RuntimeError subclasses
                     raise EngineError(f"openvino could not read {self.path}: {error}") from error
+                if self._initializers:
+                    replace_constants(model, self._initializers, self.path)
                 self._inputs = _merge_specs(model.inputs, self._declared[0], "inputs")
                 self._outputs = _merge_specs(model.outputs, self._declared[1], "outputs")
                 self._model = model
@@ -223,7 +250,7 @@ class OpenVINOEngine:
         }
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        if self.optimized_model_cache is not None:
+        if self.optimized_model_cache is not None and not self._initializers:
             self.optimized_model_cache.mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(self.optimized_model_cache)
         return config
