@@ -1,6 +1,7 @@
 """LoRA switch time and UNet step time before / after, on an SD 1.5-sized package (docs/benchmarks.md).
 
     python scripts/benchmark_lora.py [--preset-dir ~/.cache/diffrt/presets/sd15-<hash>] [--rank 32] [--runs 3]
+                                     [--disabled-optimizers NchwcTransformer]
 
 Works on a copy of the preset's package (symlinks to its ONNX files, so nothing of the shared preset changes).
 A preset exported before the parameter map existed gets the map derived from its checkpoint
@@ -24,12 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrt.bench.random_lora import SD15_STYLE, write_random_lora
 from diffrt.bench.report import machine_info
 from diffrt.package.names import MANIFEST_NAME, MODEL_FILE
-
-UNET_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-                "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def copy_package(package: Path, work: Path) -> Path:
@@ -46,33 +44,6 @@ def copy_package(package: Path, work: Path) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.symlink_to(path.resolve())
     return target
-
-
-def make_lora(package: Path, rank: int, out: Path) -> tuple[Path, int]:
-    """A kohya-format LoRA on the package's own weight shapes; returns (file, bytes)."""
-    from safetensors.numpy import save_file
-
-    from diffrt.package.reader import ModelPackage
-    from diffrt.runtime.adapters.package_weights import PackageWeights
-
-    weights = PackageWeights(ModelPackage.open(package))
-    rng = np.random.default_rng(0)
-    tensors = {}
-    targets = (("unet", "lora_unet_", UNET_MODULES), ("text_encoder", "lora_te_", TEXT_MODULES))
-    for component, prefix, modules in targets:
-        for parameter, places in weights.placements(component).items():
-            module = parameter.removesuffix(".weight")
-            if not parameter.endswith(".weight") or not module.endswith(modules):
-                continue
-            base = weights.base(component, places[0].initializer)
-            shape = base.shape if places[0].layout == "direct" else base.shape[::-1]
-            out_dim, in_dim = shape[0], int(np.prod(shape[1:]))
-            key = prefix + module.replace(".", "_")
-            tensors[f"{key}.lora_down.weight"] = (rng.standard_normal((rank, in_dim)) * 0.01).astype(np.float16)
-            tensors[f"{key}.lora_up.weight"] = (rng.standard_normal((out_dim, rank)) * 0.01).astype(np.float16)
-            tensors[f"{key}.alpha"] = np.asarray(rank / 2, dtype=np.float16)
-    save_file(tensors, str(out))
-    return out, out.stat().st_size
 
 
 def unet_feeds(pipe, size: int) -> dict[str, np.ndarray]:
@@ -104,6 +75,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--disabled-optimizers", default="",
+                        help="comma-separated ONNX Runtime transformers every session skips (NchwcTransformer)")
     args = parser.parse_args()
     from diffrt.runtime import DiffusionPipeline
 
@@ -123,9 +96,12 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", code, str(args.preset_dir / "checkpoint"), str(package)],
                            check=True)
             result["derive_map_seconds"] = time.perf_counter() - start
-        lora, size = make_lora(package, args.rank, work / "lora.safetensors")
-        result["lora"] = {"rank": args.rank, "bytes": size}
-        pipe = DiffusionPipeline.from_pretrained(package, load="eager")
+        lora = write_random_lora(package, work / "lora.safetensors", rank=args.rank, layout=SD15_STYLE)
+        result["lora"] = {"rank": args.rank, "bytes": lora.stat().st_size}
+        disabled = [name for name in args.disabled_optimizers.split(",") if name]
+        result["disabled_optimizers"] = disabled
+        pipe = DiffusionPipeline.from_pretrained(package, load="eager",
+                                                 **({"disabled_optimizers": disabled} if disabled else {}))
         result["unet_file"] = str((args.preset_dir / "package-fp32-onnxruntime" / "unet" / MODEL_FILE))
         feeds = unet_feeds(pipe, args.size)
         # Sequential, one UNet session at a time (two SD 1.5 sessions and the deltas do not fit beside the other

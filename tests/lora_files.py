@@ -14,6 +14,10 @@ import numpy as np
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 UNET_CONV_TARGETS = ["conv1", "conv2"]  # LoCon: 3x3 convolutions of the resnets
+# LCM-LoRA's modules (Diffusers' train_lcm_distill_lora_* scripts): attention, feed-forward, proj_in / proj_out, and
+# every resnet convolution, shortcut and time projection, and the down / up samplers' convolutions
+LCM_LORA_TARGETS = UNET_TARGETS + ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+                                   "upsamplers.0.conv"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
@@ -24,7 +28,7 @@ def _pipeline_class(kind: str):
 
 
 def peft_lora(checkpoint: Path, kind: str, out: Path, seed: int, rank: int = 4, alpha: float = 8.0,
-              text_encoders: bool = True, conv: bool = False) -> Path:
+              text_encoders: bool = True, conv: bool = False, unet_targets: list[str] | None = None) -> Path:
     """A Diffusers-format LoRA file for `checkpoint` (PEFT keys, lora_alpha in its metadata); returns its path."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -36,7 +40,7 @@ def peft_lora(checkpoint: Path, kind: str, out: Path, seed: int, rank: int = 4, 
     layers, metadata = {}, {}
     unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                        target_modules=UNET_TARGETS + (UNET_CONV_TARGETS if conv else []))
+                        target_modules=unet_targets or UNET_TARGETS + (UNET_CONV_TARGETS if conv else []))
     inject_adapter_in_model(config, unet)
     layers["unet_lora_layers"] = get_peft_model_state_dict(unet)
     metadata["unet_lora_adapter_metadata"] = config.to_dict()
@@ -101,3 +105,11 @@ def kohya_lora(peft_file: Path, kind: str, out: Path, sgm_layers_per_block: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(written, str(out), metadata={"ss_network_module": "networks.lora"})
     return out
+
+
+def lcm_lora(checkpoint: Path, kind: str, folder: Path, seed: int = 7) -> Path:
+    """A file in LCM-LoRA's layout (latent-consistency/lcm-lora-sdv1-5, lcm-lora-sdxl) with random weights: UNet only,
+    kohya keys in Diffusers' module names for SD 1.5 and SDXL alike (`lora_unet_down_blocks_0_resnets_0_conv1`, as
+    the training scripts' `get_module_kohya_state_dict` writes them), `.lora_down` / `.lora_up` / `.alpha`."""
+    peft = peft_lora(checkpoint, kind, folder, seed, text_encoders=False, unet_targets=LCM_LORA_TARGETS)
+    return kohya_lora(peft, kind, folder / "lcm-lora.safetensors")

@@ -141,6 +141,18 @@ def test_locon_conv_lora_matches_diffusers(tiny_checkpoint, tiny_package, loras)
     assert_close(image_of(ref), image_of(pipe))
 
 
+def test_sessions_without_the_nchwc_layout_pass_still_match_diffusers(tiny_checkpoint, tiny_package, loras):
+    """`disabled_optimizers=["NchwcTransformer"]` (the fast-switch setting, docs/adapters.md) reaches every session
+    and leaves the adapted image Diffusers' (a LoCon file: convolutions are what that pass reorders)."""
+    path = loras("sd15", "kohya", seed=3, conv=True)
+    ref = reference(tiny_checkpoint, "sd15")
+    ref.load_lora_weights(str(path))
+    pipe = ours(tiny_package, "sd15", disabled_optimizers=["NchwcTransformer"])
+    pipe.load_lora_weights(path)
+    assert_close(image_of(ref), image_of(pipe))
+    assert pipe.engine("unet").disabled_optimizers == ["NchwcTransformer"]
+
+
 def test_fuse_lora_matches_diffusers_and_survives_unload(tiny_checkpoint, tiny_package, loras):
     path = loras("sd15", "peft")
     ref = reference(tiny_checkpoint, "sd15")

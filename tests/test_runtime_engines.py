@@ -173,6 +173,7 @@ def test_provider_lists_with_options_are_accepted(model_path: Path) -> None:
         ({"threads": 0}, r"`threads` must be None or an integer >= 1; got 0"),
         ({"graph_optimization_level": "max"}, r"`graph_optimization_level` must be one of disable, basic, extended"),
         ({"provider": [("cpu", "fast")]}, r"`provider` must be a name or a \(name, options dict\) tuple"),
+        ({"disabled_optimizers": "NchwcTransformer"}, r"`disabled_optimizers` must be a list of ONNX Runtime"),
     ],
 )
 def test_invalid_engine_options_are_errors_naming_them(model_path: Path, kwargs, message) -> None:

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_prompt_weighting(parser)
     parser.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps (pipeline default)")
     parser.add_argument("--guidance", type=number_in(0), default=None, help="guidance_scale (pipeline default)")
-    parser.add_argument("--scheduler", default=None, help='Diffusers class name or A1111 name ("DPM++ 2M Karras")')
+    parser.add_argument("--scheduler", "--sampler", default=None,
+                        help='Diffusers class name or A1111 sampler name ("DPM++ 2M Karras", "LCM")')
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--sigmas", type=float_list, default=None, help="custom sigmas, descending, comma-separated")
     schedule.add_argument("--timesteps", type=int_list, default=None, help="custom timesteps, descending")

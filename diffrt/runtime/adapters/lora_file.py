@@ -55,10 +55,6 @@ class LoraUpdate:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self) -> np.ndarray:
-        up = self.up.reshape(self.up.shape[0], -1)
-        return (up @ self.down.reshape(self.rank, -1)) * np.float32(self.scale)
-
 
 @dataclass(frozen=True)
 class LoraFile:

@@ -3,8 +3,9 @@ inversion rows; and, per component, the initializer overrides they amount to.
 
 Everything is computed in NumPy from the package's own weights: a component's override is
 `base + sum(weight * scale * up @ down)` for the parameters the active (and fused) LoRAs touch, in the layout and
-dtype the initializer has. A component with nothing applied has no override, so its engine is the plain package
-one, bit for bit (what `unload_lora_weights` returns to).
+dtype the initializer has (`merge.merged_weight`: one float32 GEMM per parameter, whatever the number of adapters).
+A component with nothing applied has no override, so its engine is the plain package one, bit for bit (what
+`unload_lora_weights` returns to).
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from typing import Hashable, Mapping
 
 import numpy as np
 
-from diffrt.errors import InputError
-from diffrt.package.weights import to_initializer
-from diffrt.runtime.adapters.lora_file import LoraFile
+from diffrt.runtime.adapters.lora_file import LoraFile, LoraUpdate
+from diffrt.runtime.adapters.merge import merged_weight
 from diffrt.runtime.adapters.package_weights import PackageWeights
 
 logger = logging.getLogger(__name__)
@@ -68,23 +68,18 @@ class AdapterState:
 
     def overrides(self, component: str) -> dict[str, np.ndarray]:
         """{initializer name: new value} for `component`; {} when nothing applies to it."""
-        deltas: dict[str, np.ndarray] = {}
+        terms: dict[str, list[tuple[LoraUpdate, float]]] = defaultdict(list)
         for lora, weight in self.contributions(component):
             for update in lora.updates:
                 if update.component == component:
-                    delta = update.delta() * np.float32(weight)
-                    deltas[update.parameter] = deltas[update.parameter] + delta if update.parameter in deltas \
-                        else delta
-        placements = self.weights.placements(component) if deltas or self.token_rows.get(component) else {}
+                    terms[update.parameter].append((update, weight))
+        placements = self.weights.placements(component) if terms or self.token_rows.get(component) else {}
         result: dict[str, np.ndarray] = {}
-        for parameter, delta in deltas.items():
+        for parameter, parameter_terms in terms.items():
             for place in placements[parameter]:
                 base = self.weights.base(component, place.initializer)
-                if base.size != delta.size:
-                    raise InputError(f"LoRA update of {component} {parameter} has {delta.size} values; the "
-                                     f"package's weight has {base.size} (a LoRA for another model?)")
-                value = base.astype(np.float32) + to_initializer(delta, place.layout, base.shape)
-                result[place.initializer] = value.astype(base.dtype)
+                result[place.initializer] = merged_weight(base, place.layout, parameter_terms,
+                                                          f"{component} {parameter}")
         rows = self.token_rows.get(component)
         if rows and rows.tokens:
             result.update(self._embedding_override(component, rows, placements))
