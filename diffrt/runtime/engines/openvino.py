@@ -156,19 +156,29 @@ class _Compiled:
     def __init__(self, compiled: Any) -> None:
         self.model = compiled
         self._idle: list[Any] = []
+        self._busy = 0
         self._lock = threading.Lock()
+
+    def release_memory(self) -> None:
+        """Free the intermediate buffers the requests keep between inferences, unless one is running."""
+        with self._lock:
+            if self._busy == 0:
+                self.model.release_memory()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[Any]:
         with self._lock:
             request = self._idle.pop() if self._idle else None
-        if request is None:
-            request = self.model.create_infer_request()
+            self._busy += 1
         try:
+            if request is None:
+                request = self.model.create_infer_request()
             yield request
         finally:
             with self._lock:
-                self._idle.append(request)
+                self._busy -= 1
+                if request is not None:
+                    self._idle.append(request)
 
 
 class OpenVINOEngine:
@@ -300,8 +310,9 @@ class OpenVINOEngine:
         self._read_model()
         return list(self._outputs)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate `feeds` (names, dtypes, ranks, dims, ranges) and run; outputs by name, as numpy arrays."""
+    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> dict[str, np.ndarray]:
+        """Validate `feeds` (names, dtypes, ranks, dims, ranges) and run; outputs by name, as numpy arrays.
+        `release_memory`: free the compiled model's intermediate buffers after this run."""
         self._read_model()
         feeds = adapt_feeds(self._inputs, feeds)
         validate_feeds(self._inputs, feeds, self.dim_ranges)
@@ -311,6 +322,8 @@ class OpenVINOEngine:
                 # infer copies the outputs out of the request's buffers, so they outlive the request's next use
                 result = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
                 values = [result[port] for port in entry.model.outputs]
+            if release_memory:  # after the request went back to the pool: none of this call's is running
+                entry.release_memory()
         except DiffrtError:
             raise
         except Exception as error:

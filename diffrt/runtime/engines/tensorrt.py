@@ -356,8 +356,9 @@ class TensorRTEngine:
             self._outputs = [plan.specs[n] for n in plan.output_names]
         return list(self._outputs)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate `feeds`, pick the plan and profile covering their shapes, run; outputs by name (float32)."""
+    def run(self, feeds: Mapping[str, np.ndarray], release_memory: bool = False) -> dict[str, np.ndarray]:
+        """Validate `feeds`, pick the plan and profile covering their shapes, run; outputs by name (float32).
+        `release_memory` changes nothing: an execution context's device memory is sized once, at creation."""
         specs = self.inputs
         feeds = adapt_feeds(specs, feeds)
         validate_feeds(specs, feeds, self.dim_ranges)

@@ -120,12 +120,20 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         scheduler: Scheduler | None = None,
         vae: str = "full",
         load: str = "lazy",
+        release_memory: bool = True,
         **engine_options: Any,
     ) -> None:
         """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD); `load`
-        "lazy" (each engine is created on first use) or "eager" (all of them now, see `load_engines`)."""
+        "lazy" (each engine is created on first use) or "eager" (all of them now, see `load_engines`).
+        `release_memory` True: each stage hands its working memory back when it is done for the image (the UNet
+        after the last step, the VAE after each call), so the resident memory between images is the weights and
+        the peak is the weights plus the largest stage's; False keeps every engine's working memory for the next
+        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~4 GiB more resident; docs/benchmarks.md)."""
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
+        if not isinstance(release_memory, bool):
+            raise invalid("release_memory", "True or False", release_memory)
+        self.release_memory = release_memory
         self.vae_components = vae_components(package, vae, self.required_components)
         package.require(*(self.vae_components.get(name, name) for name in self.required_components))
         self.package = package
@@ -344,14 +352,20 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         latents = np.asarray(latents, dtype=np.float32)
         return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32, copy=False)
 
-    def run_unet(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def last_step(self, step_index: int) -> bool:
+        """Whether a stage run at this denoising step should hand its working memory back (`release_memory`)."""
+        count = self._call.num_timesteps
+        return self.release_memory and count is not None and step_index == count - 1
+
+    def run_unet(self, feeds: dict[str, np.ndarray], release_memory: bool = False) -> np.ndarray:
         engine = self.engine("unet")
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         cast = {k: (v.astype(dtypes[k], copy=False) if k in dtypes else v) for k, v in feeds.items()}
         missing = [spec for spec in residual_specs(engine.inputs) if spec.name not in cast]
         if missing:  # a ControlNet package's UNet on a call that runs no ControlNet: nothing to add
             cast.update(zero_residuals(missing, cast["sample"].shape))
-        return np.asarray(engine.run(scalar_timestep(engine, cast))["out_sample"], dtype=np.float32)
+        out = engine.run(scalar_timestep(engine, cast), release_memory=release_memory)
+        return np.asarray(out["out_sample"], dtype=np.float32)
 
     def denoise(
         self,
@@ -387,7 +401,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                 with self._stage(timings, "controlnet"):
                     feeds.update(state.controlnet(i, t, control_input, feeds))
             with self._stage(timings, "unet"):
-                noise_pred = self.run_unet(feeds)
+                noise_pred = self.run_unet(feeds, release_memory=self.last_step(i))
             with self._stage(timings, "host"):
                 if state.do_cfg:
                     noise_pred = combine_cfg(noise_pred, state.guidance_scale, state.guidance_rescale)
@@ -453,7 +467,7 @@ def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
             overrides: dict[str, Any]) -> DiffusionPipeline:
     """`target` on `pipeline`'s package, provider, scheduler, VAE choice and (shared, thread-safe) engines."""
     options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae.kind,
-               **pipeline.engine_options}
+               "release_memory": pipeline.release_memory, **pipeline.engine_options}
     options.update(overrides)
     new = target(pipeline.package, **options)
     new._engines = pipeline._engines

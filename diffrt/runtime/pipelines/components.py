@@ -106,17 +106,19 @@ class AutoencoderComponent:
     def decode(self, latent_sample: np.ndarray, return_dict: bool = True) -> Any:
         """Latents (already divided by `scaling_factor`, as in Diffusers) -> images NCHW in [-1, 1], float32."""
         engine = self._pipeline.engine(self.decoder_name)
-        image = engine.run({"latent_sample": _as(engine, "latent_sample", latent_sample)})["sample"]
+        release = self._pipeline.release_memory
+        image = engine.run({"latent_sample": _as(engine, "latent_sample", latent_sample)}, release)["sample"]
         image = np.asarray(image, dtype=np.float32)
         return DecoderOutput(image) if return_dict else (image,)
 
     def encode(self, x: np.ndarray, return_dict: bool = True) -> Any:
         """Images NCHW in [-1, 1] -> `latent_dist` (tiny VAE: `latents`, nothing to sample), as Diffusers."""
         engine = self._pipeline.engine(self.encoder_name)
+        out = engine.run({"sample": _as(engine, "sample", x)}, self._pipeline.release_memory)
         if self.kind == "tiny":
-            latents = np.asarray(engine.run({"sample": _as(engine, "sample", x)})["latents"], np.float32)
+            latents = np.asarray(out["latents"], np.float32)
             return AutoencoderTinyOutput(latents) if return_dict else (latents,)
-        moments = np.asarray(engine.run({"sample": _as(engine, "sample", x)})["latent_parameters"], np.float32)
+        moments = np.asarray(out["latent_parameters"], np.float32)
         mean, logvar = np.split(moments, 2, axis=1)
         dist = DiagonalGaussianDistribution(mean, np.clip(logvar, -30.0, 20.0))
         return AutoencoderKLOutput(dist) if return_dict else (dist,)

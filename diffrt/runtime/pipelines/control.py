@@ -130,7 +130,7 @@ class ControlStep:
             scale = self.args.scales[k] * self.keep[min(i, len(self.keep) - 1)][k]
             if scale == 0.0:  # outside its guidance window (or scale 0): it would add zeros
                 continue
-            residuals = self._run(name, k, latents, feeds, half, scale)
+            residuals = self._run(name, k, latents, feeds, half, scale, i)
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
         if total is None:
             return zero_residuals(unet_specs, latents.shape)
@@ -139,14 +139,14 @@ class ControlStep:
         return {_unet_name(j, len(total)): residual for j, residual in enumerate(total)}
 
     def _run(self, name: str, k: int, latents: np.ndarray, feeds: dict[str, np.ndarray], half: bool,
-             scale: float) -> list[np.ndarray]:
+             scale: float, i: int) -> list[np.ndarray]:
         engine = self.pipeline.engine(name)
         rows = slice(latents.shape[0] // 2, None) if half else slice(None)
         control = {key: feeds[key][rows] for key in SHARED_FEEDS if key in feeds}
         control.update(sample=latents[rows], timestep=feeds["timestep"][rows], controlnet_cond=self.images[k])
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         control = {key: value.astype(dtypes[key], copy=False) for key, value in control.items() if key in dtypes}
-        out = engine.run(scalar_timestep(engine, control))
+        out = engine.run(scalar_timestep(engine, control), release_memory=self.pipeline.last_step(i))
         count = sum(1 for spec in engine.outputs if spec.name.startswith(CONTROLNET_DOWN_OUTPUT.split("{")[0]))
         residuals = [np.asarray(out[CONTROLNET_DOWN_OUTPUT.format(j)], np.float32) for j in range(count)]
         residuals.append(np.asarray(out[CONTROLNET_MID_OUTPUT], np.float32))
