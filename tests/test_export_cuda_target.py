@@ -20,6 +20,8 @@ from test_export_onnx import UNET_CASES, assert_close, unet_feeds
 
 from diffrt.errors import ExportError, InputError
 from diffrt.export import cuda_target, export_pipeline
+from diffrt.export.attention_op import translation_table
+from diffrt.export.models.attention import lower_to_multi_head_attention
 from diffrt.export.onnx import export_graph, unet_graph, vae_graph
 from diffrt.export.validate import reference_cases
 
@@ -104,9 +106,9 @@ def test_multi_head_attention_lowering_matches_torch(tiny_checkpoint, tmp_path, 
     graph = unet_graph(checkpoint, None, None, False) if component == "unet" else \
         vae_graph("vae_decoder", checkpoint, None)
     cases = reference_cases(graph)  # from the module as it is: one SDPA per attention
-    cuda_target.prepare_module(component, graph.module)
+    lower_to_multi_head_attention(graph.module)
     exported = export_graph(graph, tmp_path / component, cuda_target.FUSED_OPSET,
-                            translations=cuda_target.translation_table())
+                            translations=translation_table())
     assert "MultiHeadAttention" in ops(exported.path)["com.microsoft"]
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     for case in cases:

@@ -25,13 +25,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffrt.errors import InputError, invalid
-from diffrt.package.files import AtomicFolder
+from diffrt.package.files import AtomicFolder, write_text
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 
 __all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint",
            "ensure_controlnet_package"]
 
 logger = logging.getLogger(__name__)
+
+#: bumped when the exporter writes different graphs for the same spec, so that a package cached by an older diffrt
+#: is rebuilt rather than measured (2: UNet / VAE / ControlNet attention as ONNX Runtime's MultiHeadAttention)
+BUILD_REVISION = "2"
 
 PRESETS = ("tiny", "sd15", "sd21", "sdxl")
 SEED = 0
@@ -79,6 +83,21 @@ class Preset:
         return int(self.spec["default_size"])
 
 
+def _revision_file(package: Path) -> Path:
+    # beside the package, not in it: a package folder holds only what its manifest lists
+    return package.with_name(package.name + ".revision")
+
+
+def is_current(package: Path) -> bool:
+    """Whether `package` is a finished build of this diffrt's exporter (`BUILD_REVISION`)."""
+    stamp = _revision_file(package)
+    return (package / MANIFEST_NAME).exists() and stamp.is_file() and stamp.read_text().strip() == BUILD_REVISION
+
+
+def _stamp(package: Path) -> None:
+    write_text(_revision_file(package), BUILD_REVISION + "\n")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt")
 
@@ -98,12 +117,12 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
     """The cached package of preset `name`, built (in a child process with torch) on first use."""
     preset = load_preset(name)
     package = preset.package(precision, target)
-    if (package / MANIFEST_NAME).exists():
+    if is_current(package):
         return package
     logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                 "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
-    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not (package / MANIFEST_NAME).exists():
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
                          "(torch, diffusers, transformers)")
     return package
@@ -113,13 +132,13 @@ def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", ta
     """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use."""
     preset = load_preset(name)
     package = preset.controlnet_package(count, precision, target)
-    if (package / MANIFEST_NAME).exists():
+    if is_current(package):
         return package
     logger.info("preset %s: first use with %d ControlNet(s): building random-weight ControlNets and exporting them "
                 "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
                "--controlnets", str(count)]
-    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not (package / MANIFEST_NAME).exists():
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not is_current(package):
         raise InputError(f"building preset {name!r} with {count} ControlNet(s) failed (see the log above); it needs "
                          "the `export` extra (torch, diffusers, transformers)")
     return package
@@ -248,7 +267,7 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     from diffrt.export import export_pipeline
 
     package = preset.controlnet_package(count, precision, target)
-    if (package / MANIFEST_NAME).exists():
+    if is_current(package):
         return package
     checkpoint = build_checkpoint(preset)
     specs = [f"cn{index}={build_controlnet(preset, index)}" for index in range(count)]
@@ -256,6 +275,7 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
     export_pipeline(checkpoint, package, precision=precision, target=target, components=components,
                     controlnets=specs, overwrite=True)
+    _stamp(package)
     logger.info("preset %s: exported with %d ControlNet(s) in %.0f s", preset.name, count, time.perf_counter() - start)
     return package
 
@@ -265,13 +285,14 @@ def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxru
     from diffrt.export import export_pipeline
 
     package = preset.package(precision, target)
-    if (package / MANIFEST_NAME).exists():
+    if is_current(package):
         return package
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()
     logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
     components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
     export_pipeline(checkpoint, package, precision=precision, target=target, components=components, overwrite=True)
+    _stamp(package)
     logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
     return package
 

@@ -16,9 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt", "cuda"),
-                        help="onnxruntime: opset 23 with fused Attention, runs on every provider; tensorrt: opset "
-                        "18; cuda: ONNX Runtime CUDA only, UNet/VAE built from its fused diffusion kernels "
-                        "(MultiHeadAttention, NHWC GroupNorm; fastest with --provider cuda)")
+                        help="onnxruntime: opset 23, fused attention ops, runs on ONNX Runtime and OpenVINO; "
+                        "tensorrt: opset 18; cuda: ONNX Runtime CUDA only, UNet/VAE built from its fused diffusion "
+                        "kernels (MultiHeadAttention, NHWC GroupNorm; fastest with --provider cuda)")
     parser.add_argument("--tensorrt", action="store_true",
                         help="with --target tensorrt: then build TensorRT engines on this GPU (build-engines defaults)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: per target)")

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from diffrt.errors import invalid
 from diffrt.export import cuda_target
+from diffrt.export.attention_op import translation_table, uses_multi_head_attention
+from diffrt.export.models.attention import lower_to_multi_head_attention
 from diffrt.export.onnx import (
     COMPONENTS,
     EXTERNAL_DATA_THRESHOLD,
@@ -89,9 +91,8 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
     cases = reference_cases(graph) if options.validate else []
     fused = options.target == "cuda" and name in cuda_target.FUSED_COMPONENTS
     opset, translations = options.opset, None
-    if fused:
-        cuda_target.prepare_module(name, graph.module)
-        translations = cuda_target.translation_table()
+    if uses_multi_head_attention(options.target, precision) and lower_to_multi_head_attention(graph.module):
+        translations = translation_table()
     prepare_for_export(graph, precision, float32_group_norm=not fused)
     # A graph to fuse is written with every weight external: the fusions then run on the graph alone.
     threshold = 0 if fused else options.external_data_threshold

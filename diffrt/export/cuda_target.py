@@ -21,13 +21,10 @@ graphs are validated on CUDA where a GPU is present (elsewhere the export says i
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
-
-import torch
 
 from diffrt.errors import ExportError
 from diffrt.package.names import EXTERNAL_DATA_NAME
@@ -38,47 +35,6 @@ FUSED_COMPONENTS = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 FUSED_OPSET = 18  # torch writes GroupNorm as the InstanceNormalization pattern ORT's GroupNorm fusion matches
 # Left unfused in a float16 graph, these would compute GroupNorm's statistics or a softmax in float16.
 UNFUSED_OPS = {"InstanceNormalization", "GroupNormalization", "Softmax"}
-
-
-@functools.lru_cache(maxsize=1)
-def _register_schemas() -> None:
-    """onnxscript builds nodes from registered schemas; ORT's contrib op has none in the onnx package."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    if onnx.defs.has("MultiHeadAttention", "com.microsoft"):
-        return
-    tensor = OpSchema.FormalParameter
-    onnx.defs.register_schema(OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1,
-        inputs=[tensor("query", "T"), tensor("key", "T"), tensor("value", "T")],
-        outputs=[tensor("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "attention input type")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of attention heads")],
-    ))
-
-
-def translation_table() -> dict[Any, Any]:
-    """torch op -> ONNX translation for `torch.onnx.export(custom_translation_table=...)`."""
-    import onnxscript
-
-    from diffrt.export.models.attention import multi_head_attention  # noqa: F401  (registers the torch op)
-
-    _register_schemas()
-    microsoft = onnxscript.values.Opset("com.microsoft", 1)
-
-    def multi_head_attention_onnx(query: Any, key: Any, value: Any, num_heads: int) -> Any:
-        return microsoft.MultiHeadAttention(query, key, value, num_heads=num_heads)
-
-    return {torch.ops.diffrt.multi_head_attention.default: multi_head_attention_onnx}
-
-
-def prepare_module(name: str, module: torch.nn.Module) -> None:
-    """Switch the attention of a fused component to the MultiHeadAttention op (text encoders are left as they are)."""
-    from diffrt.export.models.attention import lower_to_multi_head_attention
-
-    if name in FUSED_COMPONENTS:
-        lower_to_multi_head_attention(module)
 
 
 def fuse(path: Path, name: str, external: bool) -> str | None:

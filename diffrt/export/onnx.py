@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Opset per target. onnxruntime: 23, where torch's SDPA becomes one ONNX `Attention` node (ORT runs it as one fused
-# kernel). tensorrt: 18, the opset torch's ONNX function library is written in (lower opsets go through the ONNX
-# version converter) and inside the 9..20 range every TensorRT 10.x parser reads; below 23 attention is exported
-# as MatMul-Softmax-MatMul, the pattern TensorRT's own MHA fusion matches (its parser only learnt `Attention` in
-# 10.14).
+# Opset per target. onnxruntime: 23, where torch's SDPA becomes one ONNX `Attention` node (the text encoders'; UNet,
+# VAE and ControlNet attention is ORT's flash `MultiHeadAttention`, see `diffrt.export.attention_op`).
+# tensorrt: 18, the opset torch's ONNX function library is written in (lower opsets go through the ONNX version
+# converter) and inside the 9..20 range every TensorRT 10.x parser reads; below 23 attention is exported as
+# MatMul-Softmax-MatMul, the pattern TensorRT's own MHA fusion matches (its parser only learnt `Attention` in 10.14).
 # cuda: ONNX Runtime's CUDA provider with its fused diffusion kernels (`diffrt.export.cuda_target`): opset 18, the
 # GroupNorm pattern its fusions match.
 TARGET_OPSETS: dict[str, int] = {"onnxruntime": 23, "tensorrt": 18, "cuda": 18}
