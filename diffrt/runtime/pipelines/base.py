@@ -128,7 +128,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `release_memory` True: each stage hands its working memory back when it is done for the image (the UNet
         after the last step, the VAE after each call), so the resident memory between images is the weights and
         the peak is the weights plus the largest stage's; False keeps every engine's working memory for the next
-        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~4 GiB more resident; docs/benchmarks.md)."""
+        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md)."""
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         if not isinstance(release_memory, bool):
