@@ -216,6 +216,93 @@ def test_compiled_models_are_cached_on_disk(small_model: Path, tmp_path: Path) -
     np.testing.assert_array_equal(first, second)
 
 
+# ----- memory (issue #19) -----
+MAPPED = 1024  # a [1024, 1024] fp32 weight: 4 MiB of external data, far above a few pages of noise
+MiB = 1 << 20
+needs_smaps = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+
+
+def build_external_model(folder: Path) -> Path:
+    """out = x @ W with W in `model.onnx_data` beside it, which OpenVINO memory-maps."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((MAPPED, MAPPED)).astype(np.float32)
+    return save_graph(
+        folder / "model.onnx",
+        [helper.make_node("MatMul", ["x", "W"], ["out"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", MAPPED])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", MAPPED])],
+        [numpy_helper.from_array(w, "W")],
+        "external_matmul",
+        external_data=True,
+    )
+
+
+@needs_openvino
+@needs_smaps
+@pytest.mark.parametrize("cached", [False, True], ids=["compiled", "cache-hit"])
+def test_mapped_weights_leave_the_resident_set_after_compiling_with_the_same_results(tmp_path: Path,
+                                                                                     cached: bool) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+    from diffrt.runtime.engines.residency import resident_bytes
+
+    x = np.random.default_rng(1).standard_normal((2, MAPPED), dtype=np.float32)
+    results, resident = {}, {}
+    for trim in (False, True):
+        folder = tmp_path / f"trim-{trim}"  # apart, so one engine's trimming cannot touch the other's files
+        path, cache = build_external_model(folder / "unet"), (folder / "cache" if cached else None)
+        if cached:  # a first start fills the cache; the measured engine imports its blob (mapped as well)
+            OpenVINOEngine(path, threads=1, optimized_model_cache=cache).close()
+            OpenVINOEngine(path, threads=1, optimized_model_cache=cache).run({"x": x})
+            assert any(cache.iterdir())
+        engine = OpenVINOEngine(path, threads=1, optimized_model_cache=cache, trim_mapped_weights=trim)
+        results[trim] = [engine.run({"x": x})["out"] for _ in range(2)]
+        resident[trim] = resident_bytes([folder])
+    # Without trimming the compile left the whole weight file resident (and the blob on a cache hit); with it,
+    # neither compiling nor running keeps any of it.
+    assert resident[False] >= MAPPED * MAPPED * 4 * (2 if cached else 1) - MiB
+    assert resident[True] < MiB
+    for got in results[True] + results[False][1:]:
+        np.testing.assert_array_equal(got, results[False][0])
+
+
+@needs_openvino
+@needs_smaps
+def test_weights_inside_the_onnx_file_are_read_from_an_ir_copy_in_the_cache(package: ModelPackage, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffrt.runtime.engines import openvino as ov_engine
+    from diffrt.runtime.engines.residency import shared_readonly_mappings
+
+    # The tiny text encoder's weights are inside its model.onnx, as a real one's are (only smaller than the cutoff).
+    monkeypatch.setattr(ov_engine, "INLINE_WEIGHTS_BYTES", 0)
+    component, feeds = package.component("text_encoder"), component_feeds("text_encoder")
+    expected = create_engine(component, "openvino").run(feeds)  # no cache: read from the ONNX file
+    cache = tmp_path / "cache"
+    first = create_engine(component, "openvino", optimized_model_cache=cache)
+    assert first.inputs == component.inputs and first.outputs == component.outputs
+    copies = sorted(cache.glob("openvino-ir-text_encoder-model-*"))
+    assert [sorted(f.name for f in copy.iterdir()) for copy in copies] == [["model.bin", "model.xml"]]
+    later = create_engine(component, "openvino", optimized_model_cache=cache)  # reads the copy
+    for engine in (first, later):
+        got = engine.run(feeds)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # its weights are a mapped file now (trimmable), not a heap copy
+    assert str(copies[0] / "model.bin") in {m.path for m in shared_readonly_mappings([cache])}
+    assert sorted(cache.glob("openvino-ir-*")) == copies  # reused, not written again
+
+
+@needs_openvino
+def test_small_onnx_files_get_no_ir_copy(small_model: Path, tmp_path: Path) -> None:
+    from diffrt.runtime.engines.openvino import OpenVINOEngine
+
+    x = np.full((1, 3, HIDDEN), 0.5, np.float32)
+    engine = OpenVINOEngine(small_model, optimized_model_cache=tmp_path / "cache", threads=1)
+    np.testing.assert_allclose(engine.run({"x": x})["out"], reference(x), rtol=1e-5, atol=1e-5)
+    assert not list((tmp_path / "cache").glob("openvino-ir-*"))
+
+
 # ----- threads -----
 @needs_openvino
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["dynamic", "static"])
@@ -266,6 +353,7 @@ def test_options_of_another_engine_are_rejected_by_name(small_model: Path) -> No
         ({"threads": 0}, r"`threads` must be None or an integer >= 1; got 0"),
         ({"static_shapes": "yes"}, r"`static_shapes` must be True or False; got 'yes'"),
         ({"static_cache_size": 0}, r"`static_cache_size` must be an integer >= 1; got 0"),
+        ({"trim_mapped_weights": "yes"}, r"`trim_mapped_weights` must be True or False; got 'yes'"),
     ],
 )
 def test_bad_engine_options_are_value_errors(small_model: Path, options: dict, pattern: str) -> None:
