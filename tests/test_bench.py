@@ -243,7 +243,7 @@ def test_variants_are_each_provider_with_each_vae(provider: str, vae: str, label
 @pytest.mark.parametrize("changes, message", [
     ({"vae": "huge"}, "`vae` must be a comma-separated list of full, tiny; got 'huge'"),
     ({"provider": "cpu:bf16"}, "`provider` must be a precision suffix only on openvino, auto"),
-    ({"provider": "openvino:fp8"}, "`inference_precision` must be one of 'fp32', 'bf16', 'auto'; got 'fp8'"),
+    ({"provider": "openvino:fp8"}, "`inference_precision` must be one of 'fp32', 'bf16', 'int8', 'auto'; got 'fp8'"),
     ({"provider": "cpu,cpu"}, "`provider` must be a list without repeats"),
 ])
 def test_bad_variants_fail_before_any_work(changes: dict, message: str):

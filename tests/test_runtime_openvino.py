@@ -321,7 +321,7 @@ def test_four_threads_give_the_sequential_results(package: ModelPackage, static_
 def test_unknown_precision_is_a_value_error_naming_the_option(small_model: Path) -> None:
     from diffrt.runtime.engines.openvino import OpenVINOEngine
 
-    with pytest.raises(ConfigError, match=r"`inference_precision` must be one of 'fp32', 'bf16', 'auto'; got 'fp16'"):
+    with pytest.raises(ConfigError, match=r"`inference_precision` must be one of 'fp32', 'bf16', 'int8', 'auto'; got 'fp16'"):
         OpenVINOEngine(small_model, inference_precision="fp16")
     assert issubclass(ConfigError, ValueError)
 

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffrt.errors import InputError, invalid
-from diffrt.package.files import AtomicFolder, write_text
+from diffrt.package.files import AtomicFolder, cache_root, write_text
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME
 
 __all__ = ["PRESETS", "Preset", "load_preset", "cache_root", "ensure_package", "ensure_tiny_vae", "build_checkpoint",
@@ -96,10 +95,6 @@ def is_current(package: Path) -> bool:
 
 def _stamp(package: Path) -> None:
     write_text(_revision_file(package), BUILD_REVISION + "\n")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt")
 
 
 def load_preset(name: str) -> Preset:

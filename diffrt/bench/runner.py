@@ -32,6 +32,7 @@ from diffrt.bench.side import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
 from diffrt.package.names import CONFIG_NAME, CONTROLNET_PREFIX, INDEX_NAME
 from diffrt.package.reader import ModelPackage
+from diffrt.runtime.engines import PRECISION_PROVIDERS
 
 __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
 
@@ -40,8 +41,6 @@ logger = logging.getLogger(__name__)
 COMPARE_SIDES = ("diffusers", "optimum")
 NEEDED = ("unet", "vae_decoder")
 VAES = ("full", "tiny")
-#: providers whose engine takes an inference precision (`openvino:bf16`)
-PRECISION_PROVIDERS = ("openvino", "auto")
 #: ONNX Runtime CUDA, and its engine flags (`cuda:graph+nhwc`) -> engine options
 CUDA_PROVIDERS = ("cuda", "cudaexecutionprovider")
 CUDA_FLAGS = {"graph": "cuda_graph", "nhwc": "prefer_nhwc"}
@@ -146,7 +145,7 @@ def variants(opts: BenchOptions) -> list[Variant]:
     """The diffrt sides, in the order given: `--provider cpu,openvino:bf16 --vae full,tiny` gives four."""
     providers, vaes = _split(opts.provider), _split(opts.vae)
     if not providers:
-        raise invalid("provider", "a comma-separated list of providers (cpu, openvino[:fp32|bf16|auto], ...)",
+        raise invalid("provider", "a comma-separated list of providers (cpu, openvino[:fp32|bf16|int8|auto], ...)",
                       opts.provider)
     if not vaes or any(vae not in VAES for vae in vaes):
         raise invalid("vae", f"a comma-separated list of {', '.join(VAES)}", opts.vae)

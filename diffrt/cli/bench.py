@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model package folder, or a preset built on first use: {', '.join(PRESETS)}")
     parser.add_argument("--provider", default="cpu",
                         help="comma-separated providers, each a diffrt side run in the same interleaved benchmark: "
-                             "cpu | openvino[:fp32|bf16|auto] | auto | cuda[:graph|nhwc|graph+nhwc] | tensorrt | "
+                             "cpu | openvino[:fp32|bf16|int8|auto] | auto | cuda[:graph|nhwc|graph+nhwc] | tensorrt | "
                              "trt | an ONNX Runtime provider name (default cpu)")
     parser.add_argument("--target", dest="export_target", default=None, choices=("onnxruntime", "cuda", "tensorrt"),
                         help="export target of a preset's package (default: tensorrt for trt, else onnxruntime; "

@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ControlNet guess mode: the ControlNets see no prompt (Diffusers' guess_mode)")
     parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
     parser.add_argument("--provider", default="cpu",
-                        help="cpu, cuda, tensorrt (ONNX Runtime), openvino, auto, or trt (native TensorRT engines "
-                             "built with `diffrt build-engines`)")
+                        help="cpu, cuda, tensorrt (ONNX Runtime), openvino[:fp32|bf16|int8|auto] (OpenVINO and its "
+                             "inference precision), auto, or trt (native TensorRT engines built with "
+                             "`diffrt build-engines`)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads per engine (default: the physical cores this process may use)")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -227,6 +228,7 @@ def _input_images(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----- the pipeline -----
 def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
+    from diffrt.runtime.engines import split_precision
     from diffrt.runtime.pipelines.auto import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -237,6 +239,8 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     auto = dict(zip(TASKS, (AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting)))[task]
     _refuse_checkpoint(args.package)
     options: dict[str, Any] = {"cuda_graph": True} if args.cuda_graph else {}
+    provider, precision = split_precision(args.provider)
+    options.update(precision)
     if args.threads is not None:
         options["threads"] = args.threads
     if args.controlnet:
@@ -246,7 +250,7 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
         open_pipeline = functools.partial(plain_pipeline, task)  # a ControlNet package runs without them
     try:
         # load="eager": every engine is created here, so the timing line's "load" holds all of it
-        pipe = open_pipeline(args.package, provider=args.provider, vae=args.vae, revision=args.revision,
+        pipe = open_pipeline(args.package, provider=provider, vae=args.vae, revision=args.revision,
                              load="lazy" if args.lora else "eager", **options)
     except PackageError as error:
         if not from_png:

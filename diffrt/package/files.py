@@ -19,6 +19,10 @@ from diffrt.errors import DiffrtError, PackageError
 from diffrt.package.leftovers import remove_stale_temp, temp_prefix
 
 
+def cache_root() -> Path:
+    """diffrt's cache folder: `$DIFFRT_CACHE`, default `~/.cache/diffrt` (presets, quantized models, ...)."""
+    return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt").expanduser()
+
 def read_json(path: Path, required: bool = False, error: type[DiffrtError] = PackageError) -> dict[str, Any]:
     """A JSON object from `path`; {} when absent and not `required`; a missing required file or corrupt JSON is
     `error` (PackageError for packages; the exporter reads checkpoints with ConfigError) naming the file."""

@@ -33,11 +33,14 @@ logger = logging.getLogger(__name__)
 # step; the text encoders and the VAE run once per image, and some of their graphs cannot be captured at all (a
 # kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax).
 GRAPHED_COMPONENTS = ("unet",)
+#: providers whose engine takes an inference precision, also written as a suffix (`openvino:bf16`, `openvino:int8`)
+PRECISION_PROVIDERS = ("openvino", "auto")
 
 __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "OpenVINOEngine",
+    "PRECISION_PROVIDERS",
     "TensorRTEngine",
     "TensorSpec",
     "auto_provider",
@@ -46,6 +49,7 @@ __all__ = [
     "create_engine",
     "lossless_cast",
     "parse_dim_ranges",
+    "split_precision",
     "validate_feeds",
 ]
 
@@ -92,6 +96,18 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
         options.setdefault("dim_ranges", getattr(component, "dim_ranges", None))
     _check_options(engine_class, provider, options)
     return engine_class(path, **fixed, **options)
+
+
+def split_precision(spec: str) -> tuple[str, dict[str, str]]:
+    """`openvino:int8` -> ("openvino", {"inference_precision": "int8"}); a spec without a suffix -> (spec, {}).
+    The precision itself is checked by the engine (`inference_precision`)."""
+    provider, sep, precision = spec.partition(":")
+    if not sep:
+        return spec, {}
+    if provider.lower() not in PRECISION_PROVIDERS or not precision:
+        raise ConfigError(f"`provider` takes a precision suffix only on {' and '.join(PRECISION_PROVIDERS)} "
+                          f"(openvino:fp32|bf16|int8|auto); got {spec!r}")
+    return provider, {"inference_precision": precision}
 
 
 def auto_provider() -> str:

@@ -6,6 +6,7 @@ without it, so the precision is checked against the CPU before compiling and aga
 Compiled models are cached on disk (`CACHE_DIR`) so a second start skips compilation. With `static_shapes`, each feed
 shape gets its own reshaped, compiled model (a small LRU), which lets OpenVINO pick kernels for fixed sizes.
 Compiled models are thread-safe but infer requests are not: each call borrows a request from a per-model pool.
+Issue #19: "int8" quantizes the read model with NNCF first (`diffrt.runtime.engines.int8`), on CPUs with VNNI or AMX.
 LoRA and textual inversion replace initializers: OpenVINO's ONNX reader keeps each initializer as a Constant named
 after it, so the read model's Constants are swapped for the new arrays before anything is compiled.
 Memory (issue #19): OpenVINO memory-maps external weight files and cache blobs, copies every weight into its own
@@ -32,13 +33,15 @@ import numpy as np
 from diffrt.errors import ConfigError, DiffrtError, EngineError, invalid
 from diffrt.package.files import AtomicFolder
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
+from diffrt.runtime.engines.int8 import Calibration
 from diffrt.runtime.engines.residency import trimming
 
 logger = logging.getLogger(__name__)
 
-#: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values; "auto" picks bf16 where the CPU has it
+#: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values; "auto" picks bf16 where the CPU has it, and
+#: "int8" quantizes the model and runs what stays float in bf16 where the CPU has it
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-PRECISION_CHOICES = ("fp32", "bf16", "auto")
+PRECISION_CHOICES = ("fp32", "bf16", "int8", "auto")
 # Without these OpenVINO emulates bf16 (or ignores the hint), which is slower than f32, not faster.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 ShapeKey = tuple[tuple[int, ...], ...]
@@ -102,13 +105,26 @@ def bf16_support() -> tuple[bool, str]:
     return supported, found
 
 
+def int8_support() -> tuple[bool, str]:
+    """(whether int8 kernels run natively on this CPU: VNNI or AMX, a description of what was found)."""
+    from diffrt.runtime.engines import int8
+
+    return int8.int8_support(cpu_flags(), list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+
+
 def resolve_precision(precision: str) -> str:
-    """"fp32" | "bf16" | "auto" -> "fp32" or "bf16"; bf16 on a CPU without it is a `ConfigError`."""
+    """"fp32" | "bf16" | "int8" | "auto" -> "fp32", "bf16" or "int8"; bf16 or int8 on a CPU without it is a
+    `ConfigError` naming the instructions it needs."""
     if precision not in PRECISION_CHOICES:
         raise invalid("inference_precision", f"one of {', '.join(map(repr, PRECISION_CHOICES))}", precision,
                       ConfigError)
     if precision == "fp32":
         return "fp32"
+    if precision == "int8":
+        from diffrt.runtime.engines import int8
+
+        int8.require_int8(cpu_flags(), list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        return "int8"
     supported, found = bf16_support()
     if precision == "auto":
         chosen = "bf16" if supported else "fp32"
@@ -199,7 +215,8 @@ class OpenVINOEngine:
 
     Args:
         path: the `model.onnx` file (external data beside it).
-        inference_precision: "fp32" | "bf16" (needs avx512_bf16 or AMX) | "auto" (bf16 where supported).
+        inference_precision: "fp32" | "bf16" (needs avx512_bf16 or AMX) | "int8" (needs VNNI or AMX and nncf; the
+            rest of the model runs bf16 where the CPU has it) | "auto" (bf16 where supported).
         threads: inference threads; default: OpenVINO's choice (the physical cores).
         optimized_model_cache: OpenVINO's `CACHE_DIR` for compiled models, reused by later starts, and the OpenVINO
             IR copy of an ONNX file with its weights inside (read instead of it: mapped, not copied); None: no cache.
@@ -209,11 +226,14 @@ class OpenVINOEngine:
         input_specs, output_specs: the manifest's specs; they name the dynamic dims (ONNX names are lost).
         initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion), swapped
             into the read model before compilation; the compiled-model cache is not used then (each adapter set is
-            its own model, and caching every one would fill the disk).
+            its own model, and caching every one would fill the disk). Not with "int8".
         trim_mapped_weights: while and after compiling, drop the pages of the memory-mapped weight files (the
             component's folder; the cache blob under `optimized_model_cache`) from this process's resident set;
             they stay in the page cache and are read back only if touched (see the module docstring). Linux only;
             a no-op elsewhere. False keeps them resident (about the weights' size more RSS).
+        calibration: with "int8", the feeds to calibrate activation ranges on (`int8.Calibration`): hybrid int8;
+            without, the weights only are int8 (less memory, not faster). The quantized model is kept in
+            `optimized_model_cache`/int8 (default `$DIFFRT_CACHE/openvino-int8`), keyed by model files and calibration.
     """
 
     def __init__(
@@ -229,6 +249,7 @@ class OpenVINOEngine:
         output_specs: Sequence[TensorSpec] | None = None,
         initializers: Mapping[str, np.ndarray] | None = None,
         trim_mapped_weights: bool = True,
+        calibration: Calibration | None = None,
     ) -> None:
         import_openvino()
         self.path = Path(path)
@@ -242,7 +263,17 @@ class OpenVINOEngine:
             raise invalid("static_cache_size", "an integer >= 1", static_cache_size, ConfigError)
         if not isinstance(trim_mapped_weights, bool):
             raise invalid("trim_mapped_weights", "True or False", trim_mapped_weights, ConfigError)
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise invalid("calibration", "None or a diffrt.runtime.engines.int8.Calibration", calibration, ConfigError)
         self.inference_precision = resolve_precision(inference_precision)
+        if self.inference_precision == "int8" and initializers:
+            raise ConfigError("`inference_precision` 'int8' cannot be combined with replaced initializers (LoRA): "
+                              "each adapter set would be quantized again, which takes minutes; use 'bf16' or 'fp32'")
+        #: what OpenVINO runs the float part in: bf16 or fp32 (int8 models keep some operations float)
+        self.float_precision = self.inference_precision
+        if self.inference_precision == "int8":
+            self.float_precision = "bf16" if bf16_support()[0] else "fp32"
+        self.calibration = calibration
         self.threads = threads
         self.optimized_model_cache = Path(optimized_model_cache) if optimized_model_cache is not None else None
         self.static_shapes = static_shapes
@@ -272,6 +303,8 @@ class OpenVINOEngine:
                     replace_constants(model, self._initializers, self.path)
                 self._inputs = _merge_specs(model.inputs, self._declared[0], "inputs")
                 self._outputs = _merge_specs(model.outputs, self._declared[1], "outputs")
+                if self.inference_precision == "int8":
+                    model = self._quantized(model)
                 self._model = model
             return self._model
 
@@ -299,10 +332,22 @@ class OpenVINOEngine:
             logger.info("saved an OpenVINO IR copy of %s in %s (its weights are mapped from there)", self.path, folder)
         return core().read_model(str(folder / "model.xml"))
 
+    def _int8_cache(self) -> Path:
+        from diffrt.runtime.engines import int8
+
+        return (self.optimized_model_cache / "int8" if self.optimized_model_cache is not None
+                else int8.default_cache_dir())
+
+    def _quantized(self, model: Any) -> Any:
+        from diffrt.runtime.engines import int8
+
+        return int8.quantized_model(core(), model, self.path, self.calibration, self._int8_cache(),
+                                    lambda feeds: adapt_feeds(self._inputs, feeds))
+
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",  # one stream, all threads on one request: a pipeline runs one at a time
-            "INFERENCE_PRECISION_HINT": PRECISIONS[self.inference_precision],
+            "INFERENCE_PRECISION_HINT": PRECISIONS[self.float_precision],
         }
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
@@ -312,10 +357,13 @@ class OpenVINOEngine:
         return config
 
     def _mapped_folders(self) -> list[Path]:
-        """Where the files OpenVINO maps for this model live: its folder (external data), the cache (blobs, IR)."""
+        """Where the files OpenVINO maps for this model live: its folder (external data), the cache (blobs, IR), the
+        int8 model's folder."""
         folders = [self.path.parent]
         if self.optimized_model_cache is not None:
             folders.append(self.optimized_model_cache)
+        if self.inference_precision == "int8":
+            folders.append(self._int8_cache())
         return folders
 
     def _compile(self, model: Any, key: ShapeKey | None) -> _Compiled:
@@ -328,7 +376,7 @@ class OpenVINOEngine:
             raise EngineError(f"openvino could not compile {self.path} for shapes {key}: {error}") from error
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
         types = import_openvino().Type
-        wanted = types.bf16 if self.inference_precision == "bf16" else types.f32
+        wanted = types.bf16 if self.float_precision == "bf16" else types.f32
         if got != wanted:  # OpenVINO falls back without telling; diffrt never does
             raise EngineError(f"openvino compiled {self.path} with inference precision {got}, not {wanted}")
         self.compilations += 1

@@ -21,6 +21,7 @@ from diffrt.runtime.adapters.state import AdapterState
 from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
+from diffrt.runtime.pipelines import calibration
 from diffrt.runtime.pipelines.checks import PackageLimits
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
 from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
@@ -243,6 +244,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                     signature = self.adapters.signature(name)
                     overrides = self.adapters.overrides(name) if signature != ((), ()) else {}
                     options = {**self.engine_options, **({"initializers": overrides} if overrides else {})}
+                    options = calibration.engine_options(self, name, options)
                     engine = create_engine(component, provider=self.provider, **options)
                     self._engine_signatures[name] = signature
                     # Engines open their model on first use (ONNX Runtime's session, OpenVINO's model read);
