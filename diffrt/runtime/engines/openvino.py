@@ -218,8 +218,9 @@ class OpenVINOEngine:
         inference_precision: "fp32" | "bf16" (needs avx512_bf16 or AMX) | "int8" (needs VNNI or AMX and nncf; the
             rest of the model runs bf16 where the CPU has it) | "auto" (bf16 where supported).
         threads: inference threads; default: OpenVINO's choice (the physical cores).
-        optimized_model_cache: OpenVINO's `CACHE_DIR` for compiled models, reused by later starts, and the OpenVINO
-            IR copy of an ONNX file with its weights inside (read instead of it: mapped, not copied); None: no cache.
+        optimized_model_cache: OpenVINO's `CACHE_DIR` for compiled models (a subfolder per float precision), reused by
+            later starts, and the OpenVINO IR copy of an ONNX file with its weights inside (read instead of it:
+            mapped, not copied); None: no cache.
         static_shapes: compile one model per feed shape (reshaped to it) instead of one dynamic-shape model.
         static_cache_size: how many per-shape compiled models to keep (least recently used is dropped).
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
@@ -352,8 +353,11 @@ class OpenVINOEngine:
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
         if self.optimized_model_cache is not None and not self._initializers:
-            self.optimized_model_cache.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(self.optimized_model_cache)
+            # OpenVINO's blob name hashes the model and not the precision hint: an fp32 and a bf16 engine of one
+            # model sharing a CACHE_DIR imported each other's blob (NaN images). One folder per precision.
+            blobs = self.optimized_model_cache / f"openvino-{self.float_precision}"
+            blobs.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(blobs)
         return config
 
     def _mapped_folders(self) -> list[Path]:
