@@ -3,9 +3,10 @@
 Two recipes, the ones optimum-intel applies to Stable Diffusion:
 - **hybrid** (with calibration feeds, what a pipeline's UNet gets): Convolutions and the activation-by-activation
   MatMuls of attention run in int8 (weights and activations, ranges measured on the calibration feeds), while the
-  MatMuls with weights (the linear layers) keep float activations. On the sd15 preset this was the fastest recipe that
-  kept the image (docs/benchmarks.md); compressing the linear layers' weights to int8 as well made them slower
-  (OpenVINO decompresses them every call) for 0.4 GB less memory, and quantizing their activations too cost quality.
+  MatMuls with weights (the linear layers) keep float activations. Its speed and image quality on the sd15 preset are
+  in docs/benchmarks.md. (While it was chosen, compressing the linear layers' weights to int8 as well looked slower,
+  since OpenVINO decompresses them every call, and quantizing their activations too cost quality; those two runs
+  were not recorded.)
 - **weights** (without calibration feeds): every weight int8 (`nncf.compress_weights`, INT8_ASYM), activations float.
   It saves memory, not time: the kernels decompress the weights to the float precision.
 Whatever is not int8 runs in bf16 where the CPU has it (AMX / AVX-512 BF16), else in f32.

@@ -11,12 +11,14 @@ LoRA and textual inversion replace initializers: OpenVINO's ONNX reader keeps ea
 after it, so the read model's Constants are swapped for the new arrays before anything is compiled.
 Memory (issue #19): OpenVINO memory-maps external weight files and cache blobs, copies every weight into its own
 repacked buffers while compiling, and keeps the mapping as long as the compiled model lives; the pages the compile
-read stayed resident, so a fp32 SD 1.5 UNet took 6.8 GiB (9.8 GiB on a compile-cache hit) instead of 3.6 GiB.
-`trim_mapped_weights` (default) drops them from the resident set during and after each compile (`residency.py`);
-inference does not read them again. Weights inside the ONNX file (the text encoders, the VAE) are read into the heap
-instead, and the compiled model keeps that copy beside its own; with `optimized_model_cache`, such a model is saved
-once as OpenVINO IR there and read from it, so its weights are a mapped file as well. Dropping the read `ov.Model`
-frees nothing: the compiled model holds the constants it was built from, so the engine keeps it for later shapes.
+read stayed resident, so a static-shape fp32 SD 1.5 UNet took 6.8 GiB (10.0 GiB on a compile-cache hit) instead of
+3.6 GiB. `trim_mapped_weights` (default) drops them from the resident set during and after each compile
+(`residency.py`); a static-shape model does not read them again (a dynamic-shape one reads 2.4 GiB of them in place
+at every run, which come back; docs/benchmarks.md). Weights inside the ONNX file (the text encoders, the VAE) are
+read into the heap instead, and the compiled model keeps that copy beside its own; with `optimized_model_cache`,
+such a model is saved once as OpenVINO IR there and read from it, so its weights are a mapped file as well. Dropping
+the read `ov.Model` frees nothing: the compiled model holds the constants it was built from, so the engine keeps it
+for later shapes.
 """
 from __future__ import annotations
 

@@ -3,11 +3,12 @@
 Issue #19: OpenVINO memory-maps a model's ONNX external data (and the compiled-model cache blob it imports), repacks
 every weight into its own buffers while compiling, and keeps the mapping for the compiled model's lifetime. The
 compile reads every page of the mapping, so a fp32 SD 1.5 UNet was resident twice (3.2 GiB of mapped file + 3.3 GiB
-of repacked weights) and three times on a cache hit (+3.2 GiB of blob), although inference never reads the mapping
-again. `madvise(MADV_DONTNEED)` on a shared, read-only file mapping drops its pages from this process's resident set
-without changing what it maps: the file's pages stay in the page cache, and a later read faults them back in (a
-minor fault, no disk read while the page cache holds them). A shared read-only mapping has no private copies to
-lose, so this is safe for any such mapping; mappings that are writable or private are never touched.
+of repacked weights) and three times on a cache hit (+3.2 GiB of blob), although a static-shape model's inference
+never reads the mapping again (a dynamic-shape one reads part of it in place). `madvise(MADV_DONTNEED)` on a shared,
+read-only file mapping drops its pages from this process's resident set without changing what it maps: the file's
+pages stay in the page cache, and a later read faults them back in (a minor fault, no disk read while the page cache
+holds them). A shared read-only mapping has no private copies to lose, so this is safe for any such mapping;
+mappings that are writable or private are never touched.
 Linux only (`/proc/self/maps`); elsewhere every function here finds no mappings and does nothing.
 """
 from __future__ import annotations
