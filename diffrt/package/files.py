@@ -23,6 +23,14 @@ def cache_root() -> Path:
     """diffrt's cache folder: `$DIFFRT_CACHE`, default `~/.cache/diffrt` (presets, quantized models, ...)."""
     return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt").expanduser()
 
+
+def files_fingerprint(files: Sequence[Path], *extra: Any, length: int = 16) -> str:
+    """A cache key for something derived from `files` and `extra` (versions, options): the files' resolved paths,
+    sizes and modification times and the JSON of `extra`, hashed; a changed file or setting gives a new key."""
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    source = json.dumps([stats, *extra], sort_keys=True, default=str)
+    return hashlib.sha256(source.encode()).hexdigest()[:length]
+
 def read_json(path: Path, required: bool = False, error: type[DiffrtError] = PackageError) -> dict[str, Any]:
     """A JSON object from `path`; {} when absent and not `required`; a missing required file or corrupt JSON is
     `error` (PackageError for packages; the exporter reads checkpoints with ConfigError) naming the file."""

@@ -18,9 +18,7 @@ is imported only when a model is quantized, never for a cached one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
-import json
 import logging
 import sys
 import time
@@ -31,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from diffrt.errors import ConfigError
-from diffrt.package.files import AtomicFolder, cache_root, write_json
+from diffrt.package.files import AtomicFolder, cache_root, files_fingerprint, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +153,8 @@ def model_files(path: Path) -> list[Path]:
 def cache_key(path: Path, calibration: Calibration | None) -> str:
     """What a quantized model depends on: the model files (path, size, mtime), the calibration, the recipe, and the
     NNCF and OpenVINO versions."""
-    record = {
-        "files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in model_files(path)],
-        "calibration": calibration.key if calibration is not None else None,
-        "recipe": RECIPE_VERSION,
-        "nncf": _version("nncf"),
-        "openvino": _version("openvino"),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+    return files_fingerprint(model_files(path), calibration.key if calibration is not None else None,
+                             RECIPE_VERSION, _version("nncf"), _version("openvino"), length=20)
 
 
 def _version(name: str) -> str | None:

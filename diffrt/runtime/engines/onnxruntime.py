@@ -11,8 +11,6 @@ graph optimisation.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -26,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from diffrt.errors import DiffrtError, EngineError, PackageError, invalid
+from diffrt.package.files import files_fingerprint
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
 from diffrt.runtime.engines.onnxruntime_cuda import (
     CUDA_OPTION_DEFAULTS,
@@ -402,13 +401,9 @@ class OnnxRuntimeEngine:
             logger.debug("no optimised-model cache with %s (it compiles subgraphs)", uncacheable[0])
             return None
         files = [self.path] + ([self._external_data()] if self._has_external_data() else [])
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        key_source = json.dumps(
-            [stats, ort.__version__, self._session_providers(), self.graph_optimization_level,
-             _hardware_signature()] + ([sorted(self.disabled_optimizers)] if self.disabled_optimizers else []),
-            sort_keys=True, default=str,
-        )
-        key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
+        disabled = [sorted(self.disabled_optimizers)] if self.disabled_optimizers else []
+        key = files_fingerprint(files, ort.__version__, self._session_providers(), self.graph_optimization_level,
+                                _hardware_signature(), *disabled)
         return self.optimized_model_cache / f"{self.path.parent.name}-{self.path.stem}-{key}.onnx"
 
     # ----- Engine protocol -----

@@ -23,7 +23,6 @@ for later shapes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -33,7 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from diffrt.errors import ConfigError, DiffrtError, EngineError, invalid
-from diffrt.package.files import AtomicFolder
+from diffrt.package.files import AtomicFolder, files_fingerprint
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
 from diffrt.runtime.engines.int8 import Calibration
 from diffrt.runtime.engines.residency import trimming
@@ -96,9 +95,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's report of what its CPU plugin runs natively here ("FP32", "BF16", "INT8", ...)."""
+    return list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
 def bf16_support() -> tuple[bool, str]:
     """(whether bf16 inference runs natively on this CPU, a description of what was found)."""
-    capabilities = list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    capabilities = cpu_capabilities()
     flags = cpu_flags()
     native = [flag for flag in BF16_CPU_FLAGS if flag in flags]
     # Without /proc/cpuinfo (not Linux) OpenVINO's own report is all there is.
@@ -111,7 +115,7 @@ def int8_support() -> tuple[bool, str]:
     """(whether int8 kernels run natively on this CPU: VNNI or AMX, a description of what was found)."""
     from diffrt.runtime.engines import int8
 
-    return int8.int8_support(cpu_flags(), list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+    return int8.int8_support(cpu_flags(), cpu_capabilities())
 
 
 def resolve_precision(precision: str) -> str:
@@ -125,7 +129,7 @@ def resolve_precision(precision: str) -> str:
     if precision == "int8":
         from diffrt.runtime.engines import int8
 
-        int8.require_int8(cpu_flags(), list(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+        int8.require_int8(cpu_flags(), cpu_capabilities())
         return "int8"
     supported, found = bf16_support()
     if precision == "auto":
@@ -317,8 +321,7 @@ class OpenVINOEngine:
         stat = self.path.stat()
         if self.optimized_model_cache is None or stat.st_size <= INLINE_WEIGHTS_BYTES:
             return None
-        source = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{import_openvino().__version__}"
-        key = hashlib.sha256(source.encode()).hexdigest()[:16]
+        key = files_fingerprint([self.path], import_openvino().__version__)
         return self.optimized_model_cache / f"openvino-ir-{self.path.parent.name}-{self.path.stem}-{key}"
 
     def _read_source(self) -> Any:
@@ -367,8 +370,8 @@ class OpenVINOEngine:
         int8 model's folder."""
         folders = [self.path.parent]
         if self.optimized_model_cache is not None:
-            folders.append(self.optimized_model_cache)
-        if self.inference_precision == "int8":
+            folders.append(self.optimized_model_cache)  # holds the int8 model's folder too
+        elif self.inference_precision == "int8":
             folders.append(self._int8_cache())
         return folders
 
