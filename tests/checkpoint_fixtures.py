@@ -1,7 +1,7 @@
 """Tiny random-weight diffusers checkpoints, built locally (no Hub access) once per test session.
 
 Every kind the project supports has a builder: SD 1.x, SD 2.x (v-prediction), SDXL base, SDXL refiner, SD inpaint
-and LCM (and SD3, which the exporter must refuse). Shapes are realistic where it matters (VAE factor 8, CLIP
+and LCM, and the flow-matching transformer families SD3 / SD3.5 and FLUX.1 (dev, schnell). Shapes are realistic where it matters (VAE factor 8, CLIP
 tokenizer with real BPE rules, SDXL text_time conditioning), sizes are tiny so a whole pipeline runs in well under
 a second.
 """
@@ -237,36 +237,80 @@ def make_t5(workdir: Path):
     return T5EncoderModel(config).eval(), tokenizer
 
 
-def build_sd3(folder: Path, workdir: Path) -> None:
-    """SD3 shape (MMDiT transformer, two CLIP encoders with projection, T5): a pipeline diffrt does not export."""
+def make_flow_vae():
+    """SD3 / FLUX's VAE layout (no quant convs, scaling and shift factors) at the tiny test size."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, latent_channels=4,
+        sample_size=64, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+
+
+def _sd3_pipeline(folder: Path, workdir: Path, **transformer_options) -> None:
+    """SD3 shape: MMDiT transformer (patch 2, a cropped position table), two CLIP encoders with projection, T5."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tokenizer, tokenizer_2 = make_tokenizer(workdir), make_tokenizer(workdir, pad_token="!")
     text_encoder_3, tokenizer_3 = make_t5(workdir)
     torch.manual_seed(SEED)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=CLIP_HIDDEN, joint_attention_dim=CLIP_HIDDEN,
-        pooled_projection_dim=2 * CLIP_HIDDEN,
-    )
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        sample_size=64, shift_factor=0.0609, scaling_factor=1.5035,
+        pooled_projection_dim=2 * CLIP_HIDDEN, pos_embed_max_size=16, **transformer_options,
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=make_flow_vae(),
         text_encoder=make_text_encoder(tokenizer, with_projection=True), tokenizer=tokenizer,
         text_encoder_2=make_text_encoder(tokenizer_2, with_projection=True), tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(folder)
+
+
+def build_sd3(folder: Path, workdir: Path) -> None:
+    _sd3_pipeline(folder, workdir)
+
+
+def build_sd35(folder: Path, workdir: Path) -> None:
+    """SD3.5's transformer options: RMS qk-norm and a dual-attention (MMDiT-X) first block."""
+    _sd3_pipeline(folder, workdir, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def _flux_pipeline(folder: Path, workdir: Path, guidance_embeds: bool, scheduler_options: dict) -> None:
+    """FLUX.1 shape: dual- and single-stream blocks over packed 2x2 latent patches, CLIP pooled + T5 tokens."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = make_tokenizer(workdir)
+    text_encoder_2, tokenizer_2 = make_t5(workdir)
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=CLIP_HIDDEN, pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=guidance_embeds, axes_dims_rope=[4, 6, 6],
+    )
+    pipe = FluxPipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_options),
+        vae=make_flow_vae(), text_encoder=make_text_encoder(tokenizer), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )
+    pipe.save_pretrained(folder)
+
+
+def build_flux_dev(folder: Path, workdir: Path) -> None:
+    """FLUX.1-dev: guidance embedded in the transformer, resolution-dependent schedule shift."""
+    _flux_pipeline(folder, workdir, True, dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                              base_image_seq_len=256, max_image_seq_len=4096))
+
+
+def build_flux_schnell(folder: Path, workdir: Path) -> None:
+    """FLUX.1-schnell: no guidance embedding, unshifted schedule."""
+    _flux_pipeline(folder, workdir, False, dict(shift=1.0, use_dynamic_shifting=False))
 
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
@@ -278,10 +322,13 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "lcm": build_lcm,
     "sd15_cuda": build_sd15_cuda,
     "sd3": build_sd3,
+    "sd35": build_sd35,
+    "flux_dev": build_flux_dev,
+    "flux_schnell": build_flux_schnell,
 }
-# Kinds built on demand only, not part of `any_tiny_checkpoint`'s sweep over the model families (sd3: diffrt does
-# not export it; the export refuses it).
-EXTRA_KINDS = ("sd15_cuda", "sd3")
+# Kinds built on demand only, not part of `any_tiny_checkpoint`'s sweep over the UNet families (the transformer
+# families have their own tests: tests/test_flow_pipelines.py).
+EXTRA_KINDS = ("sd15_cuda", "sd3", "sd35", "flux_dev", "flux_schnell")
 
 
 def build_checkpoint(kind: str, root: Path) -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from diffrt.export.onnx import LATENT_RANGE, ComponentGraph, IOSpec, _Positional, _text_time_sizes, unet_sizes
+from diffrt.export.onnx import LATENT_RANGE, ComponentGraph, IOSpec, Positional, _text_time_sizes, unet_sizes
 from diffrt.package.files import read_json
 from diffrt.package.names import (
     CONFIG_NAME,
@@ -96,7 +96,7 @@ class _UNetWithResiduals(nn.Module):
 def add_residual_inputs(graph: ComponentGraph) -> ComponentGraph:
     """The UNet `graph` (from `unet_graph`) taking ControlNet residuals as extra inputs."""
     positional = graph.module
-    assert isinstance(positional, _Positional)  # what unet_graph builds
+    assert isinstance(positional, Positional)  # what unet_graph builds
     unet = positional.model
     config: Mapping[str, Any] = unet.config  # type: ignore[assignment]  # our UNet2DConditionModel's config dict
     specs = residual_specs(config, UNET_DOWN_RESIDUAL, UNET_MID_RESIDUAL)
@@ -133,7 +133,7 @@ def controlnet_graph(name: str, folder: Path, unet_config: Mapping[str, Any], po
     image_range = (factor * LATENT_RANGE[0], factor * LATENT_RANGE[1])
     dims.update(image_height=image_range, image_width=image_range)
     graph = ComponentGraph(
-        name, _Positional(model, [spec.name for spec in inputs]), inputs, outputs, dims,
+        name, Positional(model, [spec.name for spec in inputs]), inputs, outputs, dims,
         _with_image(trace, factor), [_with_image(sizes, factor) for sizes in checks],
         folder / CONFIG_NAME, keep_float32=("timestep", "time_ids"),
     )

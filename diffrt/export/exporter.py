@@ -16,18 +16,26 @@ from diffrt.export.controlnet_graph import text_time_facts
 from diffrt.export.onnx import (
     COMPONENTS,
     EXTERNAL_DATA_THRESHOLD,
+    T5_ENCODER_CLASSES,
     TARGET_OPSETS,
     ComponentGraph,
     text_encoder_graph,
     unet_graph,
     vae_graph,
 )
-from diffrt.export.plan import TOKENIZER_OF, WEIGHTS_OF, bundled_controlnets, check_index, plan_components
+from diffrt.export.plan import (
+    T5_TOKENIZER_CLASSES,
+    TOKENIZER_OF,
+    WEIGHTS_OF,
+    bundled_controlnets,
+    check_index,
+    plan_components,
+)
 from diffrt.export.precision import component_precision
 from diffrt.export.preflight import check_free_space, check_weight_files
 from diffrt.export.taesd import WEIGHTS_FILE as TINY_WEIGHTS
 from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
-from diffrt.export.tokenizers import write_tokenizer
+from diffrt.export.tokenizers import write_t5_tokenizer, write_tokenizer
 from diffrt.package.files import copy_file, read_json, write_json
 from diffrt.package.leftovers import remove_stale_temp
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
@@ -51,8 +59,8 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     """Export the checkpoint `source` to the model package folder `output`; returns `output`.
 
     `precision` fp32 | fp16 | bf16 (float32 islands kept, see `diffrt.export.precision`); `target` onnxruntime
-    (opset 23, fused Attention) | tensorrt (opset 18); `components` a subset of text_encoder, text_encoder_2, unet,
-    vae_encoder, vae_decoder (default: all the checkpoint has); `tolerance` overrides the validation bound
+    (opset 23, fused Attention) | tensorrt (opset 18); `components` a subset of text_encoder, text_encoder_2,
+    text_encoder_3, unet, transformer, vae_encoder, vae_decoder (default: all the checkpoint has); `tolerance` overrides the validation bound
     (relative to the output scale; defaults per precision in `DEFAULT_TOLERANCE`). `tiny_vae`, an AutoencoderTiny
     (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
     `diffrt.export.taesd`. `controlnets`, ControlNetModel folders or Hub repo ids (each optionally `NAME=SOURCE`),
@@ -70,7 +78,9 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     names = plan_components(src, options.components)
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
-        check_fits(tiny, read_json(src.path / "unet" / CONFIG_NAME), read_json(src.path / "vae" / CONFIG_NAME))
+        # A transformer's latents are the VAE's (FLUX's transformer sees them packed 2x2, so its channels differ).
+        unet_config = read_json(src.path / "unet" / CONFIG_NAME) if "unet" in src.components else {}
+        check_fits(tiny, unet_config, read_json(src.path / "vae" / CONFIG_NAME))
     controlnets = bundled_controlnets(src, options.components, controlnets)
     control = _controlnets(src, names, controlnets, revision, variant, token)
     sources = local + _resolved_sources(src, tiny) + [(f"ControlNet {c.name}", c.path) for c in control]
@@ -165,8 +175,16 @@ def _weight_files(src: Any, names: list[str]) -> list[Path]:
 
 def _load_graph(src: Any, name: str, residuals: bool = False) -> ComponentGraph:
     root: Path = src.path
+    if name.startswith("text_encoder") and src.components[name][1] in T5_ENCODER_CLASSES:
+        from diffrt.export.t5_encoder import t5_encoder_graph
+
+        return t5_encoder_graph(name, root, src.variant)
     if name.startswith("text_encoder"):
         return text_encoder_graph(name, root, src.components[name][1], src.variant)
+    if name == "transformer":
+        from diffrt.export.transformer_graph import transformer_graph
+
+        return transformer_graph(root, src.components[name][1], src.variant)
     if name == "unet":
         graph = unet_graph(root, src.variant, *text_time_facts(root))
         if residuals:  # a package with ControlNets: the UNet takes their residuals
@@ -212,7 +230,10 @@ def _write_support_files(src: Any, names: list[str], folder: Path, controlnets: 
         others.append("scheduler")
     for encoder, tokenizer in TOKENIZER_OF.items():
         if encoder in names and tokenizer in src.components:
-            write_tokenizer(src.path / tokenizer, folder / tokenizer)
+            if src.components[tokenizer][1] in T5_TOKENIZER_CLASSES:
+                write_t5_tokenizer(src.path / tokenizer, folder / tokenizer)
+            else:
+                write_tokenizer(src.path / tokenizer, folder / tokenizer)
             others.append(tokenizer)
     index = model_index(read_json(src.path / INDEX_NAME), names, others)
     if controlnets:

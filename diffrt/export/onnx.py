@@ -48,7 +48,8 @@ BATCH_RANGE = (1, 32)
 LATENT_RANGE = (1, 512)
 SEQUENCE_RANGE = (TEXT_LENGTH, 8 * TEXT_LENGTH)  # UNet context: 1 to 8 concatenated 77-token chunks (long prompts)
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+T5_ENCODER_CLASSES = ("T5EncoderModel",)
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_encoder", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class _OutputsByName(nn.Module):
         return tuple(picked)
 
 
-class _Positional(nn.Module):
+class Positional(nn.Module):
     """Positional inputs -> keyword call (the UNet's optional conditioning inputs are passed by name)."""
 
     def __init__(self, model: nn.Module, input_names: list[str]):
@@ -206,7 +207,7 @@ def unet_graph(folder: Path, variant: str | None, pooled_dim: int | None, aesthe
     outputs = [IOSpec("out_sample", "float32", ("batch", config["out_channels"], "height", "width"))]
     names = [spec.name for spec in inputs]
     dims, trace, checks = unet_sizes(len(config["block_out_channels"]))
-    return ComponentGraph("unet", _Positional(unet, names), inputs, outputs, dims, trace, checks,
+    return ComponentGraph("unet", Positional(unet, names), inputs, outputs, dims, trace, checks,
                           folder / "unet" / CONFIG_NAME, keep_float32=("timestep", "time_ids"), parameter_root=unet)
 
 
@@ -263,7 +264,7 @@ def autoencoder_graph(name: str, vae: AutoencoderKL | AutoencoderTiny, config_fi
     trace = {"batch": 2, keys[0]: 2 * side, keys[1]: 3 * side}
     checks = [{"batch": 1, keys[0]: 8 * scale, keys[1]: 8 * scale},
               {"batch": 2, keys[0]: 4 * scale, keys[1]: 12 * scale}]
-    module = _Positional(module, [spec.name for spec in inputs])
+    module = Positional(module, [spec.name for spec in inputs])
     return ComponentGraph(name, module, inputs, outputs, dims, trace, checks, config_file)
 
 

@@ -1,13 +1,13 @@
 """What an export writes: the package components a checkpoint gives, and the refusal of what diffrt cannot export.
 
 A checkpoint the exporter does not fully understand must not become a package that looks complete and fails at
-load (an SD3 checkpoint would otherwise give a package of its CLIP encoders and VAE, its transformer, T5 encoder and
-tokenizer silently dropped). So, from model_index.json alone, before any weights are read or anything is written:
+load (a PixArt checkpoint would otherwise give a package of its T5 encoder and VAE, its PixArt transformer silently
+dropped). So, from model_index.json alone, before any weights are read or anything is written:
 
 - without `components`, the pipeline class must be one the runtime runs and every component one diffrt exports
   (or one a deployment package leaves out on purpose: safety checker, feature extractor, image encoder);
 - with `components`, the user asks for a subset on purpose: only the requested components (and the scheduler the
-  UNet needs) must be exportable.
+  UNet or transformer needs) must be exportable.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from diffrt.errors import ConfigError, invalid
-from diffrt.export.onnx import TEXT_ENCODER_CLASSES
+from diffrt.export.onnx import T5_ENCODER_CLASSES, TEXT_ENCODER_CLASSES
 from diffrt.runtime.pipelines.registry import PIPELINES
 from diffrt.schedulers import registered_names
 
@@ -26,25 +26,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
-#: checkpoint folder -> the classes diffrt exports from it
+T5_TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+#: checkpoint folder -> the classes diffrt exports from it (FLUX's second and SD3's third text encoder are T5)
 SOURCE_CLASSES: dict[str, tuple[str, ...]] = {
-    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
-    "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES,
-    "tokenizer": TOKENIZER_CLASSES, "tokenizer_2": TOKENIZER_CLASSES,
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "transformer": TRANSFORMER_CLASSES,
+    "text_encoder": TEXT_ENCODER_CLASSES, "text_encoder_2": TEXT_ENCODER_CLASSES + T5_ENCODER_CLASSES,
+    "text_encoder_3": T5_ENCODER_CLASSES,
+    "tokenizer": TOKENIZER_CLASSES, "tokenizer_2": TOKENIZER_CLASSES + T5_TOKENIZER_CLASSES,
+    "tokenizer_3": T5_TOKENIZER_CLASSES,
     # a saved ControlNet pipeline's own ControlNet, exported as `controlnet_controlnet` (see `bundled_controlnets`)
     "controlnet": ("ControlNetModel",),
 }
 #: package component -> the checkpoint folder its weights come from
-WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-              "vae_encoder": "vae", "vae_decoder": "vae"}
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+WEIGHTS_OF = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+              "unet": "unet", "transformer": "transformer", "vae_encoder": "vae", "vae_decoder": "vae"}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+#: the denoisers: a package has one of them, and the scheduler serves it
+DENOISERS = ("unet", "transformer")
 
 Components = Mapping[str, tuple[str, str]]  # model_index.json: name -> (library, class)
 
 
 def available_components(components: Components) -> list[str]:
     """The package components a checkpoint can give, in export order."""
-    names = [name for name in ("text_encoder", "text_encoder_2", "unet") if name in components]
+    names = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3", *DENOISERS) if name in components]
     return names + (["vae_encoder", "vae_decoder"] if "vae" in components else [])
 
 
@@ -79,7 +85,7 @@ def _check_requested(source_id: str, pipeline_class: str, components: Components
         if not _exportable(folder, class_name):
             raise invalid(f"{folder} class", f"one of {', '.join(SOURCE_CLASSES[folder])}", class_name, ConfigError)
     scheduler = components.get("scheduler")
-    if "unet" in requested and scheduler is not None and not _exportable("scheduler", scheduler[1]):
+    if any(name in requested for name in DENOISERS) and scheduler is not None and not _exportable("scheduler", scheduler[1]):
         raise invalid("scheduler class", "a scheduler diffrt implements", scheduler[1], ConfigError)
 
 

@@ -15,9 +15,11 @@ CONFIG_NAME = "config.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx_data"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+# SD3 adds a third text encoder (T5); SD3 and FLUX denoise with a `transformer` instead of a `unet`.
+ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_encoder",
+                   "vae_decoder")
 TINY_VAE_COMPONENTS = ("vae_decoder_tiny", "vae_encoder_tiny")
-TOKENIZERS = ("tokenizer", "tokenizer_2")
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 # model_index.json entry of an ONNX component, as Optimum and Diffusers' ONNX pipelines write it
 ONNX_ENTRY = ("diffusers", "OnnxRuntimeModel")
 # Optimum's ORT pipelines and Diffusers' legacy ONNX pipelines read the same folders as the Diffusers class.

@@ -149,7 +149,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         self._call = CallState()
         self.scheduler = scheduler if scheduler is not None else scheduler_from_config(package.scheduler_config)
         self.vae_config: dict[str, Any] = vae_config(package, self.vae_components)
-        self.unet_config: dict[str, Any] = package.unet_config
+        # SD3 / FLUX packages denoise with a `transformer` (see `flow_base`): they have no UNet config
+        self.unet_config: dict[str, Any] = package.unet_config if package.has("unet") else {}
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         self.limits = PackageLimits(package, self.vae_scale_factor)
         self._attach_components(vae)
@@ -160,7 +161,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
 
     def _attach_components(self, vae: str) -> None:
         """`pipe.unet`, `pipe.text_encoder`, `pipe.vae`, ...: views that create no engine until used."""
-        for name in ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"):
+        for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder",
+                     "vae_encoder"):
             setattr(self, name, EngineComponent(self, name) if self.package.has(name) else None)
         if self.package.has("unet"):
             self.unet = EngineComponent(self, "unet", self.unet_config)
@@ -359,6 +361,14 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         count = self._call.num_timesteps
         return self.release_memory and count is not None and step_index == count - 1
 
+    def denoiser_feeds(self, feeds: dict[str, np.ndarray], model_input: np.ndarray, t: Any) -> dict[str, np.ndarray]:
+        """One step's denoiser feeds: the call's conditioning, the (scaled, CFG-doubled) latents and the timestep."""
+        return dict(feeds, sample=model_input, timestep=np.full((model_input.shape[0],), t, dtype=np.float32))
+
+    def run_denoiser(self, feeds: dict[str, np.ndarray], release_memory: bool = False) -> np.ndarray:
+        """The noise (or velocity) prediction for one step: the UNet here, a transformer in SD3 / FLUX."""
+        return self.run_unet(feeds, release_memory)
+
     def run_unet(self, feeds: dict[str, np.ndarray], release_memory: bool = False) -> np.ndarray:
         engine = self.engine("unet")
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
@@ -397,13 +407,12 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                 model_input = control_input = scheduler.scale_model_input(model_input, t)
                 if state.extra_channels is not None:
                     model_input = np.concatenate([model_input, state.extra_channels], axis=1)
-                feeds = dict(state.feeds, sample=model_input)
-                feeds["timestep"] = np.full((model_input.shape[0],), t, dtype=np.float32)
+                feeds = self.denoiser_feeds(state.feeds, model_input, t)
             if state.controlnet is not None:
                 with self._stage(timings, "controlnet"):
                     feeds.update(state.controlnet(i, t, control_input, feeds))
             with self._stage(timings, "unet"):
-                noise_pred = self.run_unet(feeds, release_memory=self.last_step(i))
+                noise_pred = self.run_denoiser(feeds, release_memory=self.last_step(i))
             with self._stage(timings, "host"):
                 if state.do_cfg:
                     noise_pred = combine_cfg(noise_pred, state.guidance_scale, state.guidance_rescale)

@@ -201,11 +201,11 @@ class PackageLimits:
         factor = self.vae_scale_factor
         why = f"the latent sizes its UNet and VAE take, x the VAE scale factor {factor}"
         for axis, name, value in ((2, "height", height), (3, "width", width)):
-            extents = [_scaled(self.extent("unet", "sample", axis), factor),
-                       _scaled(self.extent(vae_components["vae_decoder"], "latent_sample", axis), factor)]
+            extents = [scaled_extent(self.extent("unet", "sample", axis), factor),
+                       scaled_extent(self.extent(vae_components["vae_decoder"], "latent_sample", axis), factor)]
             if encodes:
                 extents.append(self.extent(vae_components["vae_encoder"], "sample", axis))
-            low, high = _intersect(extents)
+            low, high = intersect_extents(extents)
             if low <= value <= high:
                 continue
             if source is not None:
@@ -252,11 +252,11 @@ def _fixed(value: Any) -> Extent | None:
     return (int(value), int(value)) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _scaled(extent: Extent | None, factor: int) -> Extent | None:
+def scaled_extent(extent: Extent | None, factor: int) -> Extent | None:
     return None if extent is None else (extent[0] * factor, extent[1] * factor)
 
 
-def _intersect(extents: Sequence[Extent | None]) -> Extent:
+def intersect_extents(extents: Sequence[Extent | None]) -> Extent:
     known = [e for e in extents if e is not None]
     low = max((e[0] for e in known), default=1)
     high = min((e[1] for e in known), default=2**31 - 1)

@@ -24,6 +24,7 @@ class TextEncoding:
     hidden_states: list[np.ndarray]  # embeddings output first, like transformers' `hidden_states`
     pooled: np.ndarray | None  # `text_embeds` of a text encoder with projection (what SDXL pools), else None
     normed_hidden_states: dict[int, np.ndarray]  # index -> final_layer_norm(hidden_states[index])
+    pooler_output: np.ndarray | None = None  # the end token's state of a text encoder without projection (FLUX)
 
 
 class TextEncoder:
@@ -47,7 +48,8 @@ class TextEncoder:
         normed = {
             int(k.rsplit(".", 1)[1]): v for k, v in outputs.items() if k.startswith("normed_hidden_states.")
         }
-        return TextEncoding(outputs["last_hidden_state"], [v for _, v in hidden], pooled, normed)
+        return TextEncoding(outputs["last_hidden_state"], [v for _, v in hidden], pooled, normed,
+                            outputs.get("pooler_output"))
 
 
 def as_prompt_list(prompt: str | Sequence[str] | None, name: str = "prompt") -> list[str] | None:

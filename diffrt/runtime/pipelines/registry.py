@@ -14,6 +14,8 @@ _SDXL = "diffrt.runtime.pipelines.stable_diffusion_xl"
 _INPAINT = "diffrt.runtime.pipelines.inpaint"
 _CN = "diffrt.runtime.pipelines.controlnet"
 _CN_SDXL = "diffrt.runtime.pipelines.controlnet_xl"
+_SD3 = "diffrt.runtime.pipelines.sd3"
+_FLUX = "diffrt.runtime.pipelines.flux"
 
 # Diffusers class name -> "module:Class"
 PIPELINES: dict[str, str] = {
@@ -29,6 +31,10 @@ PIPELINES: dict[str, str] = {
     "StableDiffusionControlNetInpaintPipeline": f"{_CN}:StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionXLControlNetPipeline": f"{_CN_SDXL}:StableDiffusionXLControlNetPipeline",
     "StableDiffusionXLControlNetImg2ImgPipeline": f"{_CN_SDXL}:StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusion3Pipeline": f"{_SD3}:StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline": f"{_SD3}:StableDiffusion3Img2ImgPipeline",
+    "FluxPipeline": f"{_FLUX}:FluxPipeline",
+    "FluxImg2ImgPipeline": f"{_FLUX}:FluxImg2ImgPipeline",
 }
 # The pipeline class of a package that has ControlNets, by the class it had without (Diffusers' class pairs).
 CONTROLNET_CLASSES: dict[str, str] = {
@@ -42,9 +48,11 @@ CONTROLNET_CLASSES: dict[str, str] = {
 # task -> family -> Diffusers class name (what AutoPipelineFor* pick)
 TASKS: dict[str, dict[str, str]] = {
     "text2image": {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                   "lcm": "LatentConsistencyModelPipeline"},
+                   "lcm": "LatentConsistencyModelPipeline", "sd3": "StableDiffusion3Pipeline",
+                   "flux": "FluxPipeline"},
     "image2image": {"sd": "StableDiffusionImg2ImgPipeline", "sdxl": "StableDiffusionXLImg2ImgPipeline",
-                    "lcm": "StableDiffusionImg2ImgPipeline"},
+                    "lcm": "StableDiffusionImg2ImgPipeline", "sd3": "StableDiffusion3Img2ImgPipeline",
+                    "flux": "FluxImg2ImgPipeline"},
     "inpainting": {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
                    "sd_controlnet": "StableDiffusionControlNetInpaintPipeline"},
 }
@@ -79,6 +87,10 @@ def plain_class_for(class_name: str) -> str:
 
 def family_of(class_name: str) -> str:
     name = normalize_class_name(class_name)
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
     if "ControlNet" in name:
         return "sdxl_controlnet" if "XL" in name else "sd_controlnet"
     if "XL" in name:
