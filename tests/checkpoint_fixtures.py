@@ -1,9 +1,9 @@
 """Tiny random-weight diffusers checkpoints, built locally (no Hub access) once per test session.
 
 Every kind the project supports has a builder: SD 1.x, SD 2.x (v-prediction), SDXL base, SDXL refiner, SD inpaint
-and LCM, and the flow-matching transformer families SD3 / SD3.5 and FLUX.1 (dev, schnell). Shapes are realistic where it matters (VAE factor 8, CLIP
-tokenizer with real BPE rules, SDXL text_time conditioning), sizes are tiny so a whole pipeline runs in well under
-a second.
+and LCM, and the flow-matching transformer families SD3 / SD3.5 and FLUX.1 (dev, schnell). Shapes are realistic
+where it matters (VAE factor 8, CLIP tokenizer with real BPE rules, SDXL text_time conditioning), sizes are tiny so
+a whole pipeline runs in well under a second.
 """
 from __future__ import annotations
 

@@ -166,42 +166,55 @@ def test_export_to_the_current_folder_leaves_nothing_beside_it(tiny_checkpoint, 
 # --- checkpoints diffrt cannot export --------------------------------------------------------------------------------
 
 
-def test_an_sd3_checkpoint_is_refused_by_name_before_any_weight_is_read(tiny_checkpoint, tmp_path, capsys):
-    """Every weight file of the copy is garbage: the refusal names the pipeline and its components, not a damaged
+def _pixart_like(tiny_checkpoint, target: Path) -> Path:
+    """The tiny SD3 checkpoint relabelled as a PixArt-Sigma pipeline: a transformer class diffrt does not export,
+    beside text encoders and a VAE it does (the shape of a package that would look complete and fail at load)."""
+    folder = Path(shutil.copytree(tiny_checkpoint("sd3"), target))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="PixArtSigmaPipeline", transformer=["diffusers", "PixArtTransformer2DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_an_unsupported_transformer_checkpoint_is_refused_by_name_before_any_weight_is_read(tiny_checkpoint,
+                                                                                          tmp_path, capsys):
+    """Every weight file of the copy is garbage: the refusal names the pipeline and its component, not a damaged
     file, so nothing was read beyond model_index.json."""
-    sd3 = Path(shutil.copytree(tiny_checkpoint("sd3"), tmp_path / "sd3"))
-    for weights in sd3.rglob("*.safetensors"):
+    pixart = _pixart_like(tiny_checkpoint, tmp_path / "pixart")
+    for weights in pixart.rglob("*.safetensors"):
         weights.write_bytes(b"garbage")
-    export_refused(capsys, str(sd3), str(tmp_path / "out"),
-                   fragments=("StableDiffusion3Pipeline", "`transformer` (SD3Transformer2DModel)",
-              "`text_encoder_3` (T5EncoderModel)", "`tokenizer_3` (T5Tokenizer", "--components",
-              "text_encoder, text_encoder_2, vae_encoder, vae_decoder"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd3"]
+    export_refused(capsys, str(pixart), str(tmp_path / "out"),
+                   fragments=("PixArtSigmaPipeline", "`transformer` (PixArtTransformer2DModel)", "--components",
+                              "text_encoder, text_encoder_2, text_encoder_3, vae_encoder, vae_decoder"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pixart"]
 
 
-def test_an_sd3_hub_repo_is_refused_before_its_weights_are_downloaded(tiny_checkpoint, tmp_path):
+def test_an_unsupported_hub_repo_is_refused_before_its_weights_are_downloaded(tiny_checkpoint, tmp_path):
     """Offline, the Hub cache (models--owner--name/refs/main -> snapshots/<commit>/) holds only the repo's
     model_index.json: the refusal needs nothing else."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "home" / "hub" / "models--someone--sd3"
+    repo = tmp_path / "home" / "hub" / "models--someone--pixart"
     (repo / "snapshots" / commit).mkdir(parents=True)
-    shutil.copyfile(tiny_checkpoint("sd3") / "model_index.json", repo / "snapshots" / commit / "model_index.json")
+    pixart = _pixart_like(tiny_checkpoint, tmp_path / "pixart")
+    shutil.copyfile(pixart / "model_index.json", repo / "snapshots" / commit / "model_index.json")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    result = run_cli("export", "someone/sd3", tmp_path / "out", HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
-                     HF_HUB_CACHE=None)
+    result = run_cli("export", "someone/pixart", tmp_path / "out", HF_HOME=str(tmp_path / "home"),
+                     HF_HUB_OFFLINE="1", HF_HUB_CACHE=None)
     assert result.returncode == 2
-    one_line_error(result.stderr, "export", "someone/sd3", "StableDiffusion3Pipeline", "`transformer`")
+    one_line_error(result.stderr, "export", "someone/pixart", "PixArtSigmaPipeline", "`transformer`")
     assert not (tmp_path / "out").exists()
 
 
-def test_components_still_export_a_subset_of_an_sd3_checkpoint_on_purpose(tiny_checkpoint, tmp_path, caplog):
+def test_components_still_export_a_subset_of_an_unsupported_checkpoint_on_purpose(tiny_checkpoint, tmp_path,
+                                                                                   caplog):
     output = tmp_path / "out"
+    pixart = _pixart_like(tiny_checkpoint, tmp_path / "pixart")
     with caplog.at_level(logging.WARNING, logger="diffrt.export.plan"):
-        export_pipeline(tiny_checkpoint("sd3"), output, components=["text_encoder", "vae_decoder"])
-    assert "StableDiffusion3Pipeline, which diffrt has no pipeline for" in caplog.text
+        export_pipeline(pixart, output, components=["text_encoder", "vae_decoder"])
+    assert "PixArtSigmaPipeline, which diffrt has no pipeline for" in caplog.text
     manifest = json.loads((output / "diffrt.json").read_text())
-    assert manifest["pipeline"] == "StableDiffusion3Pipeline"
+    assert manifest["pipeline"] == "PixArtSigmaPipeline"
     assert list(manifest["components"]) == ["text_encoder", "vae_decoder"]
 
 

@@ -85,7 +85,8 @@ def _check_requested(source_id: str, pipeline_class: str, components: Components
         if not _exportable(folder, class_name):
             raise invalid(f"{folder} class", f"one of {', '.join(SOURCE_CLASSES[folder])}", class_name, ConfigError)
     scheduler = components.get("scheduler")
-    if any(name in requested for name in DENOISERS) and scheduler is not None and not _exportable("scheduler", scheduler[1]):
+    denoises = any(name in requested for name in DENOISERS)
+    if denoises and scheduler is not None and not _exportable("scheduler", scheduler[1]):
         raise invalid("scheduler class", "a scheduler diffrt implements", scheduler[1], ConfigError)
 
 

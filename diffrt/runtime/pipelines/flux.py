@@ -57,7 +57,7 @@ class _FluxBase(FlowTransformerPipeline):
                                         "transformer", "scheduler")
 
     @cached_property
-    def tokenizer_2(self) -> T5Tokenizer | None:  # type: ignore[override]  # FLUX's second tokenizer is T5's
+    def tokenizer_2(self) -> T5Tokenizer | None:  # FLUX's second tokenizer is T5's
         return self._t5_tokenizer("tokenizer_2")
 
     @property
@@ -180,7 +180,7 @@ class _FluxBase(FlowTransformerPipeline):
     def _schedule(self, num_inference_steps: int, sigmas: Sequence[float] | None, mu: float | None,
                   tokens: int) -> tuple[Any, np.ndarray]:
         if sigmas is None:
-            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            sigmas = list(np.linspace(1.0, 1 / num_inference_steps, num_inference_steps))
         if mu is None:  # Diffusers computes it whatever the scheduler; one without dynamic shifting ignores it
             mu = resolution_shift(tokens, self.scheduler.config)
         return self.flow_schedule(num_inference_steps, sigmas, mu, tokens)

@@ -93,7 +93,7 @@ class _StableDiffusion3Base(FlowTransformerPipeline):
             raise checks.InputError("pass only one of `prompt` and `prompt_embeds`")
         return len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
 
-    def _side(self, prompts: list[list[str] | None], embeds: Any, pooled: Any, prefix: str, clip_skip: int | None,
+    def _side(self, prompts: Sequence[list[str] | None], embeds: Any, pooled: Any, prefix: str, clip_skip: int | None,
               max_sequence_length: int, batch: int | None = None) -> FlowEmbeddings:
         """One side's embeddings: the caller's (checked), or the prompts encoded (prompt_2 / _3 default to it)."""
         joint, pooled_width = self.transformer_config.get("joint_attention_dim"), \
