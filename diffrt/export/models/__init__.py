@@ -1,4 +1,5 @@
-"""Export-friendly PyTorch UNet and VAEs that load diffusers state dicts strictly and match diffusers' outputs.
+"""Export-friendly PyTorch UNet, VAEs and FLUX transformer that load diffusers state dicts strictly and match
+diffusers' outputs.
 
 No diffusers import anywhere here: these modules are what `diffrt.export.onnx` traces.
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 from diffrt.export.models.blocks import ConfiguredModel
 from diffrt.export.models.controlnet import ControlNetModel
+from diffrt.export.models.flux_transformer import FluxTransformer2DModel
 from diffrt.export.models.tiny_vae import AutoencoderTiny
 from diffrt.export.models.unet import UNet2DConditionModel
 from diffrt.export.models.vae import AutoencoderKL, VaeDecoderForExport, VaeEncoderForExport
@@ -15,6 +17,7 @@ __all__ = [
     "AutoencoderTiny",
     "ConfiguredModel",
     "ControlNetModel",
+    "FluxTransformer2DModel",
     "UNet2DConditionModel",
     "VaeDecoderForExport",
     "VaeEncoderForExport",
