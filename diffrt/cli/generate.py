@@ -322,6 +322,7 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     optional = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
                 "width": args.width, "strength": args.strength, "sigmas": args.sigmas, "timesteps": args.timesteps}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    _check_accepted(pipe, kwargs)
     if args.control_scale:
         scales = args.control_scale
         kwargs["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
@@ -331,6 +332,19 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
         kwargs.update(_ays(pipe, args.steps))
     kwargs.update(weighting_kwargs(pipe, prompt_weighting(args)))
     return kwargs
+
+
+def _check_accepted(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """An option this package's pipeline has no argument for (`--timesteps` on SD3 / FLUX, whose schedules are
+    sigmas) is named, not passed on to fail as a TypeError."""
+    from diffrt.runtime.generation import call_defaults
+
+    accepted = call_defaults(pipe)
+    for name in kwargs:
+        if name not in accepted:
+            option = {"num_inference_steps": "steps", "guidance_scale": "guidance",
+                      "num_images_per_prompt": "num-images"}.get(name, name.replace("_", "-"))
+            raise InputError(f"`--{option}` does not apply to a {pipe.package.pipeline_class} package")
 
 
 def _warn_other_model(args: argparse.Namespace, pipe: Any, made_with: str | None) -> None:
