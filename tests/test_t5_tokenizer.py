@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from checkpoint_fixtures import make_t5
 
-from diffrt.errors import InputError, PackageError
+from diffrt.errors import ExportError, InputError, PackageError
 from diffrt.export.tokenizers import write_t5_tokenizer
 from diffrt.runtime.tokenizer_t5 import T5Tokenizer
 
@@ -153,3 +153,9 @@ def test_runtime_t5_tokenizer_imports_no_torch_or_transformers():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert result.stdout.strip() == ""
+
+
+def test_unreadable_checkpoint_tokenizer_is_an_export_error_naming_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()  # an existing folder: transformers reads it locally, never from the Hub
+    with pytest.raises(ExportError, match="cannot read the T5 tokenizer in .*empty"):
+        write_t5_tokenizer(tmp_path / "empty", tmp_path / "package")

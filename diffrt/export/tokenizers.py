@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 T5_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 ORIGINAL_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 TOKENIZER_JSON = "tokenizer.json"
+SPIECE_MODEL = "spiece.model"  # T5's SentencePiece model, which transformers converts when tokenizer.json is absent
 
 
 def write_tokenizer(source: Path, target: Path) -> None:
@@ -63,8 +64,13 @@ def write_tokenizer(source: Path, target: Path) -> None:
 def write_t5_tokenizer(source: Path, target: Path) -> None:
     """Write the T5 tokenizer folder `source` to `target`: tokenizer.json as transformers runs it (see above),
     plus the special-token configs. ExportError if transformers cannot read `source` as a T5 tokenizer."""
-    from transformers import T5TokenizerFast
+    # transformers 4: the fast T5 class; 5: an alias of T5Tokenizer (a `tokenizers` backend), not in its stubs
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined,unused-ignore]
 
+    if not (source / TOKENIZER_JSON).is_file() and not (source / SPIECE_MODEL).is_file():
+        # transformers 5 would build a tokenizer of special tokens only from an empty folder, silently
+        raise ExportError(f"cannot read the T5 tokenizer in {source}: it has neither {TOKENIZER_JSON} nor "
+                          f"{SPIECE_MODEL}")
     try:
         reference = T5TokenizerFast.from_pretrained(str(source))
     except (OSError, ValueError, TypeError, ImportError) as error:
