@@ -10,6 +10,9 @@ The islands, and why:
 - LayerNormalization needs nothing: ONNX computes its statistics in float32 (`stash_type` = 1 by default).
 - The SDXL VAE stays float32 when its config says `force_upcast: true` (diffusers' SDXL pipelines upcast it for
   the same reason: the original SDXL VAE overflows float16 inside the decoder). The fp16-fix VAE says false.
+- Modules a graph marks with `keep_float32(module, dtypes)` stay float32 when converted to one of `dtypes`: T5's
+  feed-forward output projections in float16 (`diffrt.export.t5_encoder` says why). The marked module's caller
+  must accept a float32 result (T5 casts its input to the projection's dtype itself).
 - Timesteps and SDXL `time_ids` stay float32 inputs: float16 cannot hold fractional timesteps near 1000
   (spacing 0.5) and the sinusoidal embedding is computed in float32 by our UNet anyway.
 
@@ -18,7 +21,7 @@ bfloat16 and refuses lossy float32 -> float16 casts, so the graph converts at it
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,8 @@ FORCE_UPCAST_PIPELINE_MARKER = "XL"
 # ONNX TensorProto.FLOAT, for the Attention op's softmax_precision attribute and Cast's `to`.
 ONNX_FLOAT = 1
 REDUCED_ONNX_TYPES = {"FLOAT16", "BFLOAT16"}
+# The attribute `keep_float32` sets on a module: the reduced dtypes in which that module stays float32.
+FLOAT32_ISLAND_ATTRIBUTE = "_diffrt_float32_in"
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -70,12 +75,18 @@ def _float32_group_norm(norm: nn.GroupNorm) -> Float32GroupNorm:
     return upcast
 
 
+def keep_float32(module: nn.Module, dtypes: Iterable[torch.dtype]) -> None:
+    """Mark `module` (its parameters and buffers) to stay float32 when `convert_module` converts to one of
+    `dtypes`: a float32 island chosen by the graph, for a layer whose values overflow or lose too much there."""
+    setattr(module, FLOAT32_ISLAND_ATTRIBUTE, frozenset(dtypes))
+
+
 def convert_module(module: nn.Module, dtype: torch.dtype, float32_group_norm: bool = True) -> nn.Module:
     """`module` in `dtype` (in place), every GroupNorm replaced by a float32 one (unless `float32_group_norm` is
-    False); float32 leaves it unchanged."""
+    False) and the modules marked by `keep_float32` for `dtype` left float32; float32 leaves it unchanged."""
     if dtype == torch.float32:
         return module
-    module.to(dtype)
+    _to_dtype_except_islands(module, dtype)
     if not float32_group_norm:
         return module
     for parent in list(module.modules()):
@@ -83,6 +94,24 @@ def convert_module(module: nn.Module, dtype: torch.dtype, float32_group_norm: bo
             if type(child) is nn.GroupNorm:
                 setattr(parent, child_name, _float32_group_norm(child))
     return module
+
+
+def _to_dtype_except_islands(module: nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype)`, except the parameters and buffers of modules marked float32 for `dtype`: those are never
+    converted, so an island keeps the exact float32 weights (a round trip through float16 would round them, and
+    turn weights beyond 65504 into inf)."""
+    islands = [child for child in module.modules() if dtype in getattr(child, FLOAT32_ISLAND_ATTRIBUTE, ())]
+    if not islands:
+        module.to(dtype)
+        return
+    kept = {id(t) for island in islands for t in (*island.parameters(), *island.buffers())}
+    for child in module.modules():
+        for parameter in child.parameters(recurse=False):
+            if id(parameter) not in kept and parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in list(child.named_buffers(recurse=False)):
+            if id(buffer) not in kept and buffer.is_floating_point():
+                setattr(child, name, buffer.to(dtype))
 
 
 class BoundaryCast(nn.Module):
