@@ -77,7 +77,10 @@ def test_sd3_image_to_image_matches_diffusers(tiny_checkpoint, flow_package):
     pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(flow_package("sd3"))
     reference = diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(str(tiny_checkpoint("sd3")))
     _compare(pipe, reference, prompt=["a cat"], image=image, strength=0.7, num_inference_steps=5,
-             guidance_scale=3.0, max_sequence_length=12)
+             guidance_scale=3.0, max_sequence_length=12, **SIZE)
+    # Without a size, Diffusers resizes the image to the model's default size; so does diffrt.
+    call = dict(prompt="a cat", image=image, num_inference_steps=2, max_sequence_length=8, output_type="np")
+    assert pipe(**call).images.shape == (1, pipe.default_size(), pipe.default_size(), 3)
 
 
 def test_sd3_encode_prompt_gives_clip_then_t5_tokens(flow_package):

@@ -57,7 +57,7 @@ class _FluxBase(FlowTransformerPipeline):
                                         "transformer", "scheduler")
 
     @cached_property
-    def tokenizer_2(self) -> T5Tokenizer | None:  # FLUX's second tokenizer is T5's
+    def tokenizer_2(self) -> T5Tokenizer | None:  # type: ignore[override]  # FLUX's second tokenizer is T5's
         return self._t5_tokenizer("tokenizer_2")
 
     @property

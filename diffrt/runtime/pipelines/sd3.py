@@ -12,18 +12,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from diffrt.errors import invalid
+from diffrt.runtime.image import preprocess_image
 from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.flow_base import FlowTransformerPipeline
 from diffrt.runtime.pipelines.flow_prompts import FlowEmbeddings, encode_sd3
 from diffrt.runtime.pipelines.prompts import as_prompt_list, negative_list, repeat_per_prompt
-from diffrt.runtime.pipelines.stable_diffusion import (
-    check_image_batch,
-    image_or_latents,
-    image_size,
-    requested_steps,
-    tile_batch,
-)
+from diffrt.runtime.pipelines.stable_diffusion import check_image_batch, requested_steps, tile_batch
 from diffrt.runtime.prompt_chunks import CHUNK_LENGTH
 
 PROMPT_KEYS = ("prompt", "prompt_2", "prompt_3")
@@ -228,6 +223,8 @@ class StableDiffusion3Img2ImgPipeline(_StableDiffusion3Base):
         prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
         prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
         image: Any = None,
         strength: float = 0.6,
         num_inference_steps: int = 50,
@@ -252,14 +249,16 @@ class StableDiffusion3Img2ImgPipeline(_StableDiffusion3Base):
         mu: float | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
-        # 1. Check inputs.
+        # 1. Check inputs; as in Diffusers, the image is resized to `height` x `width` (default: the model's size).
         checks.check_range("strength", strength, 0.0, 1.0)
-        height, width = image_size(image, self.vae_scale_factor)
+        if image is None:
+            raise checks.InputError("`image` is required here")
+        height, width = height or self.default_size(), width or self.default_size()
         kw = dict(locals(), skip_guidance_layers=None)
-        batch_size, do_cfg = self._check_call(height, width, kw, encodes=True, source="image")
+        batch_size, do_cfg = self._check_call(height, width, kw, encodes=True)
         batch = batch_size * num_images_per_prompt
         checks.check_latents(latents, self._latent_shape(batch, height, width))
-        pixels = image_or_latents(image, self.vae_scale_factor)
+        pixels = preprocess_image(image, height, width, vae_scale_factor=self.vae_scale_factor)
         check_image_batch("image", pixels.shape[0], batch)
         generator = to_generator(generator)
         # 2. Timesteps, cut to `strength`.
@@ -282,9 +281,6 @@ class StableDiffusion3Img2ImgPipeline(_StableDiffusion3Base):
         return self.finish(latents, output_type, return_dict, timings)
 
     def _image_latents(self, pixels: np.ndarray, batch: int, generator: Any) -> np.ndarray:
-        channels = int(self.transformer_config.get("in_channels", 16))
-        if pixels.shape[1] == channels:  # already latents
-            return tile_batch(pixels, batch, "image")
         if isinstance(generator, list) and pixels.shape[0] < batch:
             pixels = tile_batch(pixels, batch, "image")
         return tile_batch(self.scale_latents(self.encode_image(pixels, generator)), batch, "image")
