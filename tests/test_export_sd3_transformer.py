@@ -150,7 +150,7 @@ def test_multi_head_attention_lowering_switches_every_attention_and_keeps_output
 def test_onnx_export_keeps_batch_size_and_sequence_dynamic(fused, pairs, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from diffrt.export.attention_op import translation_table
-    from diffrt.export.onnx import _Positional
+    from diffrt.export.onnx import Positional
 
     model = SD3Transformer2DModel.from_state_dict(TINY_SD35, pairs["sd35"][0].state_dict())
     if fused:
@@ -159,7 +159,7 @@ def test_onnx_export_keeps_batch_size_and_sequence_dynamic(fused, pairs, tmp_pat
     # Traced at sizes other than those checked; none is 1 (torch.export would specialise it).
     with torch.no_grad():
         program = torch.onnx.export(
-            _Positional(model, INPUT_NAMES).eval(), inputs(TINY_SD35, 2, 8, 12), dynamo=True, opset_version=23,
+            Positional(model, INPUT_NAMES).eval(), inputs(TINY_SD35, 2, 8, 12), dynamo=True, opset_version=23,
             input_names=INPUT_NAMES, output_names=["out_hidden_states"], dynamic_shapes={"inputs": dynamic},
             custom_translation_table=translation_table() if fused else None, verbose=False,
         )

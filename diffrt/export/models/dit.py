@@ -2,9 +2,11 @@
 
 What lives here is shared by every DiT we export: the adaptive LayerNorms that modulate each block from the
 conditioning vector (adaLN-Zero, Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"), RMSNorm for the
-per-head query/key normalisation of SD3.5 and FLUX, the gelu-tanh feed-forward, the timestep + pooled-text
-conditioning embedding, and `JointAttention`, the MMDiT attention over image and text tokens concatenated along the
-sequence (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis").
+per-head query/key normalisation of SD3.5 and FLUX, the gelu-tanh feed-forward, the timestep (+ guidance) +
+pooled-text conditioning embedding, the rotary embedding's rotation, `JointAttention`, the MMDiT attention over image
+and text tokens concatenated along the sequence (Esser et al. 2024, "Scaling Rectified Flow Transformers for
+High-Resolution Image Synthesis"), and `JointTransformerBlock`, the dual-stream block of SD3 and FLUX. What only FLUX
+has (its rotary position table, the single-stream block) is in `flux_blocks` / `flux_embeddings`.
 
 Parameter names follow diffusers' `normalization.py`, `embeddings.py`, `attention.py` and `attention_processor.py`;
 each forward keeps diffusers' operation order so float32 outputs agree to rounding. Dropout is left out: inference.
@@ -29,7 +31,9 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension (Zhang & Sennrich 2019), diffusers `RMSNorm`.
 
     The mean square is taken in float32 whatever the input type, as diffusers does: a float16 sum of squares of
-    64 activations overflows easily. Without a weight the result goes back to the input type.
+    64 activations overflows easily. Without a weight the result goes back to the input type. With input and weight
+    of one dtype (what `convert_module` gives) this is also `torch.nn.RMSNorm`'s arithmetic, which diffusers' FLUX
+    uses for its q/k norms; they differ only for a float16/bfloat16 input with a float32 weight (float32 out here).
     """
 
     weight: nn.Parameter | None
@@ -61,7 +65,7 @@ def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module | No
     raise invalid("qk_norm", "one of " + ", ".join(repr(k) for k in QK_NORMS), kind, ConfigError)
 
 
-def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: per-sample scale and shift [B, C] broadcast over the tokens of [B, L, C]; `1 + scale` as DiT does."""
     return normed * (1 + scale[:, None]) + shift[:, None]
 
@@ -85,7 +89,7 @@ class AdaLayerNormZero(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
-        return _modulate(self.norm(hidden_states), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+        return modulate(self.norm(hidden_states), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
 class AdaLayerNormZeroX(AdaLayerNormZero):
@@ -101,8 +105,8 @@ class AdaLayerNormZeroX(AdaLayerNormZero):
         chunks = self.linear(self.silu(emb)).chunk(9, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = chunks
         normed = self.norm(hidden_states)
-        return (_modulate(normed, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp,
-                _modulate(normed, shift_msa2, scale_msa2), gate_msa2)
+        return (modulate(normed, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp,
+                modulate(normed, shift_msa2, scale_msa2), gate_msa2)
 
 
 class AdaLayerNormContinuous(nn.Module):
@@ -119,7 +123,7 @@ class AdaLayerNormContinuous(nn.Module):
     def forward(self, hidden_states: torch.Tensor, conditioning_embedding: torch.Tensor) -> torch.Tensor:
         # diffusers casts the SiLU output to x's dtype: the conditioning may be float32 in a reduced-precision model.
         scale, shift = self.linear(self.silu(conditioning_embedding).to(hidden_states.dtype)).chunk(2, dim=1)
-        return _modulate(self.norm(hidden_states), shift, scale)
+        return modulate(self.norm(hidden_states), shift, scale)
 
 
 class GELUProjection(nn.Module):
@@ -171,23 +175,34 @@ class TextProjection(nn.Module):
 class CombinedTimestepTextProjEmbeddings(nn.Module):
     """The DiT conditioning vector: MLP(sinusoidal(timestep, 256 channels, cos first)) + MLP(pooled text).
 
-    SD3 feeds timesteps in [0, 1000] (sigma * 1000) as floats; FLUX adds a guidance embedder beside these two.
+    SD3 and FLUX feed timesteps in [0, 1000] (sigma * 1000) as floats. `guidance=True` adds `guidance_embedder`, an
+    MLP on the same sinusoid of the guidance scale (x 1000), summed as (timestep + guidance) + text: diffusers'
+    `CombinedTimestepGuidanceTextProjEmbeddings` (FLUX.1-dev), same parameter names otherwise.
     """
 
-    def __init__(self, embedding_dim: int, pooled_projection_dim: int):
+    guidance_embedder: TimestepEmbedding | None
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance: bool = False):
         super().__init__()
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_embedder = TimestepEmbedding(256, embedding_dim)
+        self.guidance_embedder = TimestepEmbedding(256, embedding_dim) if guidance else None
         self.text_embedder = TextProjection(pooled_projection_dim, embedding_dim, act_fn="silu")
 
-    def forward(self, timestep: torch.Tensor, pooled_projection: torch.Tensor) -> torch.Tensor:
+    def forward(self, timestep: torch.Tensor, pooled_projection: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """`guidance` is used only by a model built with `guidance=True` (its caller checks that it is given)."""
         # The sinusoid is float32; diffusers casts it to the pooled embedding's dtype before the MLP.
-        timesteps_emb = self.timestep_embedder(self.time_proj(timestep).to(pooled_projection.dtype))
-        return timesteps_emb + self.text_embedder(pooled_projection)
+        dtype = pooled_projection.dtype
+        conditioning = self.timestep_embedder(self.time_proj(timestep).to(dtype))
+        if self.guidance_embedder is not None and guidance is not None:
+            conditioning = conditioning + self.guidance_embedder(self.time_proj(guidance).to(dtype))
+        return conditioning + self.text_embedder(pooled_projection)
 
 
 def apply_rotary_emb(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rotary position embedding on [B, L, heads*d] projections; cos/sin are [L, d] (FLUX: interleaved pairs).
+    """Rotary position embedding on [B, L, heads*d] projections; cos/sin are [L, d] (FLUX: interleaved pairs, from
+    `flux_embeddings.FluxPosEmbed`).
 
     diffusers `apply_rotary_emb(use_real=True, use_real_unbind_dim=-1)`: channel pairs (2i, 2i+1) are rotated,
     computed in float32 and cast back.
@@ -286,3 +301,62 @@ class JointAttention(Attention):
         if len(self.to_out):
             attended = self.to_out[0](attended)
         return attended, context_out
+
+
+class JointTransformerBlock(nn.Module):
+    """One MMDiT block: adaLN-Zero-modulated joint attention and a gelu-tanh MLP per stream, each with a gated
+    residual (diffusers `JointTransformerBlock`; with `context_first=True, qk_norm="rms_norm"` and a rotary
+    embedding, the arithmetic of FLUX's `FluxTransformerBlock`, which adds only a float16 clip of the context).
+
+    SD3.5 blocks in `dual_attention_layers` add a second, image-only attention `attn2` (modulated by the extra chunks
+    of `AdaLayerNormZeroX`). SD3's last block is `context_pre_only`: its context stream only feeds the attention
+    (continuous adaLN, no context output).
+    """
+
+    norm1: AdaLayerNormZero
+    norm1_context: AdaLayerNormZero | AdaLayerNormContinuous
+    attn2: JointAttention | None
+    norm2_context: nn.LayerNorm | None
+    ff_context: GeluFeedForward | None
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_pre_only: bool = False,
+                 qk_norm: str | None = None, use_dual_attention: bool = False, context_first: bool = False,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.use_dual_attention = use_dual_attention
+        self.norm1 = AdaLayerNormZeroX(dim) if use_dual_attention else AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, heads, head_dim, context_dim=dim, qk_norm=qk_norm, eps=eps,
+                                   context_pre_only=context_pre_only, context_first=context_first)
+        self.attn2 = JointAttention(dim, heads, head_dim, qk_norm=qk_norm, eps=eps) if use_dual_attention else None
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = GeluFeedForward(dim, dim)
+        self.norm2_context = None if context_pre_only else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff_context = None if context_pre_only else GeluFeedForward(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, temb: torch.Tensor,
+                rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(context, hidden_states), diffusers' order; the context is None after a context_pre_only block.
+        `rotary_emb`: (cos, sin) over the joint sequence, for the joint attention (FLUX)."""
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(hidden_states, temb)
+        if isinstance(self.norm1_context, AdaLayerNormContinuous):
+            normed_context, context_mods = self.norm1_context(context, temb), None
+        else:
+            normed_context, *context_mods = self.norm1_context(context, temb)
+        attn_output, context_attn_output = self.attn(normed, normed_context, rotary_emb)
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+        if self.attn2 is not None:
+            normed2, gate_msa2 = dual
+            hidden_states = hidden_states + gate_msa2.unsqueeze(1) * self.attn2(normed2)[0]
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(
+            modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
+        if context_mods is None or self.ff_context is None or self.norm2_context is None:
+            return None, hidden_states
+        assert context_attn_output is not None  # a joint attention with a context returns its output
+        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mods
+        context = context + c_gate_msa.unsqueeze(1) * context_attn_output
+        context = context + c_gate_mlp.unsqueeze(1) * self.ff_context(
+            modulate(self.norm2_context(context), c_shift_mlp, c_scale_mlp))
+        return context, hidden_states

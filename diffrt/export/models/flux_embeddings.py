@@ -1,11 +1,13 @@
-"""FLUX.1's conditioning embeddings: rotary position embedding from position ids, and timestep/guidance/pooled-text.
+"""FLUX.1's rotary position embedding: (cos, sin) tables from the position ids, in float32 as exact as diffusers'
+float64 ones.
 
 Diffusers builds the rotary embedding with complex numbers or float64 (`FluxPosEmbed`, `get_1d_rotary_pos_embed`,
 `apply_rotary_emb`); ONNX has no complex type and TensorRT no float64, so here the angles are real float32 arithmetic
 in the graph, computed from the ids the caller passes (any image size, any id layout such as Kontext's). The
 frequencies are computed in float64 in Python, as Diffusers does, and enter the graph as float32 constants split so
-the float32 angles stay as exact as Diffusers' float64 ones (`FluxPosEmbed`).
-Parameter names follow diffusers (`embeddings.py`) so its state dict loads strictly.
+the float32 angles stay as exact as Diffusers' float64 ones (`FluxPosEmbed`). The rotation itself, and the
+timestep / guidance / pooled-text embedding, are shared with SD3: `dit.apply_rotary_emb`,
+`dit.CombinedTimestepTextProjEmbeddings`.
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-
-from diffrt.export.models.blocks import TimestepEmbedding, Timesteps
 
 
 def rotary_frequencies(axes_dim: Sequence[int], theta: float) -> tuple[list[float], list[int]]:
@@ -67,56 +67,3 @@ class FluxPosEmbed(nn.Module):
         low = positions * torch.tensor(self._low, dtype=torch.float32, device=ids.device)
         cos_high, sin_high, cos_low, sin_low = high.cos(), high.sin(), low.cos(), low.sin()
         return cos_high * cos_low - sin_high * sin_low, sin_high * cos_low + cos_high * sin_low
-
-
-def apply_rotary_emb(x: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x [B, S, heads, D] by (cos, sin) [S, D] with real ops.
-
-    Diffusers' `apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)`: pair (a, b) becomes
-    (a cos - b sin, b cos + a sin), computed in float32 and cast back to x's dtype.
-    """
-    cos, sin = rotary_emb
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
-class PixArtAlphaTextProjection(nn.Module):
-    """Two-layer MLP with SiLU between, projecting the pooled text embedding (diffusers' class, act_fn="silu")."""
-
-    def __init__(self, in_features: int, hidden_size: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_features, hidden_size)
-        self.act_1 = nn.SiLU()
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, caption: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(caption)))
-
-
-class CombinedTimestepTextProjEmbeddings(nn.Module):
-    """Timestep (+ guidance) + pooled-text conditioning vector [B, embedding_dim].
-
-    With `guidance=True` this is diffusers' `CombinedTimestepGuidanceTextProjEmbeddings` (FLUX.1-dev), otherwise
-    `CombinedTimestepTextProjEmbeddings` (FLUX.1-schnell); both share parameter names, the former adds
-    `guidance_embedder`. Summation order is diffusers': (timestep + guidance) + text.
-    """
-
-    guidance_embedder: TimestepEmbedding | None
-
-    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance: bool = False):
-        super().__init__()
-        self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=embedding_dim)
-        self.guidance_embedder = TimestepEmbedding(256, embedding_dim) if guidance else None
-        self.text_embedder = PixArtAlphaTextProjection(pooled_projection_dim, embedding_dim)
-
-    def forward(
-        self, timestep: torch.Tensor, pooled_projection: torch.Tensor, guidance: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        dtype = pooled_projection.dtype
-        conditioning = self.timestep_embedder(self.time_proj(timestep).to(dtype))
-        if self.guidance_embedder is not None and guidance is not None:
-            conditioning = conditioning + self.guidance_embedder(self.time_proj(guidance).to(dtype))
-        return conditioning + self.text_embedder(pooled_projection)

@@ -15,8 +15,9 @@ from torch import nn
 
 from diffrt.errors import ConfigError, InputError, invalid
 from diffrt.export.models.blocks import ConfiguredModel
-from diffrt.export.models.flux_blocks import AdaLayerNormContinuous, FluxSingleTransformerBlock, FluxTransformerBlock
-from diffrt.export.models.flux_embeddings import CombinedTimestepTextProjEmbeddings, FluxPosEmbed
+from diffrt.export.models.dit import AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings
+from diffrt.export.models.flux_blocks import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffrt.export.models.flux_embeddings import FluxPosEmbed
 
 logger = logging.getLogger(__name__)
 

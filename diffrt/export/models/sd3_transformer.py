@@ -19,11 +19,8 @@ from diffrt.export.models.blocks import ConfiguredModel
 from diffrt.export.models.dit import (
     QK_NORMS,
     AdaLayerNormContinuous,
-    AdaLayerNormZero,
-    AdaLayerNormZeroX,
     CombinedTimestepTextProjEmbeddings,
-    GeluFeedForward,
-    JointAttention,
+    JointTransformerBlock,
 )
 
 # diffusers' SD3Transformer2DModel constructor keywords and defaults (config.json keys).
@@ -112,58 +109,6 @@ class PatchEmbed(nn.Module):
         height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
         tokens = self.proj(latent).flatten(2).transpose(1, 2)
         return (tokens + self.cropped_pos_embed(height, width)).to(tokens.dtype)
-
-
-class JointTransformerBlock(nn.Module):
-    """One MMDiT block (diffusers `JointTransformerBlock`): adaLN-Zero-modulated joint attention and a gelu-tanh
-    MLP per stream, each with a gated residual. SD3.5 blocks in `dual_attention_layers` add a second, image-only
-    attention `attn2` (modulated by the extra chunks of `AdaLayerNormZeroX`). The last block is `context_pre_only`:
-    its context stream only feeds the attention (continuous adaLN, no context output)."""
-
-    norm1: AdaLayerNormZero
-    norm1_context: AdaLayerNormZero | AdaLayerNormContinuous
-    attn2: JointAttention | None
-    norm2_context: nn.LayerNorm | None
-    ff_context: GeluFeedForward | None
-
-    def __init__(self, dim: int, heads: int, head_dim: int, context_pre_only: bool, qk_norm: str | None,
-                 use_dual_attention: bool):
-        super().__init__()
-        self.context_pre_only = context_pre_only
-        self.use_dual_attention = use_dual_attention
-        self.norm1 = AdaLayerNormZeroX(dim) if use_dual_attention else AdaLayerNormZero(dim)
-        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
-        self.attn = JointAttention(dim, heads, head_dim, context_dim=dim, qk_norm=qk_norm,
-                                   context_pre_only=context_pre_only)
-        self.attn2 = JointAttention(dim, heads, head_dim, qk_norm=qk_norm) if use_dual_attention else None
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ff = GeluFeedForward(dim, dim)
-        self.norm2_context = None if context_pre_only else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ff_context = None if context_pre_only else GeluFeedForward(dim, dim)
-
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor, temb: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(context, hidden_states), diffusers' order; the context is None after a context_pre_only block."""
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, *dual = self.norm1(hidden_states, temb)
-        if isinstance(self.norm1_context, AdaLayerNormContinuous):
-            normed_context, context_mods = self.norm1_context(context, temb), None
-        else:
-            normed_context, *context_mods = self.norm1_context(context, temb)
-        attn_output, context_attn_output = self.attn(normed, normed_context)
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        if self.attn2 is not None:
-            normed2, gate_msa2 = dual
-            hidden_states = hidden_states + gate_msa2.unsqueeze(1) * self.attn2(normed2)[0]
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(
-            self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
-        if context_mods is None or self.ff_context is None or self.norm2_context is None:
-            return None, hidden_states
-        assert context_attn_output is not None  # a joint attention with a context returns its output
-        c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mods
-        context = context + c_gate_msa.unsqueeze(1) * context_attn_output
-        context = context + c_gate_mlp.unsqueeze(1) * self.ff_context(
-            self.norm2_context(context) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-        return context, hidden_states
 
 
 class SD3Transformer2DModel(ConfiguredModel):
