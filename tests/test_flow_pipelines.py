@@ -123,7 +123,7 @@ def test_flux_image_to_image_matches_diffusers(tiny_checkpoint, flow_package):
     pipe = FluxImg2ImgPipeline.from_pretrained(flow_package("flux_dev"))
     reference = diffusers.FluxImg2ImgPipeline.from_pretrained(str(tiny_checkpoint("flux_dev")))
     _compare(pipe, reference, prompt=["a cat"], image=image, strength=0.6, num_inference_steps=5,
-             guidance_scale=3.5, max_sequence_length=12)
+             guidance_scale=3.5, max_sequence_length=12, **SIZE)
 
 
 def test_flux_latent_output_is_packed_as_in_diffusers(tiny_checkpoint, flow_package):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from diffrt.errors import InputError, invalid
-from diffrt.runtime.image import input_image_size, preprocess_image
+from diffrt.runtime.image import preprocess_image
 from diffrt.runtime.pipelines import checks
 from diffrt.runtime.pipelines.base import DenoiseState, PipelineOutput, randn_tensor, to_generator
 from diffrt.runtime.pipelines.flow_base import FlowTransformerPipeline, resolution_shift
@@ -282,14 +282,12 @@ class FluxImg2ImgPipeline(_FluxBase):
         mu: float | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
-        # 1. Check inputs; the image is resized to `height` x `width` when they are given (Diffusers).
+        # 1. Check inputs; as in Diffusers, the image is resized to `height` x `width` (default: 1024 x 1024).
         checks.check_range("strength", strength, 0.0, 1.0)
         if image is None:
             raise InputError("`image` is required here")
         unit = self.vae_scale_factor * 2
-        if height is None or width is None:
-            size = input_image_size(image, unit)
-            height, width = height or size[0], width or size[1]
+        height, width = height or self.default_size(), width or self.default_size()
         kw = locals()
         batch_size, do_cfg = self._check_call(height, width, kw, encodes=True, source="image")
         rows = batch_size * num_images_per_prompt
