@@ -32,7 +32,7 @@ from diffrt.export.plan import (
     plan_components,
 )
 from diffrt.export.precision import component_precision
-from diffrt.export.preflight import check_free_space, check_weight_files
+from diffrt.export.preflight import check_free_space, check_memory, check_weight_files
 from diffrt.export.taesd import WEIGHTS_FILE as TINY_WEIGHTS
 from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny_vae, tiny_names
 from diffrt.export.tokenizers import write_t5_tokenizer, write_tokenizer
@@ -88,6 +88,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     check_output(output, overwrite, sources)
     weights = _weight_files(src, names) + ([tiny.path / TINY_WEIGHTS] if tiny is not None else [])
     check_free_space(output, check_weight_files(weights), options.precision)
+    check_memory(src.weight_files, {WEIGHTS_OF[name] for name in names}, options.validate)
     rows: Rows = []
     with PackageWriter(output, overwrite, sources) as folder:
         entries = _export_components(src, names, folder, options, rows, residuals=bool(control))
