@@ -63,6 +63,18 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 
+# Flow-matching models (SD3, FLUX) predict a velocity: only their own Euler integrates it. Forge and ComfyUI call it
+# "Euler" there, with the usual schedule types on its sigmas.
+FLOW_MATCH_CLASSES = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def _flow_match_sampler(name: str, sampler: str) -> str:
+    if sampler != "Euler":
+        raise invalid("name", "'Euler' (optionally with a schedule type) for a flow-matching model (SD3, FLUX), "
+                      "whose velocity prediction only the flow-matching Euler integrates", name)
+    return FLOW_MATCH_CLASSES[0]
+
+
 def _key(name: str) -> str:
     """Comparison key: lower case without spaces, '_' and '-', '++' as 'pp' ("DPM++ 2M" == "dpmpp_2m")."""
     return re.sub(r"[\s_\-]+", "", name.lower()).replace("++", "pp")
@@ -122,6 +134,9 @@ def from_name(name: str, config: Any = None, **overrides: Any) -> Any:
 
     sampler, schedule = parse_name(name)
     class_name, options = _options(sampler, schedule)
+    data = {} if config is None else load_config(config)
+    if data.get("_class_name") in FLOW_MATCH_CLASSES:
+        class_name = _flow_match_sampler(name, sampler)
     if class_name not in registered_names():
         raise invalid("name", f"a sampler diffrt implements; {name!r} needs {class_name}, which it does not "
                       "implement yet", name, ConfigError)
@@ -131,6 +146,5 @@ def from_name(name: str, config: Any = None, **overrides: Any) -> Any:
         if key not in keys:
             raise invalid("name", f"a schedule type {class_name} supports ({schedule!r} needs its `{key}`)", name,
                           ConfigError)
-    data = {} if config is None else load_config(config)
     options = {k: v for k, v in options.items() if k in keys}
     return cls.from_config(data, **{**options, **overrides})

@@ -78,8 +78,9 @@ def adapted_pipelines(config: ServeConfig, info: PackageInfo, metrics: Metrics) 
 
 
 def _max_rows(pipe: Any) -> int:
-    """Half the UNet's largest `batch` (a CFG call runs each image twice); unbounded packages get a large number."""
-    low_high = pipe.package.component("unet").dim_ranges.get("batch")
+    """Half the denoiser's largest `batch` (a CFG call runs each image twice); unbounded packages get a large
+    number."""
+    low_high = pipe.package.component(pipe.denoiser_name).dim_ranges.get("batch")
     return max(1, int(low_high[1]) // 2) if low_high else 1 << 16
 
 

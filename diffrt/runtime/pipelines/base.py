@@ -97,6 +97,8 @@ def randn_tensor(shape: Sequence[int], generator: Any) -> np.ndarray:
 class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
     """Loads a model package and runs it; `from_pretrained` picks the concrete class from `model_index.json`."""
 
+    #: the component that predicts the noise (or velocity) each step
+    denoiser_name: str = "unet"
     #: components a package must have for this class (checked before any engine is created)
     required_components: tuple[str, ...] = ()
     #: components this class runs when the package has them (SDXL's first text encoder)

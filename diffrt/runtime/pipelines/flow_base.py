@@ -38,8 +38,7 @@ def resolution_shift(image_seq_len: int, config: Any) -> float:
 class FlowTransformerPipeline(DiffusionPipeline):
     """Base of the SD3 and FLUX pipelines; not used directly."""
 
-    #: the transformer's latent input and the axes of `hidden_states` that hold height and width (SD3) or the
-    #: image tokens (FLUX)
+    denoiser_name = "transformer"
     _callback_tensor_inputs: tuple[str, ...] = ("latents", "prompt_embeds")
 
     @cached_property
