@@ -411,5 +411,5 @@ def test_a_damaged_weight_file_is_named_before_any_component_is_exported(checkpo
 
 
 def test_refusals_are_config_errors(tiny_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="StableDiffusion3Pipeline"):
-        export_pipeline(tiny_checkpoint("sd3"), tmp_path / "out")
+    with pytest.raises(ConfigError, match="PixArtSigmaPipeline"):
+        export_pipeline(_pixart_like(tiny_checkpoint, tmp_path / "pixart"), tmp_path / "out")
