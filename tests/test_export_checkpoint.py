@@ -303,7 +303,7 @@ def _tiny_sd15(folder: Path, tiny_sd15: Path) -> Path:
     (_pickle, {}, InputError, r"`source` must be a .safetensors file \(pickled"),
     (_missing, {}, ExportError, r"single-file checkpoint not found: .*missing.safetensors"),
     (_tiny_sd15, {"prediction_type": "eps"}, InputError, r"`prediction_type` must be one of"),
-    (_tiny_sd15, {"config_overrides": {"transformer": {}}}, InputError, r"`config_overrides` must be"),
+    (_tiny_sd15, {"config_overrides": {"safety_checker": {}}}, InputError, r"`config_overrides` must be"),
     (_tiny_sd15, {"variant": "fp16"}, InputError, r"`variant` must be None for a single-file"),
     (_tiny_sd15, {}, ConfigError, r"cannot infer text_encoder `num_attention_heads`.*config_overrides"),
 ])

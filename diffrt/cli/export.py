@@ -13,6 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "file (omitted with --into)")
     parser.add_argument("output", type=Path, nargs="?", help="model package folder to create (omitted with --into)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--config-folder", type=Path, default=None, metavar="FOLDER",
+                        help="single .safetensors SOURCE only: a diffusers folder of the same model whose configs and "
+                        "tokenizers to use and whose components the file lacks to take (needed for FLUX.1 "
+                        "transformer-only files and SD3.5 files without text encoders)")
     parser.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt", "cuda"),
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.output, revision=args.revision, variant=args.variant, precision=args.precision,
         target=args.target, opset=args.opset, components=args.components, overwrite=args.overwrite,
         validate=args.validate, tolerance=args.tolerance, token=args.token, tiny_vae=args.tiny_vae,
-        controlnets=args.controlnet,
+        controlnets=args.controlnet, config_folder=args.config_folder,
     )
     if args.tensorrt:
         from diffrt.export.tensorrt import build_engines

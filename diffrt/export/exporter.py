@@ -55,7 +55,8 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
                     opset: int | None = None, components: Sequence[str] | None = None, overwrite: bool = False,
                     validate: bool = True, tolerance: float | None = None, token: str | bool | None = None,
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                    tiny_vae: str | Path | None = None, controlnets: Sequence[str | Path] | None = None) -> Path:
+                    tiny_vae: str | Path | None = None, controlnets: Sequence[str | Path] | None = None,
+                    config_folder: str | Path | None = None) -> Path:
     """Export the checkpoint `source` to the model package folder `output`; returns `output`.
 
     `precision` fp32 | fp16 | bf16 (float32 islands kept, see `diffrt.export.precision`); `target` onnxruntime
@@ -66,16 +67,20 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
     `diffrt.export.taesd`. `controlnets`, ControlNetModel folders or Hub repo ids (each optionally `NAME=SOURCE`),
     adds `controlnet_<name>` components and exports the UNet with their residual inputs (see
-    `diffrt.export.controlnet`); the package then runs as the ControlNet pipeline of its kind.
+    `diffrt.export.controlnet`); the package then runs as the ControlNet pipeline of its kind. `config_folder`, for
+    a single `.safetensors` source only: a diffusers folder of the same model family whose configs and tokenizers to
+    use and whose components the file lacks to take (FLUX.1 files hold the transformer alone; see
+    `diffrt.export.single_file`).
     """
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
     output = output_path(output)
     remove_stale_temp(output)  # a killed earlier run's temp folders (and maybe the package it was replacing)
     local = _local_sources(source, tiny_vae) + _local_controlnets(controlnets)
+    local += [("config folder", Path(config_folder).expanduser())] if config_folder is not None else []
     check_output(output, overwrite, local)
     # The tiny VAE first: its files are small, so a wrong one fails before a large checkpoint download.
     tiny = resolve_tiny_vae(tiny_vae, token=token) if tiny_vae is not None else None
-    src = _resolve(source, revision, variant, token, options.components)
+    src = _resolve(source, revision, variant, token, options.components, config_folder)
     names = plan_components(src, options.components)
     tiny_components = tiny_names("vae_encoder" in names) if tiny is not None else []
     if tiny is not None:
@@ -104,13 +109,13 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
 
 
 def _resolve(source: str | Path, revision: str | None, variant: str | None, token: str | bool | None,
-             components: Sequence[str] | None) -> Any:
+             components: Sequence[str] | None, config_folder: str | Path | None = None) -> Any:
     """The checkpoint as a local diffusers folder; a source that cannot be found is an argument error. What diffrt
     cannot export is refused as soon as model_index.json is read (before weights are downloaded or read)."""
     from diffrt.export.checkpoint import resolve_source
 
     try:
-        return resolve_source(source, revision=revision, variant=variant, token=token,
+        return resolve_source(source, revision=revision, variant=variant, token=token, config_folder=config_folder,
                               check=check_index(components))
     except ExportError as error:
         raise InputError(f"`source`: {error}") from error

@@ -5,6 +5,10 @@ every tensor to its diffusers / transformers name, builds the configs, and write
 configs, tokenizers, model_index.json) into a cache directory: first to a temporary folder beside it, then renamed
 into place, so the rest of export treats it like any folder. The folder is keyed by the file's path, size and
 modification time and by the conversion options, so a second call reuses it.
+
+SD3 / SD3.5 and FLUX.1 files (a transformer under `joint_blocks` / `double_blocks`) go through
+`single_file_flow`: they may lack the VAE or text encoders (FLUX.1 files are the transformer alone), which then
+come, weights linked, from `config_folder`.
 """
 from __future__ import annotations
 
@@ -29,8 +33,16 @@ from diffrt.export.single_file_config import (
     build_configs,
     model_index,
 )
+from diffrt.export.single_file_flow import default_weights, flow_family, plan_flow
 from diffrt.export.single_file_text import clip_plan, open_clip_plan
-from diffrt.export.single_file_unet import Plan, Shapes, unet_layers_per_block, unet_plan, vae_plan
+from diffrt.export.single_file_unet import (
+    Plan,
+    Shapes,
+    apply_take,
+    unet_layers_per_block,
+    unet_plan,
+    vae_plan,
+)
 from diffrt.package.files import read_json, temp_folder, write_json
 from diffrt.package.leftovers import remove_stale_temp
 from diffrt.package.names import CONFIG_NAME, INDEX_NAME
@@ -47,7 +59,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 IGNORED_KEYS = re.compile(r"^(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_minus_alphas_cumprod|posterior_\w+|"
                           r"logvar|lvlb_weights|model_ema\..+|denoiser\..+)$")
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+                "transformer": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                "text_encoder_2": "model.safetensors", "text_encoder_3": "model.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,8 @@ class SingleFileResult:
     """A converted single file: the diffusers folder and what was recognised."""
 
     path: Path  # the materialized diffusers folder
-    model_type: str  # diffusers' name: v1, v2, xl_base, xl_refiner, inpainting, inpainting_v2, xl_inpaint
+    model_type: str  # diffusers' name: v1, v2, xl_base, xl_refiner, inpainting, inpainting_v2, xl_inpaint, sd3,
+    # sd35_medium, sd35_large, flux-dev, flux-schnell
     pipeline_class: str
     clip_skip: int  # text-encoder layers after the one the model reads (SD 2.x files keep OpenCLIP's 24th)
 
@@ -72,10 +86,15 @@ class SingleFilePlan:
     configs: dict[str, dict] = field(default_factory=dict)  # component -> config.json content
     pipeline_class: str = ""
     clip_skip: int = 0
+    # SD3 / FLUX files (`single_file_flow`), where what the file holds varies: set instead of the family table's
+    flow_type: str = ""  # the model type
+    index: dict[str, Any] | None = None  # model_index.json
+    tokenizers: tuple[str, ...] | None = None  # tokenizer folders to copy
+    borrowed: dict[str, Path] = field(default_factory=dict)  # component -> config_folder's folder, weights linked
 
     @property
     def model_type(self) -> str:
-        return MODEL_TYPES[self.family.name, self.inpainting]
+        return self.flow_type or MODEL_TYPES[self.family.name, self.inpainting]
 
 
 def plan_single_file(
@@ -127,6 +146,10 @@ def _plan(file: Path, options: ConfigOptions) -> SingleFilePlan:
 
 
 def _plan_shapes(shapes: Shapes, file: Path | None, options: ConfigOptions) -> SingleFilePlan:
+    if flow_family(shapes) is not None:  # SD3 / FLUX: a transformer, and what else the file or config_folder has
+        flow = plan_flow(shapes, file.name if file is not None else "the checkpoint", options)
+        return SingleFilePlan(file, flow.family, False, flow.plans, flow.prefixes, flow.configs,
+                              flow.family.pipelines[0], 0, flow.model_type, flow.index, flow.tokenizers, flow.borrowed)
     family, inpainting = detect_family(shapes)
     plan = SingleFilePlan(file, family, inpainting, *_plans(shapes, family))
     plan.configs, plan.clip_skip, plan.pipeline_class = build_configs(
@@ -190,7 +213,8 @@ def detect_family(shapes: Shapes) -> tuple[Family, bool]:
     """(family, inpainting) from key names: the text encoders' prefixes differ between SD 1.x, 2.x, XL and refiner."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
-        raise ExportError("not a Stable Diffusion single-file checkpoint: no `model.diffusion_model.*` UNet keys")
+        raise ExportError("not a Stable Diffusion single-file checkpoint: no `model.diffusion_model.*` UNet keys (nor "
+                          "SD3 `joint_blocks.*` / FLUX.1 `double_blocks.*` transformer keys)")
     for name in ("xl_base", "xl_refiner", "v2", "v1"):  # SDXL's embedders.0 is CLIP-L, so check XL first
         family = FAMILIES[name]
         if all(any(k.startswith(spec.prefix) for k in shapes) for spec in family.texts):
@@ -240,10 +264,12 @@ def _write_folder(target: Path, plan: SingleFilePlan, options: ConfigOptions, to
     try:
         for name, config in plan.configs.items():
             write_json(tmp / name / CONFIG_FILES.get(name, CONFIG_NAME), config)
-        write_json(tmp / INDEX_NAME, _index(plan, options))
+        write_json(tmp / INDEX_NAME, plan.index if plan.index is not None else _index(plan, options))
         _copy_tokenizers(tmp, plan, options, token)
         for name, component_plan in plan.plans.items():
             _write_weights(file, plan.prefixes[name], component_plan, tmp / name / WEIGHT_FILES[name])
+        for name, directory in plan.borrowed.items():
+            _link_weights(directory, tmp / name)
         write_json(tmp / RECORD, record)
         try:
             os.replace(tmp, target)
@@ -269,7 +295,7 @@ def _index(job: SingleFilePlan, options: ConfigOptions) -> dict[str, Any]:
 
 
 def _copy_tokenizers(tmp: Path, job: SingleFilePlan, options: ConfigOptions, token: str | bool | None) -> None:
-    names = [spec.tokenizer for spec in job.family.texts]
+    names = list(job.tokenizers) if job.tokenizers is not None else [spec.tokenizer for spec in job.family.texts]
     if options.config_folder is not None:
         source = options.config_folder
     else:  # real checkpoints: the tokenizers of the base model's diffusers repo
@@ -283,15 +309,18 @@ def _copy_tokenizers(tmp: Path, job: SingleFilePlan, options: ConfigOptions, tok
         shutil.copytree(source / name, tmp / name)
 
 
-def _apply(tensor: Any, op: str) -> Any:
-    """The tensor a `Take` with `op` gives (see `take_shape`)."""
-    if op == "linear":
-        return tensor.reshape(tensor.shape[0], tensor.shape[1])
-    if op == "transpose":
-        return tensor.T.contiguous()
-    if op in ("q", "k", "v"):
-        return tensor.chunk(3, dim=0)["qkv".index(op)].clone()
-    return tensor
+def _link_weights(directory: Path, out: Path) -> None:
+    """A config_folder component's default-variant safetensors (and shard index), hard-linked (no copy of a T5-XXL)
+    or, across file systems, symlinked; its config is written from the plan."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(directory.iterdir()):
+        if not default_weights(path.name):
+            continue
+        real = path.resolve()  # a Hub snapshot's files are symlinks into its blob store
+        try:
+            os.link(real, out / path.name)
+        except OSError:
+            os.symlink(real, out / path.name)
 
 
 def _write_weights(file: Path, prefix: str, plan: Plan, out: Path) -> None:
@@ -301,6 +330,6 @@ def _write_weights(file: Path, prefix: str, plan: Plan, out: Path) -> None:
     tensors = {}
     with safe_open(str(file), framework="pt") as handle:
         for dst, take in plan.items():
-            tensors[dst] = _apply(handle.get_tensor(prefix + take.key), take.op)
+            tensors[dst] = apply_take(handle.get_tensor(prefix + take.key), take)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"format": "pt"})

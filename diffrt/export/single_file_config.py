@@ -115,7 +115,7 @@ VAE_BASE: dict[str, Any] = {
     "_class_name": "AutoencoderKL", "act_fn": "silu", "force_upcast": True, "latents_mean": None,
     "latents_std": None, "norm_num_groups": 32, "shift_factor": None,
 }
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler")
 CONFIG_FILES = {"scheduler": SCHEDULER_CONFIG.name}  # the others are config.json
 
 
@@ -199,7 +199,7 @@ class ConfigOptions:
 
 
 def _mapped_shapes(shapes: Shapes, plan: Plan, prefix: str) -> Shapes:
-    return {dst: take_shape(shapes[prefix + take.key], take.op) for dst, take in plan.items()}
+    return {dst: take_shape(shapes[prefix + take.key], take.op, take.rows) for dst, take in plan.items()}
 
 
 def build_configs(shapes: Shapes, family: Family, inpainting: bool, plans: dict[str, Plan], prefixes: dict[str, str],

@@ -20,25 +20,58 @@ class Take:
     """Where a diffusers tensor comes from: an original key and how to reshape it.
 
     op: "copy"; "linear" (a 1x1 convolution stored where diffusers has a Linear); "transpose" (OpenCLIP's
-    `x @ text_projection` against a Linear's `x @ W.T`); "q", "k", "v" (one third of a fused `in_proj`).
+    `x @ text_projection` against a Linear's `x @ W.T`); "q", "k", "v" (one third of a fused `in_proj` / `qkv`);
+    "rows" (rows `rows[0]:rows[1]` of dim 0, e.g. FLUX's single-block `linear1`, which fuses q, k, v and the MLP
+    input at unequal widths); "swap" (the two halves of dim 0 exchanged: the original DiT adaLN output is
+    (shift, scale), diffusers' `AdaLayerNormContinuous` reads (scale, shift)); "eye" (an identity matrix as wide as
+    the key's last dim: SD3 files leave out CLIP-L's projection, which SD3 runs as the identity).
     """
 
     key: str
     op: str = "copy"
+    rows: tuple[int, int] | None = None  # op "rows" only: [start, stop) of dim 0
 
 
 Plan = dict[str, Take]
+OPS = ("copy", "linear", "transpose", "q", "k", "v", "rows", "swap", "eye")
 
 
-def take_shape(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
-    """The shape a `Take` with `op` gives a tensor of `shape`."""
+def take_shape(shape: tuple[int, ...], op: str, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The shape a `Take` with `op` (and `rows`) gives a tensor of `shape`."""
     if op == "linear":
         return shape[:2]
     if op == "transpose":
         return tuple(reversed(shape))
     if op in ("q", "k", "v"):
         return (shape[0] // 3, *shape[1:])
+    if op == "rows":
+        assert rows is not None, "op 'rows' needs Take.rows"
+        return (rows[1] - rows[0], *shape[1:])
+    if op == "eye":
+        return (shape[-1], shape[-1])
     return shape
+
+
+def apply_take(tensor: Any, take: Take) -> Any:
+    """The tensor `take` gives from the original `tensor` (shape as `take_shape`); never a view sharing storage
+    with another result (safetensors refuses to save those)."""
+    op = take.op
+    if op == "linear":
+        return tensor.reshape(tensor.shape[0], tensor.shape[1])
+    if op == "transpose":
+        return tensor.T.contiguous()
+    if op in ("q", "k", "v"):
+        return tensor.chunk(3, dim=0)["qkv".index(op)].clone()
+    if op == "rows":
+        assert take.rows is not None, "op 'rows' needs Take.rows"
+        return tensor[take.rows[0]:take.rows[1]].clone()
+    if op == "swap":
+        if tensor.shape[0] % 2:
+            raise ExportError(f"`{take.key}`: cannot swap the halves of an odd dim 0 ({tensor.shape[0]})")
+        return tensor.roll(tensor.shape[0] // 2, dims=0)
+    if op == "eye":
+        return tensor.new_zeros((tensor.shape[-1], tensor.shape[-1])).fill_diagonal_(1)
+    return tensor
 
 
 UNET_FIXED = {
