@@ -168,3 +168,17 @@ def test_bad_arguments_are_named_before_any_engine_runs(kind, call, named, flow_
     with pytest.raises(InputError, match=named):
         pipe(**arguments)
     assert pipe._engines == {}  # refused before any engine was created
+
+
+def test_custom_sigmas_and_mu_reach_the_schedule_as_in_diffusers(tiny_checkpoint, flow_package):
+    """FLUX dev shifts the caller's sigmas by `mu`, computed from the image's tokens as Diffusers does; diffrt also
+    takes `mu` itself (SD3's argument, which Diffusers' FluxPipeline lacks)."""
+    from diffrt import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(flow_package("flux_dev"))
+    reference = _reference(tiny_checkpoint("flux_dev"))
+    call = dict(prompt=["a cat"], sigmas=[1.0, 0.75, 0.5, 0.25], max_sequence_length=8, num_inference_steps=4,
+                **SIZE)
+    default_mu = _compare(pipe, reference, **call)
+    given_mu = pipe(**call, mu=1.1, output_type="np", generator=_generators(1, False)).images
+    assert np.abs(default_mu - given_mu).max() > 1e-3  # mu changed the schedule
