@@ -67,6 +67,19 @@ def rss_mib(pid: int | str = "self") -> tuple[float, float]:
     return round(values["VmRSS"], 1), round(values["VmHWM"], 1)
 
 
+def anon_mib(pid: int | str = "self") -> float:
+    """RssAnon of a process in MiB: its resident memory without the file pages it maps (safetensors reads the
+    checkpoint through a mapping, whose page-cache pages count in VmRSS but are reclaimable); 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "RssAnon":
+                return round(int(rest.split()[0]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def meminfo_mib(key: str) -> float | None:
     for line in Path("/proc/meminfo").read_text().splitlines():
         name, _, rest = line.partition(":")
@@ -149,6 +162,7 @@ def export(folder: Path, out: Path, precision: str, validate: bool) -> None:
 def run_child(args: list[str], min_available_mib: float, log: Path) -> dict[str, Any]:
     """Run this script as a child; its peak RSS (rusage and sampled), wall time, exit status, watchdog kill."""
     samples: list[tuple[float, float]] = []
+    anonymous: list[tuple[float, float]] = []
     killed: dict[str, Any] = {}
     start = time.perf_counter()
     with open(log, "w") as stream:
@@ -158,6 +172,7 @@ def run_child(args: list[str], min_available_mib: float, log: Path) -> dict[str,
         def watch() -> None:
             while not done.wait(0.5):
                 samples.append((time.perf_counter() - start, rss_mib(child.pid)[0]))
+                anonymous.append((samples[-1][0], anon_mib(child.pid)))
                 available = meminfo_mib("MemAvailable")
                 if available is not None and available < min_available_mib and not killed:
                     killed.update(at_s=round(time.perf_counter() - start, 1), available_mib=round(available),
@@ -174,8 +189,10 @@ def run_child(args: list[str], min_available_mib: float, log: Path) -> dict[str,
         watcher.join()
     seconds = time.perf_counter() - start
     peak_at = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0)
+    anon_at = max(anonymous, key=lambda s: s[1]) if anonymous else (0.0, 0.0)
     return {"rc": child.returncode, "seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "peak_sampled_rss_mib": peak_at[1], "peak_sampled_at_s": round(peak_at[0], 1),
+            "peak_sampled_anon_mib": anon_at[1], "peak_anon_at_s": round(anon_at[0], 1),
             "watchdog_kill": killed or None, "stdout": stdout.strip(), "log": str(log)}
 
 

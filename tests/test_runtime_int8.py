@@ -112,11 +112,20 @@ def test_weight_only_int8_stays_close_to_fp32_and_is_cached(small_model: Path, i
 @needs_openvino
 @needs_nncf
 @needs_int8
-def test_calibrated_int8_is_made_once_and_read_from_the_cache(small_model: Path, int8_cache: Path):
+def test_calibrated_int8_is_made_once_and_read_from_the_cache(small_model: Path, int8_cache: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
     from diffrt.runtime.engines.openvino import OpenVINOEngine
 
     rng = np.random.default_rng(1)
     calls = []
+    reads: list[Path] = []
+    read_source = OpenVINOEngine._read_source
+
+    def counted(engine):  # the real reader, counted
+        reads.append(engine.path)
+        return read_source(engine)
+
+    monkeypatch.setattr(OpenVINOEngine, "_read_source", counted)
 
     def feeds():
         calls.append(1)
@@ -129,6 +138,7 @@ def test_calibrated_int8_is_made_once_and_read_from_the_cache(small_model: Path,
     second = OpenVINOEngine(small_model, inference_precision="int8", calibration=calibration, static_shapes=True)
     np.testing.assert_array_equal(second.run({"x": x})["out"], out)
     assert len(calls) == 1  # the second engine read the cached model
+    assert reads == [small_model]  # ... and not the float model: only the first engine read it
     other = Calibration("other batches", feeds)
     OpenVINOEngine(small_model, inference_precision="int8", calibration=other).run({"x": x})
     assert len(calls) == 2 and len(list(int8_cache.glob("*/model.xml"))) == 2  # keyed by the calibration too

@@ -169,15 +169,30 @@ def default_cache_dir() -> Path:
     return cache_root() / "openvino-int8"
 
 
+def cached_model(core: Any, path: Path, calibration: Calibration | None, cache_dir: Path) -> Any | None:
+    """The int8 model of `path` made before with this calibration, read from `cache_dir`; None when there is none.
+    Read before the float model, which a cached start then never reads."""
+    folder = _folder(path, calibration, cache_dir)
+    if not (folder / "model.xml").is_file():
+        return None
+    logger.info("int8 model of %s from the cache %s", path, folder)
+    return core.read_model(str(folder / "model.xml"))
+
+
+def _folder(path: Path, calibration: Calibration | None, cache_dir: Path) -> Path:
+    return cache_dir / f"{path.parent.name}-{cache_key(path, calibration)}"
+
+
 def quantized_model(core: Any, model: Any, path: Path, calibration: Calibration | None, cache_dir: Path,
                     adapt: Callable[[Feeds], Feeds]) -> Any:
     """The int8 model of `model` (read from `path`): from `cache_dir` when this exact one was made before, else
-    quantized now (minutes for a real UNet: the calibration feeds, then NNCF's statistics) and saved there."""
-    key = cache_key(path, calibration)
-    folder = cache_dir / f"{path.parent.name}-{key}"
-    if (folder / "model.xml").is_file():
-        logger.info("int8 model of %s from the cache %s", path, folder)
-        return core.read_model(str(folder / "model.xml"))
+    quantized now (minutes for a real UNet: the calibration feeds, then NNCF's statistics), saved there and read
+    back, so its weights are mapped from the saved file rather than held on the heap (the quantizing process would
+    otherwise peak at the float and int8 models at once: 9.2 GiB for sd15's UNet, against 2.7 GiB from the cache)."""
+    cached = cached_model(core, path, calibration, cache_dir)
+    if cached is not None:
+        return cached
+    folder = _folder(path, calibration, cache_dir)
     import_nncf()  # before the calibration feeds, which may take minutes
     start = time.perf_counter()
     feeds = [adapt(f) for f in calibration.feeds()] if calibration is not None else None
@@ -190,4 +205,5 @@ def quantized_model(core: Any, model: Any, path: Path, calibration: Calibration 
         ov.save_model(quantized, str(temp / "model.xml"), compress_to_fp16=False)
         write_json(temp / "source.json", {"model": str(path), "calibration": calibration.key if calibration else None,
                                           "recipe": RECIPE_VERSION, "nncf": _version("nncf")})
-    return quantized
+    del quantized, model
+    return core.read_model(str(folder / "model.xml"))

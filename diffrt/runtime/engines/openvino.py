@@ -302,15 +302,19 @@ class OpenVINOEngine:
         """The ov.Model, read on first use; reading records the specs."""
         with self._lock:
             if self._model is None:
-                try:
-                    model = self._read_source()
-                except Exception as error:  # OpenVINO raises its own RuntimeError subclasses
-                    raise EngineError(f"openvino could not read {self.path}: {error}") from error
+                model = self._cached_int8() if self.inference_precision == "int8" else None
+                quantize = model is None and self.inference_precision == "int8"
+                if model is None:
+                    try:
+                        model = self._read_source()
+                    except Exception as error:  # OpenVINO raises its own RuntimeError subclasses
+                        raise EngineError(f"openvino could not read {self.path}: {error}") from error
                 if self._initializers:
                     replace_constants(model, self._initializers, self.path)
+                # the int8 model keeps the float model's inputs and outputs
                 self._inputs = _merge_specs(model.inputs, self._declared[0], "inputs")
                 self._outputs = _merge_specs(model.outputs, self._declared[1], "outputs")
-                if self.inference_precision == "int8":
+                if quantize:
                     model = self._quantized(model)
                 self._model = model
             return self._model
@@ -343,6 +347,11 @@ class OpenVINOEngine:
 
         return (self.optimized_model_cache / "int8" if self.optimized_model_cache is not None
                 else int8.default_cache_dir())
+
+    def _cached_int8(self) -> Any | None:
+        from diffrt.runtime.engines import int8
+
+        return int8.cached_model(core(), self.path, self.calibration, self._int8_cache())
 
     def _quantized(self, model: Any) -> Any:
         from diffrt.runtime.engines import int8
