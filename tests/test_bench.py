@@ -161,7 +161,8 @@ def test_unet_flops_match_torch_flop_counter(preset: str, latent: int):
 def test_unknown_preset_is_an_error_naming_the_choices(tmp_path: Path):
     result = _bench(["sd99"], tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "`package` must be a model package folder or a preset (tiny, sd15, sd21, sdxl); got 'sd99'" in result.stderr
+    assert ("`package` must be a model package folder or a preset (tiny, sd15, sd21, sdxl, tiny-sd3, tiny-flux, sd35m, "
+            "sd35m-6blocks, flux-schnell); got 'sd99'") in result.stderr
 
 
 @pytest.mark.parametrize("changes, message", [

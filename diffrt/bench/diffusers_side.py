@@ -1,7 +1,9 @@
 """The comparison sides: the Diffusers PyTorch pipeline, and Optimum's ONNX Runtime pipeline when installed.
 
 Diffusers exposes no stage times, so they are taken around the same calls diffrt times: the text encoders' and
-the UNet's `forward` (forward hooks), `vae.decode` and `scheduler.step`. Everything else inside the call (prompt
+the UNet's (SD3 / FLUX: the transformer's) `forward` (forward hooks), `vae.decode` and `scheduler.step`. A
+checkpoint saved without an optional model (SD3's T5, `text_encoder_3`) loads with it as None, so Diffusers runs
+without it as the package does. Everything else inside the call (prompt
 and latent preparation, the CFG combine, image post-processing) is the residual `host`. On CPU the pipeline runs
 in float32; on a GPU in float16 with PyTorch SDPA attention (Diffusers' default), with a device synchronize at
 every stage boundary so the times are the device's. torch is imported here only, in the comparison process.
@@ -9,12 +11,15 @@ every stage boundary so the times are the device's. torch is imported here only,
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from diffrt.bench.side import GpuMemoryOnce, RunConfig, control_inputs, peak_rss_mb, save_image
 from diffrt.errors import InputError
+from diffrt.package.names import INDEX_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,24 @@ class _StageClock:
         setattr(owner, method, timed)
 
 
+def absent_components(checkpoint: str) -> dict[str, None]:
+    """`name=None` for each model the checkpoint's model_index.json lists as absent ([null, null]) that its pipeline
+    class does not treat as optional: Diffusers refuses to load such a folder (SD3 saved without `text_encoder_3`)
+    unless the caller passes None, which runs the pipeline without it (SD3: zero T5 embeddings)."""
+    import diffusers
+
+    index = json.loads((Path(checkpoint) / INDEX_NAME).read_text())
+    optional = set(getattr(getattr(diffusers, str(index.get("_class_name")), None), "_optional_components", ()))
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and value == [None, None] and name not in optional}
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's UNet, or its transformer (SD3 / FLUX)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 class DiffusersSide:
     """`diffusers.DiffusionPipeline` on the same checkpoint the package was exported from."""
 
@@ -91,16 +114,18 @@ class DiffusersSide:
             pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
                 cfg.checkpoint, controlnet=nets[0] if len(nets) == 1 else nets, torch_dtype=dtype).to(device)
         else:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.checkpoint, torch_dtype=dtype).to(device)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(cfg.checkpoint, torch_dtype=dtype,
+                                                               **absent_components(str(cfg.checkpoint))).to(device)
         if cfg.scheduler:
             pipe.scheduler = getattr(diffusers, cfg.scheduler).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.clock = _StageClock(sync)
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:
                 self.clock.time_module(getattr(pipe, name), "text_encoder")
-        self.clock.time_module(pipe.unet, "unet")
+        # SD3 / FLUX: the transformer, timed under the stage name diffrt's shared loop uses for every denoiser
+        self.clock.time_module(denoiser(pipe), "unet")
         for net in nets:
             self.clock.time_module(net, "controlnet")
         self.clock.time_method(pipe.vae, "decode", "vae_decode")
@@ -145,7 +170,8 @@ class DiffusersSide:
 
         torch = self.torch
         return {"library": "diffusers", "diffusers": diffusers.__version__, "torch": torch.__version__,
-                "device": self.device, "dtype": str(self.pipe.unet.dtype), "threads": torch.get_num_threads(),
+                "device": self.device, "dtype": str(denoiser(self.pipe).dtype), "threads": torch.get_num_threads(),
+                "pipeline": type(self.pipe).__name__,
                 "scheduler": type(self.pipe.scheduler).__name__,
                 "attention": "sdpa" if hasattr(torch.nn.functional, "scaled_dot_product_attention") else "eager"}
 

@@ -1,15 +1,24 @@
-"""Analytic FLOP count of one UNet call, from its diffusers config (for the effective TFLOP/s of `diffrt bench`).
+"""Analytic FLOP count of one denoiser call (UNet, SD3's MMDiT, FLUX's transformer) from its diffusers config, for
+the effective TFLOP/s of `diffrt bench`.
 
 Counts the matrix work, as PyTorch's `FlopCounterMode` does: convolutions, linear layers and the two attention
 products (Q·Kᵀ and softmax·V), 2 FLOPs per multiply-add. Norms, activations and softmax are left out (a few
 percent of the time on CPU, far less of the arithmetic). The walk mirrors `UNet2DConditionModel.__init__`:
-down blocks, the mid block, up blocks with their skip concatenations.
+down blocks, the mid block, up blocks with their skip concatenations. The transformer counts mirror
+`SD3Transformer2DModel` (patch embedding, joint attention over image + text tokens, SD3.5's second image-only
+attention in `dual_attention_layers`, the last block's text stream `context_pre_only`) and `FluxTransformer2DModel`
+(double-stream then single-stream blocks over the packed 2x2 latent patches; rotary embeddings are not matrix work).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["unet_flops"]
+__all__ = ["unet_flops", "sd3_flops", "flux_flops", "denoiser_flops"]
+
+#: text tokens the transformer sees with the pipelines' default `max_sequence_length`: SD3 77 CLIP + 256 T5 tokens
+#: (zeros when the package has no T5, as in Diffusers), FLUX 512 T5 tokens
+SD3_TEXT_TOKENS = 77 + 256
+FLUX_TEXT_TOKENS = 512
 
 
 def _conv(cin: int, cout: int, k: int, pixels: int) -> float:
@@ -90,3 +99,71 @@ def _up_path(channels: list[int], layers: list[int], depth: list[int], cross: li
             h, w = h * 2, w * 2
             flops += _conv(out, out, 3, h * w)
     return flops
+
+
+def _attention(dim: int, queries: int, keys: int) -> float:
+    """Q·Kᵀ and softmax·V."""
+    return 2 * 2.0 * queries * keys * dim
+
+
+def _mlp(dim: int, tokens: int, mult: int = 4) -> float:
+    return _linear(dim, mult * dim, tokens) + _linear(mult * dim, dim, tokens)
+
+
+def sd3_flops(config: Mapping[str, Any], height: int, width: int, batch: int = 1, seq: int = SD3_TEXT_TOKENS) -> float:
+    """FLOPs of one SD3 / SD3.5 MMDiT forward on `batch` latents of `height` x `width` with `seq` text tokens."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    context_dim = config.get("caption_projection_dim") or dim
+    patch = config.get("patch_size", 2)
+    tokens = (height // patch) * (width // patch)
+    layers = config.get("num_layers", 18)
+    dual = set(config.get("dual_attention_layers") or ())
+    flops = _conv(config.get("in_channels", 16), dim, patch, tokens)
+    flops += _linear(256, dim, 1) + _linear(dim, dim, 1)  # timestep embedding
+    flops += _linear(config["pooled_projection_dim"], dim, 1) + _linear(dim, dim, 1)  # pooled text embedding
+    flops += _linear(config["joint_attention_dim"], context_dim, seq)
+    for i in range(layers):
+        last = i == layers - 1  # context_pre_only: the text stream ends with this block's attention inputs
+        flops += _linear(dim, (9 if i in dual else 6) * dim, 1)
+        flops += _linear(dim, (2 if last else 6) * dim, 1)
+        flops += 4 * _linear(dim, dim, tokens) + 3 * _linear(context_dim, dim, seq)
+        flops += _attention(dim, tokens + seq, tokens + seq)
+        if not last:
+            flops += _linear(dim, context_dim, seq) + _mlp(context_dim, seq)
+        if i in dual:
+            flops += 4 * _linear(dim, dim, tokens) + _attention(dim, tokens, tokens)
+        flops += _mlp(dim, tokens)
+    flops += _linear(dim, 2 * dim, 1) + _linear(dim, patch * patch * config.get("out_channels", 16), tokens)
+    return flops * batch
+
+
+def flux_flops(config: Mapping[str, Any], height: int, width: int, batch: int = 1,
+               seq: int = FLUX_TEXT_TOKENS) -> float:
+    """FLOPs of one FLUX.1 transformer forward; `height` x `width` is the VAE latent (packed into 2x2 patches)."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = (height // 2) * (width // 2)
+    both = tokens + seq
+    channels = config.get("in_channels", 64)
+    flops = _linear(channels, dim, tokens) + _linear(config["joint_attention_dim"], dim, seq)
+    flops += _linear(256, dim, 1) + _linear(dim, dim, 1)
+    flops += _linear(config["pooled_projection_dim"], dim, 1) + _linear(dim, dim, 1)
+    if config.get("guidance_embeds"):
+        flops += _linear(256, dim, 1) + _linear(dim, dim, 1)
+    double = 2 * _linear(dim, 6 * dim, 1) + 4 * _linear(dim, dim, tokens) + 4 * _linear(dim, dim, seq)
+    double += _attention(dim, both, both) + _mlp(dim, tokens) + _mlp(dim, seq)
+    single = _linear(dim, 3 * dim, 1) + 3 * _linear(dim, dim, both) + _linear(dim, 4 * dim, both)
+    single += _attention(dim, both, both) + _linear(5 * dim, dim, both)
+    flops += config.get("num_layers", 19) * double + config.get("num_single_layers", 38) * single
+    out = config.get("out_channels") or channels
+    flops += _linear(dim, 2 * dim, 1) + _linear(dim, config.get("patch_size", 1) ** 2 * out, tokens)
+    return flops * batch
+
+
+def denoiser_flops(name: str, config: Mapping[str, Any], height: int, width: int, batch: int = 1) -> float:
+    """FLOPs of one call of the denoiser `name` ("unet" or "transformer", told apart by its `_class_name`) on
+    latents of `height` x `width`."""
+    if name == "unet":
+        return unet_flops(config, height, width, batch)
+    if "Flux" in str(config.get("_class_name", "")):
+        return flux_flops(config, height, width, batch)
+    return sd3_flops(config, height, width, batch)

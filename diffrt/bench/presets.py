@@ -1,11 +1,20 @@
 """Benchmark presets: random-weight diffusers checkpoints built from the published configs, exported once, cached.
 
-`tiny`, `sd15`, `sd21` and `sdxl` need no download: each `configs/<preset>.json` holds the published UNet and VAE
-configs, the published CLIP text-encoder config(s) and the scheduler config of that architecture. Random weights
+No preset needs a download: each `configs/<preset>.json` holds the published denoiser (UNet or MMDiT transformer)
+and VAE configs, the published text-encoder configs (CLIP, T5) and the scheduler config of that architecture
+(`tiny`, `tiny-sd3` and `tiny-flux` are small stand-ins for tests). A config may derive from another (`"base"`,
+with the keys it overrides merged one level deep), and may leave components unbuilt (`"not_built"`: name ->
+why; SD 3.5 runs without its T5 encoder), store the checkpoint in a smaller dtype (`"storage_dtype"`), skip the
+export's validation (`"export_validate": false`) and the engines' optimised-model cache (`"engine_cache": false`),
+so that a real-size model needs one float32 copy on disk, not three. Random weights
 have the real shapes, so the measured compute is the real model's. The checkpoint and the exported package live
 under `$DIFFRT_CACHE/presets/<preset>-<spec hash>/` (default `~/.cache/diffrt`), so a changed spec never reuses a
 stale build. Building needs torch/diffusers (the `export` extra) and runs in its own process (`python -m
-diffrt.bench.presets PRESET`), so the diffrt side of a benchmark stays torch-free.
+diffrt.bench.presets PRESET`), so the diffrt side of a benchmark stays torch-free. Before building, that process
+sizes every component from its config (on the meta device: no memory) and refuses, with the numbers, a preset
+whose build, export or benchmark (diffrt's and Diffusers' float32 copies side by side) cannot fit this machine's
+memory or disk (`diffrt.bench.preset_fit`): FLUX.1's 12B-parameter transformer is refused on a 24 GiB machine
+before anything is written.
 """
 from __future__ import annotations
 
@@ -36,10 +45,13 @@ logger = logging.getLogger(__name__)
 #: is rebuilt rather than measured (2: UNet / VAE / ControlNet attention as ONNX Runtime's MultiHeadAttention)
 BUILD_REVISION = "2"
 
-PRESETS = ("tiny", "sd15", "sd21", "sdxl")
+PRESETS = ("tiny", "sd15", "sd21", "sdxl", "tiny-sd3", "tiny-flux", "sd35m", "sd35m-6blocks", "flux-schnell")
 SEED = 0
 # The benchmark is text-to-image: the VAE encoder would only add export time (minutes for real sizes).
-BENCH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+BENCH_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
+#: exit status of `python -m diffrt.bench.presets` when the preset cannot fit this machine (its last stdout line
+#: says why)
+REFUSED = 3
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,22 @@ class Preset:
     def default_size(self) -> int:
         return int(self.spec["default_size"])
 
+    @property
+    def denoiser(self) -> str:
+        """`unet` or `transformer` (SD3 / FLUX)."""
+        return "transformer" if "transformer" in self.spec else "unet"
+
+    @property
+    def built(self) -> list[str]:
+        """The model folders this preset's checkpoint holds (the spec's, less `not_built`)."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+        return [name for name in names if name in self.spec and name not in self.spec.get("not_built", {})]
+
+    @property
+    def exported(self) -> list[str]:
+        """The package's components: the built text encoders and denoiser, and the VAE decoder."""
+        return [name for name in BENCH_COMPONENTS if name in self.built] + ["vae_decoder"]
+
 
 def _revision_file(package: Path) -> Path:
     # beside the package, not in it: a package folder holds only what its manifest lists
@@ -100,8 +128,19 @@ def _stamp(package: Path) -> None:
 def load_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise invalid("preset", f"a package folder or one of {', '.join(PRESETS)}", name)
-    text = resources.files("diffrt.bench").joinpath("configs").joinpath(f"{name}.json").read_text()
-    return Preset(name, json.loads(text))
+    return Preset(name, _spec(name))
+
+
+def _spec(name: str) -> dict[str, Any]:
+    """The preset's config; one with `"base"` is that preset's, with its own keys merged one level deep."""
+    spec = json.loads(resources.files("diffrt.bench").joinpath("configs").joinpath(f"{name}.json").read_text())
+    base = spec.pop("base", None)
+    if base is None:
+        return spec
+    merged = _spec(base)
+    for key, value in spec.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
+    return merged
 
 
 def is_preset(name: str) -> bool:
@@ -117,10 +156,22 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
     logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                 "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
-    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not is_current(package):
+    _build_child(command, name)
+    if not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
                          "(torch, diffusers, transformers)")
     return package
+
+
+def _build_child(command: list[str], name: str) -> None:
+    """Run a build child; InputError with its reason when it refused the preset (REFUSED), or when it failed."""
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode == REFUSED and lines:
+        raise InputError(lines[-1])
+    if result.returncode != 0:
+        raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
+                         "(torch, diffusers, transformers)")
 
 
 def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime") -> Path:
@@ -133,7 +184,8 @@ def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", ta
                 "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
                "--controlnets", str(count)]
-    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0 or not is_current(package):
+    _build_child(command, name)
+    if not is_current(package):
         raise InputError(f"building preset {name!r} with {count} ControlNet(s) failed (see the log above); it needs "
                          "the `export` extra (torch, diffusers, transformers)")
     return package
@@ -185,28 +237,74 @@ def _tokenizer(folder: Path, pad: str):
     return CLIPTokenizer(str(vocab), str(merges), pad_token=pad, model_max_length=77)
 
 
+def _t5_tokenizer():
+    """A T5 fast tokenizer (SentencePiece-style Unigram over letters, T5's <pad>=0, </s>=1, <unk>=2), built locally:
+    the real one cannot be downloaded here, and the encoder's embedding keeps the published vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz▁"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
 def _text_encoder(config: dict[str, Any], tokenizer):
     import transformers
 
     config = dict(config)
     cls = getattr(transformers, config.pop("architectures")[0])
+    if config.get("model_type") == "t5":
+        return cls(transformers.T5Config(**config)).eval()
     # Special-token ids follow our tokenizer; the vocabulary size stays the published one (the embedding's size).
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     return cls(transformers.CLIPTextConfig(**{**config, **ids})).eval()
 
 
-def _components(preset: Preset, work: Path) -> dict[str, Any]:
+def _tokenizer_for(spec: dict[str, Any], name: str, work: Path):
+    """The tokenizer of text encoder `name` (`text_encoder_2` -> `tokenizer_2`): T5's or a CLIP BPE."""
+    if spec[name].get("model_type") == "t5":
+        return _t5_tokenizer()
+    suffix = name[len("text_encoder"):]
+    return _tokenizer(work / f"bpe{suffix}", spec[f"tokenizer{suffix}_pad"])
+
+
+def make_model(spec: dict[str, Any], name: str, tokenizer: Any = None):
+    """The random-weight model `name` of a preset spec (text encoders, `unet` / `transformer`, `vae`)."""
     import diffusers
 
+    if name.startswith("text_encoder"):
+        return _text_encoder(spec[name], tokenizer)
+    config = dict(spec[name])
+    default = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}.get(name, "")
+    cls = getattr(diffusers, config.get("_class_name") or default)
+    return cls.from_config(config).eval()
+
+
+def _components(preset: Preset, work: Path) -> dict[str, Any]:
+    """The pipeline's components, each model drawn at random and cast to the preset's `storage_dtype` right away
+    (so a real-size checkpoint's float32 copies never exist together)."""
+    import diffusers
+    import torch
+
     spec = preset.spec
-    tokenizer = _tokenizer(work / "bpe", spec["tokenizer_pad"])
-    parts: dict[str, Any] = {"tokenizer": tokenizer, "text_encoder": _text_encoder(spec["text_encoder"], tokenizer)}
-    if "text_encoder_2" in spec:
-        tokenizer_2 = _tokenizer(work / "bpe_2", spec["tokenizer_2_pad"])
-        parts.update(tokenizer_2=tokenizer_2, text_encoder_2=_text_encoder(spec["text_encoder_2"], tokenizer_2))
-    parts["unet"] = diffusers.UNet2DConditionModel.from_config(spec["unet"]).eval()
-    parts["vae"] = diffusers.AutoencoderKL.from_config(spec["vae"]).eval()
+    dtype = getattr(torch, spec.get("storage_dtype", "float32"))
+    parts: dict[str, Any] = {}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae"):
+        if name not in spec:
+            continue
+        tokenizer_name = name.replace("text_encoder", "tokenizer")
+        if name not in preset.built:
+            parts[name] = None
+            parts[tokenizer_name] = None
+            continue
+        tokenizer = None
+        if name.startswith("text_encoder"):
+            tokenizer = parts[tokenizer_name] = _tokenizer_for(spec, name, work)
+        parts[name] = make_model(spec, name, tokenizer).to(dtype)
+        gc.collect()
     scheduler = dict(spec["scheduler"])
     parts["scheduler"] = getattr(diffusers, scheduler.pop("_class_name")).from_config(scheduler)
     if spec["pipeline"] == "StableDiffusionPipeline":
@@ -223,9 +321,9 @@ def build_checkpoint(preset: Preset) -> Path:
         start = time.perf_counter()
         torch.manual_seed(SEED)
         pipe = getattr(diffusers, preset.spec["pipeline"])(**_components(preset, folder / ".work"))
-        params = sum(p.numel() for p in pipe.unet.parameters())
-        logger.info("preset %s: random weights ready (UNet %.0fM parameters, %.0f s); writing checkpoint",
-                    preset.name, params / 1e6, time.perf_counter() - start)
+        params = sum(p.numel() for p in getattr(pipe, preset.denoiser).parameters())
+        logger.info("preset %s: random weights ready (%s %.0fM parameters, %.0f s); writing checkpoint",
+                    preset.name, preset.denoiser, params / 1e6, time.perf_counter() - start)
         pipe.save_pretrained(folder, safe_serialization=True)
         shutil.rmtree(folder / ".work", ignore_errors=True)
         del pipe
@@ -267,8 +365,7 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     checkpoint = build_checkpoint(preset)
     specs = [f"cn{index}={build_controlnet(preset, index)}" for index in range(count)]
     start = time.perf_counter()
-    components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
-    export_pipeline(checkpoint, package, precision=precision, target=target, components=components,
+    export_pipeline(checkpoint, package, precision=precision, target=target, components=preset.exported,
                     controlnets=specs, overwrite=True)
     _stamp(package)
     logger.info("preset %s: exported with %d ControlNet(s) in %.0f s", preset.name, count, time.perf_counter() - start)
@@ -285,8 +382,8 @@ def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxru
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()
     logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
-    components = [name for name in BENCH_COMPONENTS if name in preset.spec or name == "vae_decoder"]
-    export_pipeline(checkpoint, package, precision=precision, target=target, components=components, overwrite=True)
+    export_pipeline(checkpoint, package, precision=precision, target=target, components=preset.exported,
+                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True)
     _stamp(package)
     logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
     return package
@@ -305,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
+    if args.tiny_vae_into is None and not is_current(preset.package(args.precision, args.target)):
+        from diffrt.bench.preset_fit import check_fits
+
+        try:
+            check_fits(preset, args.precision, args.target)
+        except InputError as error:
+            print(str(error))  # the last stdout line: the parent raises it
+            return REFUSED
     if args.tiny_vae_into is not None:
         from diffrt.export import add_tiny_vae
 

@@ -149,15 +149,27 @@ def image_quality(folder: Path, sides: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def denoiser_work(config: Any) -> tuple[float, str]:
+    """(FLOPs of one denoiser call, "unet" or "transformer") for the run's size and batch. Classifier-free guidance
+    doubles the rows of UNet (unless guidance-distilled: `time_cond_proj_dim`) and SD3 calls; FLUX.1's guidance is
+    distilled (an embedding, or none for schnell), one row per image."""
+    from diffrt.bench.flops import denoiser_flops
+    from diffrt.package.reader import ModelPackage
+
+    package = ModelPackage.open(config.package)
+    name = "transformer" if package.has("transformer") else "unet"
+    denoiser_config = package.component(name).config if name == "transformer" else package.unet_config
+    doubled = config.guidance > 1.0 and denoiser_config.get("time_cond_proj_dim") is None
+    if "Flux" in str(denoiser_config.get("_class_name", "")):
+        doubled = False
+    rows = config.batch * (2 if doubled else 1)
+    return denoiser_flops(name, denoiser_config, config.height // 8, config.width // 8, batch=rows), name
+
+
 def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None,
                  sides_config: dict[str, Any] | None = None,
                  quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    from diffrt.bench.flops import unet_flops
-    from diffrt.package.reader import ModelPackage
-
-    unet_config = ModelPackage.open(config.package).unet_config
-    cfg_batch = config.batch * (2 if config.guidance > 1.0 and unet_config.get("time_cond_proj_dim") is None else 1)
-    flops = unet_flops(unet_config, config.height // 8, config.width // 8, batch=cfg_batch)
+    flops, denoiser = denoiser_work(config)
     sides: dict[str, Any] = {}
     failed = {side: data["error"] for side, data in raw.items() if "error" in data}
     for side, data in raw.items():
@@ -175,7 +187,8 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
                     if "diffusers" in sides else {})
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": machine_info(), "preset": preset, "options": asdict(opts), "config": asdict(config),
-            "sides_config": sides_config or {}, "interleaved": len(sides) > 1, "unet_flops_per_step": flops,
+            "sides_config": sides_config or {}, "interleaved": len(sides) > 1, "denoiser": denoiser,
+            "unet_flops_per_step": flops,
             "sides": sides, "reference": first, "ratios": ratios, "vs_diffusers": vs_diffusers,
             "quality": quality or {}, "failed": failed}
 
@@ -232,11 +245,18 @@ def format_table(record: Mapping[str, Any]) -> str:
 
 def _shown(record: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
     """The table's metrics: an optional stage's row (ControlNet / step) only when a side ran that stage, after the
-    text encoder."""
+    text encoder; the per-step denoiser row is "transformer / step" for SD3 / FLUX."""
     ran = {key: value for key, value in OPTIONAL_METRICS.items()
            if any(side["summary"].get(key, {}).get("median", 0.0) > 0 for side in record["sides"].values())}
     first, *rest = METRICS.items()
-    return dict([first, *ran.items(), *rest])
+    shown = dict([first, *ran.items(), *rest])
+    if record.get("denoiser") == "transformer":
+        shown["unet_per_step"] = ("transformer / step", True)
+    return shown
+
+
+def denoiser_label(record: Mapping[str, Any]) -> str:
+    return "transformer" if record.get("denoiser") == "transformer" else "UNet"
 
 
 def _layout(rows: list[list[str]]) -> str:
@@ -265,6 +285,7 @@ def cold_overhead(side: Mapping[str, Any]) -> float:
 
 def _extra_rows(record: Mapping[str, Any], first: str, others: list[str]) -> list[list[str]]:
     sides = record["sides"]
+    model = denoiser_label(record)
 
     def row(label: str, get: Any, unit: str = "s") -> list[str]:
         mine = get(sides[first])
@@ -278,13 +299,13 @@ def _extra_rows(record: Mapping[str, Any], first: str, others: list[str]) -> lis
     quality = record.get("quality", {})
     rows = [
         row("host share", lambda s: 100 * s["summary"]["host_share"]["median"], " %"),
-        row("copies in UNet / step", lambda s: s["summary"]["transfer_per_step"]["median"] or None),
+        row(f"copies in {model} / step", lambda s: s["summary"]["transfer_per_step"]["median"] or None),
         row("cold: load", lambda s: s["cold_start"]["load_s"]),
         row("cold: first image", lambda s: s["cold_start"]["first_image_s"]),
         row("cold: overhead", cold_overhead),
         row("peak RSS", lambda s: s["peak_rss_mb"] / 1024, " GiB"),
         row("peak device mem", lambda s: None if s["peak_device_mb"] is None else s["peak_device_mb"] / 1024, " GiB"),
-        row("UNet TFLOP/s", lambda s: s["unet_tflops"], ""),
+        row(f"{model} TFLOP/s", lambda s: s["unet_tflops"], ""),
     ]
     rows.append(["PSNR vs Diffusers", "", _db(quality.get(first, {}).get("psnr_vs_diffusers_db")), ""]
                 + [c for side in others for c in (_db(quality.get(side, {}).get("psnr_vs_diffusers_db")), "")])

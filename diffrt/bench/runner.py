@@ -39,7 +39,9 @@ __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDE
 logger = logging.getLogger(__name__)
 
 COMPARE_SIDES = ("diffusers", "optimum")
-NEEDED = ("unet", "vae_decoder")
+#: the denoiser is either of DENOISERS (UNet pipelines; SD3 / FLUX transformer pipelines)
+NEEDED = ("vae_decoder",)
+DENOISERS = ("unet", "transformer")
 VAES = ("full", "tiny")
 #: ONNX Runtime CUDA, and its engine flags (`cuda:graph+nhwc`) -> engine options
 CUDA_PROVIDERS = ("cuda", "cudaexecutionprovider")
@@ -108,12 +110,25 @@ def check_options(opts: BenchOptions) -> None:
                           opts.scheduler)
     for variant in variants(opts):
         check_variant(variant)
+    if is_preset(opts.target) and load_preset(opts.target).denoiser == "transformer":
+        check_transformer_options(opts, f"preset {opts.target}")
     if opts.export_target is not None:
         if opts.export_target not in TARGETS:
             raise invalid("target", f"one of {', '.join(TARGETS)}", opts.export_target)
         if opts.export_target == "cuda" and not all(v.is_cuda for v in variants(opts)):
             raise invalid("provider", "cuda sides only with --target cuda (its fused kernels run on CUDA alone)",
                           opts.provider)
+
+
+def check_transformer_options(opts: BenchOptions, what: str) -> None:
+    """What the SD3 / FLUX pipelines do not run: ControlNets (the bench's are UNet ControlNets) and the tiny VAE
+    (TAESD has 4 latent channels, these models 16)."""
+    if opts.controlnets:
+        raise invalid("controlnet", f"0 for {what} (a transformer pipeline; the benchmark's ControlNets are UNet "
+                      "ControlNets)", opts.controlnets)
+    if any(variant.vae == "tiny" for variant in variants(opts)):
+        raise invalid("vae", f"full for {what} (the tiny VAE, TAESD, decodes 4-channel latents; this model's "
+                      "have 16)", opts.vae)
 
 
 @dataclass(frozen=True)
@@ -228,13 +243,21 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         raise PackageError(f"`package` {str(package)!r} is not a model package: {error}") from error
     needed = NEEDED + (("vae_decoder_tiny",) if any(v.vae == "tiny" for v in variants(opts)) else ())
     missing = [name for name in needed if not opened.has(name)]
+    if not any(opened.has(name) for name in DENOISERS):
+        missing.insert(0, "unet")
     if not (opened.has("text_encoder") or opened.has("text_encoder_2")):
         missing.append("text_encoder")
     if missing:
         raise PackageError(f"`package` {str(package)!r} has no {', '.join(missing)} component, needed to benchmark "
                            "text-to-image; export it with those components")
-    controlnet_components(opened, opts.controlnets)
-    sample = opened.unet_config.get("sample_size", 64)
+    if opened.has("transformer"):
+        check_transformer_options(opts, f"package {str(package)!r}")
+        from diffrt.runtime.pipelines.flow_base import FLUX_SAMPLE_SIZE
+
+        sample = opened.component("transformer").config.get("sample_size") or FLUX_SAMPLE_SIZE
+    else:
+        controlnet_components(opened, opts.controlnets)
+        sample = opened.unet_config.get("sample_size", 64)
     size = (sample[0] if isinstance(sample, (list, tuple)) else sample) * 8
     return package, opts.checkpoint or _source_checkpoint(opened), int(size)
 
@@ -303,10 +326,13 @@ def run_config(opts: BenchOptions, package: Path, checkpoint: str | None, size: 
     threads = opts.threads or available
     first = variants(opts)[0]
     control = controlnet_components(ModelPackage.open(package), opts.controlnets) if opts.controlnets else []
+    # A real-size preset turns the engines' optimised-model cache off: it would write a second copy of its weights.
+    cached = not is_preset(opts.target) or load_preset(opts.target).spec.get("engine_cache", True)
     return RunConfig(package=str(package), checkpoint=checkpoint, provider=first.provider, steps=opts.steps,
                      height=opts.height or size, width=opts.width or size, batch=opts.batch,
                      guidance=opts.guidance, scheduler=opts.scheduler, threads=int(threads or 1), seed=opts.seed,
-                     cache_dir=str(cache_root() / "optimized"), controlnets=tuple(name for name, _ in control),
+                     cache_dir=str(cache_root() / "optimized") if cached else None,
+                     controlnets=tuple(name for name, _ in control),
                      controlnet_sources=tuple(source for _, source in control))
 
 

@@ -58,7 +58,7 @@ class DiffrtSide:
         # first UNet step.
         pipe.load_engines()
         pipe.set_progress_bar_config(disable=True)
-        unet = pipe.engine("unet")
+        unet = pipe.engine(pipe.denoiser_name)  # the UNet, or SD3 / FLUX's transformer
 
         def record_step(index: int, seconds: dict[str, float]) -> None:
             transfer = getattr(unet, "last_transfer_seconds", None)
@@ -87,7 +87,7 @@ class DiffrtSide:
     def info(self) -> dict[str, Any]:
         from importlib import metadata
 
-        engine = self.pipe.engine("unet")
+        engine = self.pipe.engine(self.pipe.denoiser_name)
         versions = {}
         for name in ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-cu12"):
             try:
@@ -96,6 +96,7 @@ class DiffrtSide:
                 continue
         return {"library": "diffrt", **versions, "provider": self.config.provider,
                 "engine": type(engine).__name__, "precision": _package_precision(self.pipe, engine),
+                "pipeline": type(self.pipe).__name__, "denoiser": self.pipe.denoiser_name,
                 "vae": self.config.vae, "controlnets": list(self.config.controlnets),
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
                 "cuda_graph": getattr(engine, "cuda_graph_active", None),
@@ -104,11 +105,11 @@ class DiffrtSide:
 
 
 def _package_precision(pipe: Any, engine: Any) -> str:
-    """The precision the UNet runs in: the engine's own setting (OpenVINO), else the package's export precision."""
+    """The precision the denoiser runs in: the engine's own setting (OpenVINO), else the package's export precision."""
     own = getattr(engine, "inference_precision", None)
     if own is not None:
         return str(own)
-    manifest = pipe.package.component("unet").manifest or {}
+    manifest = pipe.package.component(pipe.denoiser_name).manifest or {}
     return str(manifest.get("precision", "fp32"))
 
 
