@@ -3,7 +3,8 @@
 
     python scripts/benchmark.py sd15 --steps 20 --runs 3 --compare diffusers --json sd15.json
 
-PACKAGE_OR_PRESET is a model package folder or a preset (tiny, sd15, sd21, sdxl) built on first use; see `--help`
+PACKAGE_OR_PRESET is a model package folder or a preset built on first use (tiny, sd15, sd21, sdxl; for SD3 / FLUX
+tiny-sd3, tiny-flux, sd35m-6blocks, and sd35m / flux-schnell, refused here when they do not fit); see `--help`
 and docs/benchmarks.md.
 """
 from __future__ import annotations
