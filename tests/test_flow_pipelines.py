@@ -182,3 +182,28 @@ def test_custom_sigmas_and_mu_reach_the_schedule_as_in_diffusers(tiny_checkpoint
     default_mu = _compare(pipe, reference, **call)
     given_mu = pipe(**call, mu=1.1, output_type="np", generator=_generators(1, False)).images
     assert np.abs(default_mu - given_mu).max() > 1e-3  # mu changed the schedule
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-20)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd35", "flux_dev"])
+def test_fp16_packages_validate_and_stay_close_to_fp32(kind, tiny_checkpoint, flow_package, tmp_path):
+    """fp16 exports pass their own validation (the transformer's bound: `precision.COMPONENT_TOLERANCE`) and give
+    the fp32 package's image within 40 dB (measured 68.8 dB for SD3.5, 68.7 dB for FLUX.1-dev); bf16 runs on
+    OpenVINO (ONNX Runtime's CPU provider has few bf16 kernels) within 35 dB (measured 42 dB)."""
+    from diffrt import DiffusionPipeline
+    from diffrt.export import export_pipeline
+    from diffrt.runtime.engines.openvino import bf16_support, openvino_available
+
+    call = dict(prompt="a cat", num_inference_steps=3, max_sequence_length=16, output_type="np", generator=1,
+                **SIZE)
+    base = DiffusionPipeline.from_pretrained(flow_package(kind))(**call).images
+    fp16 = export_pipeline(tiny_checkpoint(kind), tmp_path / "fp16", precision="fp16")
+    assert _psnr(DiffusionPipeline.from_pretrained(fp16)(**call).images, base) > 40
+    if openvino_available() and bf16_support()[0]:  # bf16 kernels: avx512_bf16 or AMX (elsewhere refused, tested)
+        bf16 = export_pipeline(tiny_checkpoint(kind), tmp_path / "bf16", precision="bf16")
+        image = DiffusionPipeline.from_pretrained(bf16, provider="openvino", inference_precision="bf16")(**call).images
+        assert _psnr(image, base) > 35

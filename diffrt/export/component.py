@@ -22,7 +22,7 @@ from diffrt.export.onnx import (
     export_graph,
     prepare_for_export,
 )
-from diffrt.export.precision import DEFAULT_TOLERANCE, check_precision
+from diffrt.export.precision import check_precision, default_tolerance
 from diffrt.export.validate import reference_cases, validate_export
 from diffrt.package.files import copy_file
 from diffrt.package.names import CONFIG_NAME, MODEL_FILE
@@ -112,7 +112,7 @@ def export_component(graph: ComponentGraph, precision: str, folder: Path, option
         logger.warning("%s: not validated: its fused CUDA kernels run on a GPU only, and there is none here "
                        "(the manifest records validation null)", name)
     elif options.validate:
-        tolerance = options.tolerance if options.tolerance is not None else DEFAULT_TOLERANCE[precision]
+        tolerance = options.tolerance if options.tolerance is not None else default_tolerance(name, precision)
         provider = "cuda" if options.target == "cuda" and cuda_usable_here() else "cpu"
         validation = validate_export(graph, exported.path, cases, tolerance, provider)
     rows.append((name, exported.size_bytes, exported.seconds, validation.max_abs_diff if validation else None))

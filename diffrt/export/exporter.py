@@ -63,7 +63,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     (opset 23, fused Attention) | tensorrt (opset 18); `components` a subset of text_encoder, text_encoder_2,
     text_encoder_3, unet, transformer, vae_encoder, vae_decoder (default: all the checkpoint has: SD3 and FLUX
     checkpoints give a `transformer` and a T5 encoder); `tolerance` overrides the validation bound (relative to the
-    output scale; defaults per precision in `DEFAULT_TOLERANCE`). `tiny_vae`, an AutoencoderTiny
+    output scale; defaults per precision and component in `default_tolerance`). `tiny_vae`, an AutoencoderTiny
     (TAESD) folder or Hub repo id, adds `vae_decoder_tiny` (+ `vae_encoder_tiny` with a vae_encoder); see
     `diffrt.export.taesd`. `controlnets`, ControlNetModel folders or Hub repo ids (each optionally `NAME=SOURCE`),
     adds `controlnet_<name>` components and exports the UNet with their residual inputs (see
