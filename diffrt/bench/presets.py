@@ -147,15 +147,18 @@ def is_preset(name: str) -> bool:
     return name in PRESETS and not Path(name).exists()
 
 
-def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-    """The cached package of preset `name`, built (in a child process with torch) on first use."""
+def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime", beside: bool = False) -> Path:
+    """The cached package of preset `name`, built (in a child process with torch) on first use. `beside`: the
+    benchmark will hold diffrt's and Diffusers' weights at once; refused (InputError) where they cannot fit."""
     preset = load_preset(name)
     package = preset.package(precision, target)
-    if is_current(package):
+    if is_current(package) and not beside:
         return package
-    logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
-                "(minutes for real-size models; cached afterwards)", name, package)
-    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
+    if not is_current(package):
+        logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
+                    "(minutes for real-size models; cached afterwards)", name, package)
+    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
+               *(["--beside"] if beside else [])]
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
@@ -174,16 +177,18 @@ def _build_child(command: list[str], name: str) -> None:
                          "(torch, diffusers, transformers)")
 
 
-def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-    """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use."""
+def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime",
+                              beside: bool = False) -> Path:
+    """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use;
+    `beside` as in `ensure_package` (checked with the plain preset's sizes: a lower bound)."""
     preset = load_preset(name)
     package = preset.controlnet_package(count, precision, target)
-    if is_current(package):
+    if is_current(package) and not beside:
         return package
     logger.info("preset %s: first use with %d ControlNet(s): building random-weight ControlNets and exporting them "
                 "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
-               "--controlnets", str(count)]
+               "--controlnets", str(count), *(["--beside"] if beside else [])]
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} with {count} ControlNet(s) failed (see the log above); it needs "
@@ -397,16 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
     parser.add_argument("--controlnets", type=int, default=0, metavar="N",
                         help="build the package with N random-weight ControlNets instead of the plain one")
+    parser.add_argument("--beside", action="store_true",
+                        help="also check that diffrt and Diffusers fit in memory at once (an interleaved benchmark)")
     parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
                         help="add a random-weight tiny VAE to this package of the preset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
-    if args.tiny_vae_into is None and not is_current(preset.package(args.precision, args.target)):
+    if args.tiny_vae_into is None and (args.beside or not is_current(preset.package(args.precision, args.target))):
         from diffrt.bench.preset_fit import check_fits
 
         try:
-            check_fits(preset, args.precision, args.target)
+            check_fits(preset, args.precision, args.target, beside=args.beside)
         except InputError as error:
             print(str(error))  # the last stdout line: the parent raises it
             return REFUSED

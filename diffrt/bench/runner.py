@@ -3,8 +3,10 @@
 Each side (diffrt, and each `--compare` library) runs in its own process (`diffrt.bench.worker`), so the diffrt
 side stays torch-free and no side shares an allocator or thread pool with another. Sides load one after the other
 (their cold starts are not disturbed by each other); measured runs are then interleaved A B, B A, A B, ... so
-machine drift falls on both sides alike. The first image of each side is its cold start and counts as its first
-warm-up run; with `--warmup 0` it is the first measured run instead.
+machine drift falls on both sides alike. `--one-at-a-time` runs all of one side's images and closes it before the
+next side loads: for models whose two copies do not fit in memory at once (drift then falls between the sides).
+The first image of each side is its cold start and counts as its first warm-up run; with `--warmup 0` it is the
+first measured run instead.
 """
 from __future__ import annotations
 
@@ -75,6 +77,9 @@ class BenchOptions:
     export_target: str | None = None
     #: ControlNets run with the UNet (0: text-to-image alone; 1: single; 2+: multi-ControlNet)
     controlnets: int = 0
+    #: run each side's images, then close it, before the next side starts (models too large for two at once);
+    #: default: sides stay loaded and their runs interleave
+    one_at_a_time: bool = False
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -225,8 +230,10 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         on_cpu = providers <= set(CPU_PROVIDERS)
         target = opts.export_target or ("tensorrt" if providers == {"trt"} else "onnxruntime")
         precision = "fp32" if on_cpu else "fp16"
-        package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target) if opts.controlnets
-                   else ensure_package(opts.target, precision=precision, target=target))
+        beside = bool(opts.compare) and on_cpu and not opts.one_at_a_time
+        package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target, beside=beside)
+                   if opts.controlnets else ensure_package(opts.target, precision=precision, target=target,
+                                                           beside=beside))
         if any(variant.vae == "tiny" for variant in variants(opts)):
             ensure_tiny_vae(opts.target, package)
         size = preset.default_size
@@ -384,24 +391,21 @@ class Journal:
 
 def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], journal: Journal) -> dict[str, Any]:
     """Each side's samples; a side that fails (its engine cannot load here, a run errors) is recorded with its
-    error and left out of the remaining rounds, so one broken side does not cost the others' measurements."""
+    error and left out of the remaining rounds, so one broken side does not cost the others' measurements.
+    `opts.one_at_a_time`: each side loads, runs every round and exits before the next side loads."""
     sides = tuple(configs)
     raw: dict[str, Any] = {side: {"warmup": [], "samples": []} for side in sides}
     workers: dict[str, Worker] = {}
+    warmup, runs = max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1)
     try:
         for side, (kind, side_config) in configs.items():
-            logger.info("%s: loading and making the first image (cold start)", side)
-            try:
-                workers[side] = Worker(kind, side_config, side)
-                ready = workers[side].read()
-            except (EngineError, InputError) as error:
-                _fail(raw, workers, journal, side, error)
-                continue
-            raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
-            first = dict(ready["first"], round=0)
-            raw[side]["warmup" if opts.warmup else "samples"].append(first)
-            journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
-        _interleave(workers, raw, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1), journal)
+            _start(opts, raw, workers, journal, side, kind, side_config)
+            if opts.one_at_a_time and side in workers:
+                _interleave({side: workers[side]}, raw, warmup, runs, journal)
+                if side in workers:  # still running (a failed side was closed already)
+                    workers.pop(side).close()
+        if not opts.one_at_a_time:
+            _interleave(workers, raw, warmup, runs, journal)
     finally:
         for worker in workers.values():
             worker.close()
@@ -409,6 +413,22 @@ def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], jo
     if len(failed) == len(sides) or any(not raw[side]["samples"] for side in sides if side not in failed):
         raise EngineError("; ".join(f"{side}: {raw[side].get('error', 'no measured run')}" for side in sides))
     return raw
+
+
+def _start(opts: BenchOptions, raw: dict[str, Any], workers: dict[str, Worker], journal: Journal, side: str,
+           kind: str, config: RunConfig) -> None:
+    """Start `side`'s worker and record its cold start and first image (a failure is recorded, not raised)."""
+    logger.info("%s: loading and making the first image (cold start)", side)
+    try:
+        workers[side] = Worker(kind, config, side)
+        ready = workers[side].read()
+    except (EngineError, InputError) as error:
+        _fail(raw, workers, journal, side, error)
+        return
+    raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
+    first = dict(ready["first"], round=0, finished=time.time())
+    raw[side]["warmup" if opts.warmup else "samples"].append(first)
+    journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
 
 
 def _fail(raw: dict[str, Any], workers: dict[str, Worker], journal: Journal, side: str, error: Exception) -> None:
@@ -429,7 +449,7 @@ def _interleave(workers: dict[str, Worker], raw: dict[str, Any], warmup: int, ru
                 continue
             start = time.perf_counter()
             try:
-                sample = dict(workers[side].request(), round=round_)
+                sample = dict(workers[side].request(), round=round_, finished=time.time())
             except (EngineError, InputError) as error:
                 _fail(raw, workers, journal, side, error)
                 continue

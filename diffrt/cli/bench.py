@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None,
                         help="diffusers checkpoint for --compare diffusers (default: the package's source)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="run each side's images and close it before the next side loads (models too large to "
+                             "hold twice); default: the sides stay loaded and their runs interleave")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="write the full record here (and each sample to JSON.partial while running)")
 
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
         export_target=args.export_target, controlnets=args.controlnet,
+        one_at_a_time=args.one_at_a_time,
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)
