@@ -19,6 +19,8 @@ from diffrt.cli.args import (
     RANDOM_SEED,
     SEED_MAX,
     add_prompt_weighting,
+    engine_option,
+    engine_options,
     float_list,
     int_list,
     lora_spec,
@@ -81,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per engine (default: the physical cores this process may use)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="with --provider cuda or trt: replay each shape's GPU work as a CUDA graph")
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=None,
+                        metavar="[COMPONENT:]KEY=VALUE",
+                        help="an engine option for every engine, or for one component's (repeatable), e.g. "
+                             "vae_decoder:graph_optimization_level=extended (a lower VAE peak, a slower decode)")
     parser.add_argument("--vae", default=None, choices=("full", "tiny"),
                         help="full (default): the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
     parser.add_argument("--lora", type=lora_spec, action="append", default=None, metavar="PATH[:SCALE]",
@@ -243,6 +249,10 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     options.update(precision)
     if args.threads is not None:
         options["threads"] = args.threads
+    common, per_component = engine_options(args.engine_option)
+    options.update(common)
+    if per_component:
+        options["component_options"] = per_component
     if args.controlnet:
         options["controlnet"] = args.controlnet
         open_pipeline = auto.from_pretrained

@@ -22,7 +22,7 @@ from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines import calibration
-from diffrt.runtime.pipelines.checks import PackageLimits
+from diffrt.runtime.pipelines.checks import PackageLimits, check_component_options
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
 from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
@@ -124,6 +124,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         vae: str = "full",
         load: str = "lazy",
         release_memory: bool = True,
+        component_options: dict[str, dict[str, Any]] | None = None,
         **engine_options: Any,
     ) -> None:
         """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD); `load`
@@ -131,7 +132,10 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `release_memory` True: each stage hands its working memory back when it is done for the image (the UNet
         after the last step, the VAE after each call), so the resident memory between images is the weights and
         the peak is the weights plus the largest stage's; False keeps every engine's working memory for the next
-        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md)."""
+        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md).
+        `engine_options` go to every engine; `component_options` {component: {option: value}} to one component's
+        engine on top of them, e.g. `{"vae_decoder": {"graph_optimization_level": "extended"}}` (a lower VAE peak
+        for a slower decode on ONNX Runtime; docs/benchmarks.md)."""
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         if not isinstance(release_memory, bool):
@@ -142,6 +146,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         self.package = package
         self.provider = provider
         self.engine_options = engine_options
+        self.component_options = check_component_options(component_options, package)
         self._engines: dict[str, Engine] = {}
         #: the adapter state each engine was created with (`AdapterState.signature`)
         self._engine_signatures: dict[str, Any] = {}
@@ -247,7 +252,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                     component = self.package.component(name)
                     signature = self.adapters.signature(name)
                     overrides = self.adapters.overrides(name) if signature != ((), ()) else {}
-                    options = {**self.engine_options, **({"initializers": overrides} if overrides else {})}
+                    options = {**self.engine_options, **self.component_options.get(name, {}),
+                               **({"initializers": overrides} if overrides else {})}
                     options = calibration.engine_options(self, name, options)
                     engine = create_engine(component, provider=self.provider, **options)
                     self._engine_signatures[name] = signature
@@ -480,7 +486,8 @@ def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
             overrides: dict[str, Any]) -> DiffusionPipeline:
     """`target` on `pipeline`'s package, provider, scheduler, VAE choice and (shared, thread-safe) engines."""
     options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae.kind,
-               "release_memory": pipeline.release_memory, **pipeline.engine_options}
+               "release_memory": pipeline.release_memory, "component_options": pipeline.component_options,
+               **pipeline.engine_options}
     options.update(overrides)
     new = target(pipeline.package, **options)
     new._engines = pipeline._engines
