@@ -139,6 +139,19 @@ def test_one_at_a_time_runs_every_image_of_a_side_before_the_next_side_loads(pre
     assert quality == "inf" or quality >= 45, quality
 
 
+def test_engine_options_reach_every_diffrt_side(preset_cache: Path, tmp_path: Path):
+    record, _ = _run_tiny(preset_cache, tmp_path / "options.json", "--provider", "cpu,openvino",
+                          "--engine-option", "threads=1", "--engine-option",
+                          "vae_decoder:graph_optimization_level=extended")
+    for side in ("diffrt[cpu]", "diffrt[openvino]"):
+        config = record["sides_config"][side]
+        assert config["engine_options"] == {"threads": 1}
+        assert config["component_options"] == {"vae_decoder": {"graph_optimization_level": "extended"}}
+    # OpenVINO has no ONNX Runtime optimisation levels: that side fails with the option's name, the other runs
+    assert "`graph_optimization_level` is not an option of provider 'openvino'" in record["failed"]["diffrt[openvino]"]
+    assert record["sides"]["diffrt[cpu]"]["samples"]
+
+
 def test_table_shows_each_stage(tiny_run):
     record, stdout = tiny_run
     for label, _ in METRICS.values():

@@ -34,7 +34,7 @@ from diffrt.bench.side import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
 from diffrt.package.names import CONFIG_NAME, CONTROLNET_PREFIX, INDEX_NAME
 from diffrt.package.reader import ModelPackage
-from diffrt.runtime.engines import PRECISION_PROVIDERS
+from diffrt.runtime.engines import PRECISION_PROVIDERS, split_engine_options
 
 __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
 
@@ -80,6 +80,8 @@ class BenchOptions:
     #: run each side's images, then close it, before the next side starts (models too large for two at once);
     #: default: sides stay loaded and their runs interleave
     one_at_a_time: bool = False
+    #: `--engine-option [COMPONENT:]KEY=VALUE` values, (component or None, key, value), for every diffrt side
+    engine_options: tuple[tuple[str | None, str, Any], ...] = ()
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -346,8 +348,10 @@ def run_config(opts: BenchOptions, package: Path, checkpoint: str | None, size: 
 def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[str, tuple[str, RunConfig]]:
     """side name -> (worker kind, its RunConfig): the diffrt variants first, then the compared libraries."""
     out = {}
+    common, per_component = split_engine_options(opts.engine_options)
     for name, variant in zip(side_names(opts), variants(opts)):
         out[name] = ("diffrt", replace(config, provider=variant.provider, precision=variant.precision,
+                                       engine_options=common, component_options=per_component,
                                        vae=variant.vae, side=name, image_dir=image_dir,
                                        engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags)))
     for name in opts.compare:

@@ -48,6 +48,9 @@ class DiffrtSide:
         if cfg.vae != "full":
             options["vae"] = cfg.vae
         options.update({flag: True for flag in cfg.engine_flags})
+        options.update(cfg.engine_options)
+        if cfg.component_options:
+            options["component_options"] = cfg.component_options
         if cfg.controlnets:
             options["controlnet"] = list(cfg.controlnets)
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)

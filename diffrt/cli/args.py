@@ -151,15 +151,6 @@ def engine_option(text: str) -> tuple[str | None, str, Any]:
     return component or None, key, value
 
 
-def engine_options(given: list[tuple[str | None, str, Any]] | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(options for every engine, {component: its options}) from the `--engine-option` values."""
-    common: dict[str, Any] = {}
-    per_component: dict[str, dict[str, Any]] = {}
-    for component, key, value in given or []:
-        (per_component.setdefault(component, {}) if component else common)[key] = value
-    return common, per_component
-
-
 def add_prompt_weighting(parser: argparse.ArgumentParser) -> None:
     """`--prompt-weighting a1111|none`, the same for every command that reads prompts."""
     parser.add_argument("--prompt-weighting", choices=("a1111", "none"), default="a1111",

@@ -7,7 +7,7 @@ import os
 import sys
 
 from diffrt.bench.presets import PRESETS
-from diffrt.cli.args import comma_list
+from diffrt.cli.args import comma_list, engine_option
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="run each side's images and close it before the next side loads (models too large to "
                              "hold twice); default: the sides stay loaded and their runs interleave")
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=None,
+                        metavar="[COMPONENT:]KEY=VALUE",
+                        help="an engine option of every diffrt side, for every engine or one component's "
+                             "(repeatable), e.g. vae_decoder:graph_optimization_level=extended")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="write the full record here (and each sample to JSON.partial while running)")
 
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
         export_target=args.export_target, controlnets=args.controlnet,
-        one_at_a_time=args.one_at_a_time,
+        one_at_a_time=args.one_at_a_time, engine_options=tuple(args.engine_option or ()),
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)

@@ -20,7 +20,6 @@ from diffrt.cli.args import (
     SEED_MAX,
     add_prompt_weighting,
     engine_option,
-    engine_options,
     float_list,
     int_list,
     lora_spec,
@@ -234,7 +233,7 @@ def _input_images(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----- the pipeline -----
 def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
-    from diffrt.runtime.engines import split_precision
+    from diffrt.runtime.engines import split_engine_options, split_precision
     from diffrt.runtime.pipelines.auto import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -249,7 +248,7 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     options.update(precision)
     if args.threads is not None:
         options["threads"] = args.threads
-    common, per_component = engine_options(args.engine_option)
+    common, per_component = split_engine_options(args.engine_option or ())
     options.update(common)
     if per_component:
         options["component_options"] = per_component

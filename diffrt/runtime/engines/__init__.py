@@ -10,7 +10,7 @@ import importlib.util
 import inspect
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from diffrt.errors import ConfigError
 from diffrt.runtime.engines.base import (
@@ -49,6 +49,7 @@ __all__ = [
     "create_engine",
     "lossless_cast",
     "parse_dim_ranges",
+    "split_engine_options",
     "split_precision",
     "validate_feeds",
 ]
@@ -108,6 +109,17 @@ def split_precision(spec: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"`provider` takes a precision suffix only on {' and '.join(PRECISION_PROVIDERS)} "
                           f"(openvino:fp32|bf16|int8|auto); got {spec!r}")
     return provider, {"inference_precision": precision}
+
+
+def split_engine_options(
+        given: Iterable[tuple[str | None, str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(component or None, key, value) triples (`--engine-option [COMPONENT:]KEY=VALUE`) -> (options of every
+    engine, {component: its own options}), the pipeline's `**engine_options` and `component_options`."""
+    common: dict[str, Any] = {}
+    per_component: dict[str, dict[str, Any]] = {}
+    for component, key, value in given:
+        (per_component.setdefault(component, {}) if component else common)[key] = value
+    return common, per_component
 
 
 def auto_provider() -> str:
