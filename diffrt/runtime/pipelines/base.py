@@ -28,7 +28,7 @@ from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
 from diffrt.runtime.pipelines.prompts import TextEncoder
-from diffrt.runtime.pipelines.providers import check_package_target, check_provider
+from diffrt.runtime.pipelines.providers import check_package_target, check_provider, split_provider_precision
 from diffrt.runtime.pipelines.residuals import residual_specs, zero_residuals
 from diffrt.runtime.pipelines.textual_inversion_api import TextualInversionMixin
 from diffrt.runtime.pipelines.timestep import scalar_timestep
@@ -136,6 +136,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `engine_options` go to every engine; `component_options` {component: {option: value}} to one component's
         engine on top of them, e.g. `{"vae_decoder": {"graph_optimization_level": "extended"}}` (a lower VAE peak
         for a slower decode on ONNX Runtime; docs/benchmarks.md)."""
+        provider, engine_options = split_provider_precision(provider, engine_options)
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         if not isinstance(release_memory, bool):
@@ -218,6 +219,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `load="eager"` creates every engine now (ONNX Runtime sessions, OpenVINO compiles, TensorRT contexts)
         instead of at first use, so the first call runs at full speed; the default is `load="lazy"`.
         """
+        provider, engine_options = split_provider_precision(provider, engine_options)
         check_provider(provider)
         check_vae(vae)
         package = open_package(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
