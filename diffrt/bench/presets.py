@@ -73,8 +73,9 @@ class Preset:
     def checkpoint(self) -> Path:
         return self.folder / "checkpoint"
 
-    def package(self, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-        return self.folder / f"package-{precision}-{target}"
+    def package(self, precision: str = "fp32", target: str = "onnxruntime", deep_cache: bool = False) -> Path:
+        """The exported package; `deep_cache`: exported with DeepCache (branch 0) for `--deep-cache`."""
+        return self.folder / (f"package-{precision}-{target}" + ("-deepcache" if deep_cache else ""))
 
     @property
     def tiny_vae(self) -> Path:
@@ -147,15 +148,16 @@ def is_preset(name: str) -> bool:
     return name in PRESETS and not Path(name).exists()
 
 
-def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime", deep_cache: bool = False) -> Path:
     """The cached package of preset `name`, built (in a child process with torch) on first use."""
     preset = load_preset(name)
-    package = preset.package(precision, target)
+    package = preset.package(precision, target, deep_cache)
     if is_current(package):
         return package
     logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                 "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
+    command += ["--deep-cache"] if deep_cache else []
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
@@ -372,18 +374,19 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     return package
 
 
-def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime",
+                  deep_cache: bool = False) -> Path:
     """Build the checkpoint if needed, then export it to the cached package (the exporter writes atomically)."""
     from diffrt.export import export_pipeline
 
-    package = preset.package(precision, target)
+    package = preset.package(precision, target, deep_cache)
     if is_current(package):
         return package
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()
     logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
     export_pipeline(checkpoint, package, precision=precision, target=target, components=preset.exported,
-                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True)
+                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True, deep_cache=deep_cache)
     _stamp(package)
     logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
     return package
@@ -397,12 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
     parser.add_argument("--controlnets", type=int, default=0, metavar="N",
                         help="build the package with N random-weight ControlNets instead of the plain one")
+    parser.add_argument("--deep-cache", action="store_true", help="export the package with DeepCache (branch 0)")
     parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
                         help="add a random-weight tiny VAE to this package of the preset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
-    if args.tiny_vae_into is None and not is_current(preset.package(args.precision, args.target)):
+    if args.tiny_vae_into is None and not is_current(preset.package(args.precision, args.target, args.deep_cache)):
         from diffrt.bench.preset_fit import check_fits
 
         try:
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.controlnets > 0:
         path = build_controlnet_package(preset, args.controlnets, args.precision, args.target)
     else:
-        path = build_package(preset, args.precision, args.target)
+        path = build_package(preset, args.precision, args.target, args.deep_cache)
     print(path)  # the one line of stdout a caller reads
     return 0
 

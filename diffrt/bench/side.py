@@ -50,6 +50,8 @@ class RunConfig:
     controlnets: tuple[str, ...] = ()
     #: the same ControlNets' diffusers folders, for the Diffusers side ("" where the package records none)
     controlnet_sources: tuple[str, ...] = ()
+    #: DeepCache's interval on the diffrt side (None: off; the compared libraries always run the full UNet)
+    deep_cache_interval: int | None = None
 
     @property
     def on_gpu(self) -> bool:
