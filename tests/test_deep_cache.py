@@ -352,3 +352,79 @@ def test_a_lora_reaches_the_shallow_unet_as_diffusers_applies_it(tiny_checkpoint
     pipe.load_lora_weights(path.parent, weight_name=path.name)
     assert pipe.adapters.overrides(UNET_SHALLOW), "the shallow UNet's own copies of the weights must change too"
     assert_close(expected, pipe(generator=0, deep_cache_interval=3, **CALL).images)
+
+
+# ----- command line and benchmark -----
+def test_generate_with_deep_cache_writes_the_image_and_records_the_interval(tiny_deep_cache_package, tmp_path):
+    from cli_runner import run_cli
+    from PIL import Image
+
+    result = run_cli("generate", tiny_deep_cache_package("sd15"), "a cat", "--steps", "4", "--deep-cache", "3",
+                     "--seed", "5", "-o", tmp_path / "cat.png")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cat.png") as image:
+        assert json.loads(image.text["diffrt"])["deep_cache_interval"] == 3
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("digits", "a handwritten seven", "--deep-cache", "2"), ("`deep_cache_interval`", "--deep-cache")),
+    (("digits", "a seven", "--controlnet", "pose", "--control-image", "pose.png", "--deep-cache", "3"),
+     ("`--deep-cache` does not combine with `--controlnet`",)),
+    (("digits", "a seven", "--deep-cache", "0"), ("--deep-cache", "expected an integer >= 1")),
+])
+def test_generate_deep_cache_mistakes_are_one_line_errors(args, fragments, tmp_path):
+    from cli_runner import one_line_error, run_cli
+
+    result = run_cli("generate", *args, "-o", tmp_path / "x.png", cwd=tmp_path)
+    assert result.returncode == 2
+    one_line_error(result.stderr, "generate", *fragments)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_export_deep_cache_branch_needs_deep_cache(tiny_checkpoint, tmp_path):
+    from cli_runner import one_line_error, run_cli
+
+    result = run_cli("export", tiny_checkpoint("sd15"), tmp_path / "out", "--deep-cache-branch", "1")
+    assert result.returncode == 2
+    one_line_error(result.stderr, "export", "`--deep-cache-branch` applies with `--deep-cache` only")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_command_writes_the_branch_it_was_given(tiny_checkpoint, tmp_path):
+    from cli_runner import run_cli
+
+    result = run_cli("export", tiny_checkpoint("sd15"), tmp_path / "out", "--deep-cache", "--deep-cache-branch", "1",
+                     "--components", "text_encoder,unet,vae_decoder", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    package = ModelPackage.open(tmp_path / "out")
+    assert package.deep_cache_branch == 1
+    # branch 1 of the tiny SD UNet: the last up block's input, the output of up_blocks[-2] (64 channels)
+    assert package.component(UNET_SHALLOW).inputs[-1].shape == ("batch", 64, "height", "width")
+
+
+def test_bench_makes_each_interval_a_side_and_refuses_what_cannot_run(tiny_deep_cache_package):
+    from diffrt.bench.runner import BenchOptions, check_options, resolve, side_names, variants
+
+    opts = BenchOptions(target=str(tiny_deep_cache_package("sd15")), deep_cache=(1, 3))
+    assert [variant.deep_cache for variant in variants(opts)] == [None, 3]
+    assert side_names(opts) == ["diffrt[cpu]", "diffrt[cpu+deep-cache-3]"]
+    with pytest.raises(InputError, match="`deep_cache` must be 1 \\(off\\) with --controlnet"):
+        check_options(BenchOptions(target="tiny", controlnets=1, deep_cache=(3,)))
+    with pytest.raises(InputError, match="`deep_cache` must be an integer >= 1"):
+        check_options(BenchOptions(target="tiny", deep_cache=(0,)))
+    with pytest.raises(PackageError, match="--deep-cache"):
+        resolve(BenchOptions(target=resolve_builtin("digits"), deep_cache=(1, 2)))
+
+
+@pytest.mark.slow
+def test_bench_measures_the_cached_side_against_the_full_unet(tiny_deep_cache_package, tmp_path):
+    from diffrt.bench.runner import BenchOptions, run_benchmark
+
+    record = run_benchmark(BenchOptions(target=str(tiny_deep_cache_package("sd15")), deep_cache=(1, 3), steps=6,
+                                        runs=1, warmup=1, threads=1, height=64, width=64))
+    sides = record["sides"]
+    assert set(sides) == {"diffrt[cpu]", "diffrt[cpu+deep-cache-3]"}
+    assert sides["diffrt[cpu+deep-cache-3]"]["info"]["deep_cache_interval"] == 3
+    psnr = record["quality"]["diffrt[cpu+deep-cache-3]"]["psnr_vs_first_db"]
+    assert psnr != "inf" and 10 < psnr < 100  # a different image, still the same picture
