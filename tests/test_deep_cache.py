@@ -94,7 +94,7 @@ def _steps(reference, count: int = 5):
             for i in range(count)]
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl", "three_levels"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", pytest.param("three_levels", marks=pytest.mark.slow)])
 def test_every_branch_matches_deepcache_module_caching_on_the_diffusers_unet(kind):
     from diffrt.export.deep_cache import branch_count, feature_layout
 
@@ -428,3 +428,12 @@ def test_bench_measures_the_cached_side_against_the_full_unet(tiny_deep_cache_pa
     assert sides["diffrt[cpu+deep-cache-3]"]["info"]["deep_cache_interval"] == 3
     psnr = record["quality"]["diffrt[cpu+deep-cache-3]"]["psnr_vs_first_db"]
     assert psnr != "inf" and 10 < psnr < 100  # a different image, still the same picture
+
+
+def test_tensorrt_profiles_cover_the_shallow_unet_and_its_feature(tiny_deep_cache_package):
+    from diffrt.export.tensorrt import plan_builds
+
+    builds = {build.component.name: build for build in plan_builds(ModelPackage.open(
+        tiny_deep_cache_package("sd15")), static=(1, 64, 64))}
+    feature = builds[UNET_SHALLOW].profiles[0][DEEP_CACHE_FEATURE]
+    assert feature == ((2, 32, 8, 8),) * 3  # CFG batch, the branch's channels, the latent size
