@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
     parser.add_argument("--controlnets", type=int, default=0, metavar="N",
                         help="build the package with N random-weight ControlNets instead of the plain one")
+    parser.add_argument("--deep-cache", action="store_true", help="export the package with DeepCache (branch 0)")
     parser.add_argument("--beside", action="store_true",
                         help="also check that diffrt and Diffusers fit in memory at once (an interleaved benchmark)")
     parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
-    if args.tiny_vae_into is None and (args.beside or not is_current(preset.package(args.precision, args.target))):
+    package = preset.package(args.precision, args.target, args.deep_cache)
+    if args.tiny_vae_into is None and (args.beside or not is_current(package)):
         try:
             check_fits(preset, args.precision, args.target, beside=args.beside)
         except InputError as error:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.controlnets > 0:
         path = build_controlnet_package(preset, args.controlnets, args.precision, args.target)
     else:
-        path = build_package(preset, args.precision, args.target)
+        path = build_package(preset, args.precision, args.target, args.deep_cache)
     print(path)  # the one line of stdout a caller reads
     return 0
 

@@ -72,8 +72,9 @@ class Preset:
     def checkpoint(self) -> Path:
         return self.folder / "checkpoint"
 
-    def package(self, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-        return self.folder / f"package-{precision}-{target}"
+    def package(self, precision: str = "fp32", target: str = "onnxruntime", deep_cache: bool = False) -> Path:
+        """The exported package; `deep_cache`: exported with DeepCache (branch 0) for `--deep-cache`."""
+        return self.folder / (f"package-{precision}-{target}" + ("-deepcache" if deep_cache else ""))
 
     @property
     def tiny_vae(self) -> Path:
@@ -146,18 +147,20 @@ def is_preset(name: str) -> bool:
     return name in PRESETS and not Path(name).exists()
 
 
-def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime", beside: bool = False) -> Path:
+def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime", beside: bool = False,
+                   deep_cache: bool = False) -> Path:
     """The cached package of preset `name`, built (in a child process with torch) on first use. `beside`: the
-    benchmark will hold diffrt's and Diffusers' weights at once; refused (InputError) where they cannot fit."""
+    benchmark will hold diffrt's and Diffusers' weights at once; refused (InputError) where they cannot fit.
+    `deep_cache`: the package exported with DeepCache's shallow UNet (a folder of its own)."""
     preset = load_preset(name)
-    package = preset.package(precision, target)
+    package = preset.package(precision, target, deep_cache)
     if is_current(package) and not beside:
         return package
     if not is_current(package):
         logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                     "(minutes for real-size models; cached afterwards)", name, package)
     command = [sys.executable, "-m", "diffrt.bench.preset_build", name, "--precision", precision, "--target", target,
-               *(["--beside"] if beside else [])]
+               *(["--beside"] if beside else []), *(["--deep-cache"] if deep_cache else [])]
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
@@ -376,18 +379,19 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     return package
 
 
-def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime",
+                  deep_cache: bool = False) -> Path:
     """Build the checkpoint if needed, then export it to the cached package (the exporter writes atomically)."""
     from diffrt.export import export_pipeline
 
-    package = preset.package(precision, target)
+    package = preset.package(precision, target, deep_cache)
     if is_current(package):
         return package
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()
     logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
     export_pipeline(checkpoint, package, precision=precision, target=target, components=preset.exported,
-                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True)
+                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True, deep_cache=deep_cache)
     _stamp(package)
     logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
     return package

@@ -82,6 +82,8 @@ class BenchOptions:
     one_at_a_time: bool = False
     #: `--engine-option [COMPONENT:]KEY=VALUE` values, (component or None, key, value), for every diffrt side
     engine_options: tuple[tuple[str | None, str, Any], ...] = ()
+    #: DeepCache intervals, each a diffrt side per provider and VAE (1: off); empty: no DeepCache side
+    deep_cache: tuple[int, ...] = ()
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -100,6 +102,11 @@ def check_options(opts: BenchOptions) -> None:
     if isinstance(opts.controlnets, bool) or not isinstance(opts.controlnets, int) or \
             not 0 <= opts.controlnets <= MAX_CONTROLNETS:
         raise invalid("controlnet", f"a number of ControlNets from 0 to {MAX_CONTROLNETS}", opts.controlnets)
+    for interval in opts.deep_cache:
+        _positive_int("deep_cache", interval)
+    if opts.controlnets and uses_deep_cache(opts):
+        raise invalid("deep_cache", "1 (off) with --controlnet (DeepCache does not combine with ControlNets)",
+                      ",".join(map(str, opts.deep_cache)))
     for name in ("height", "width"):
         value = getattr(opts, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
@@ -136,6 +143,13 @@ def check_transformer_options(opts: BenchOptions, what: str) -> None:
     if any(variant.vae == "tiny" for variant in variants(opts)):
         raise invalid("vae", f"full for {what} (the tiny VAE, TAESD, decodes 4-channel latents; this model's "
                       "have 16)", opts.vae)
+    if uses_deep_cache(opts):
+        raise invalid("deep_cache", f"1 (off) for {what} (DeepCache caches UNet features)",
+                      ",".join(map(str, opts.deep_cache)))
+
+
+def uses_deep_cache(opts: BenchOptions) -> bool:
+    return any(interval > 1 for interval in opts.deep_cache)
 
 
 @dataclass(frozen=True)
@@ -147,11 +161,14 @@ class Variant:
     vae: str = "full"
     #: CUDA engine flags (`cuda:graph+nhwc`): graph = cuda_graph=True, nhwc = prefer_nhwc=True
     flags: tuple[str, ...] = ()
+    #: DeepCache's interval (None: off)
+    deep_cache: int | None = None
 
     @property
     def label(self) -> str:
         name = self.provider + (f":{self.precision}" if self.precision else "")
         name += f":{'+'.join(self.flags)}" if self.flags else ""
+        name += f"+deep-cache-{self.deep_cache}" if self.deep_cache else ""
         return name + ("+tiny-vae" if self.vae == "tiny" else "")
 
     @property
@@ -172,13 +189,14 @@ def variants(opts: BenchOptions) -> list[Variant]:
     if not vaes or any(vae not in VAES for vae in vaes):
         raise invalid("vae", f"a comma-separated list of {', '.join(VAES)}", opts.vae)
     out = []
+    intervals = [interval if interval > 1 else None for interval in opts.deep_cache] or [None]
     for spec in providers:
         provider, _, suffix = spec.partition(":")
         if provider.lower() in CUDA_PROVIDERS:
             flags = tuple(flag for flag in suffix.split("+") if flag)
-            out += [Variant(provider, None, vae, flags) for vae in vaes]
+            out += [Variant(provider, None, vae, flags, n) for vae in vaes for n in intervals]
         else:
-            out += [Variant(provider, suffix or None, vae) for vae in vaes]
+            out += [Variant(provider, suffix or None, vae, (), n) for vae in vaes for n in intervals]
     if len(set(out)) != len(out):
         raise invalid("provider", "a list without repeats", opts.provider)
     return out
@@ -235,7 +253,7 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         beside = bool(opts.compare) and on_cpu and not opts.one_at_a_time
         package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target, beside=beside)
                    if opts.controlnets else ensure_package(opts.target, precision=precision, target=target,
-                                                           beside=beside))
+                                                           beside=beside, deep_cache=uses_deep_cache(opts)))
         if any(variant.vae == "tiny" for variant in variants(opts)):
             ensure_tiny_vae(opts.target, package)
         size = preset.default_size
@@ -259,6 +277,9 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
     if missing:
         raise PackageError(f"`package` {str(package)!r} has no {', '.join(missing)} component, needed to benchmark "
                            "text-to-image; export it with those components")
+    if uses_deep_cache(opts) and opened.deep_cache_branch is None:
+        raise PackageError(f"`package` {str(package)!r} was exported without DeepCache, which --deep-cache needs: "
+                           "export it with `diffrt export SOURCE OUTPUT --deep-cache`")
     if opened.has("transformer"):
         check_transformer_options(opts, f"package {str(package)!r}")
         from diffrt.runtime.pipelines.flow_base import FLUX_SAMPLE_SIZE
@@ -353,7 +374,8 @@ def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[
         out[name] = ("diffrt", replace(config, provider=variant.provider, precision=variant.precision,
                                        engine_options=common, component_options=per_component,
                                        vae=variant.vae, side=name, image_dir=image_dir,
-                                       engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags)))
+                                       engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags),
+                                       deep_cache_interval=variant.deep_cache))
     for name in opts.compare:
         out[name] = (name, replace(config, side=name, image_dir=image_dir))
     return out

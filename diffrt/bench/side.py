@@ -53,6 +53,8 @@ class RunConfig:
     #: `--engine-option` values for the diffrt sides: options of every engine, and {component: options}
     engine_options: dict[str, Any] = field(default_factory=dict)
     component_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: DeepCache's interval on the diffrt side (None: off; the compared libraries always run the full UNet)
+    deep_cache_interval: int | None = None
 
     @property
     def on_gpu(self) -> bool:

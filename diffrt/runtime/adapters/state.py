@@ -18,7 +18,7 @@ import numpy as np
 
 from diffrt.runtime.adapters.lora_file import LoraFile, LoraUpdate
 from diffrt.runtime.adapters.merge import merged_weight
-from diffrt.runtime.adapters.package_weights import PackageWeights
+from diffrt.runtime.adapters.package_weights import PackageWeights, parameter_source
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,14 @@ class AdapterState:
 
     # ----- what is applied -----
     def contributions(self, component: str) -> list[tuple[LoraFile, float]]:
-        applied = [(lora, weight) for lora, _, weight in self.fused if component in lora.components]
+        source = parameter_source(component)
+        applied = [(lora, weight) for lora, _, weight in self.fused if source in lora.components]
         if self.enabled:
             fused_names = {name for _, name, _ in self.fused}
             for name, weight in self.active:
                 lora = self.loras[name]
-                if component in lora.components and name not in fused_names:
-                    applied.append((lora, component_weight(weight, component)))
+                if source in lora.components and name not in fused_names:
+                    applied.append((lora, component_weight(weight, source)))
         return [(lora, weight) for lora, weight in applied if weight != 0.0]
 
     def signature(self, component: str) -> Hashable:
@@ -69,14 +70,16 @@ class AdapterState:
     def overrides(self, component: str) -> dict[str, np.ndarray]:
         """{initializer name: new value} for `component`; {} when nothing applies to it."""
         terms: dict[str, list[tuple[LoraUpdate, float]]] = defaultdict(list)
+        source = parameter_source(component)
         for lora, weight in self.contributions(component):
             for update in lora.updates:
-                if update.component == component:
+                if update.component == source:
                     terms[update.parameter].append((update, weight))
         placements = self.weights.placements(component) if terms or self.token_rows.get(component) else {}
         result: dict[str, np.ndarray] = {}
         for parameter, parameter_terms in terms.items():
-            for place in placements[parameter]:
+            # a partial graph (DeepCache's shallow UNet) holds only some of its source's parameters
+            for place in placements.get(parameter, ()):
                 base = self.weights.base(component, place.initializer)
                 result[place.initializer] = merged_weight(base, place.layout, parameter_terms,
                                                           f"{component} {parameter}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from diffrt.errors import ConfigError
+from diffrt.package.names import UNET_SHALLOW
 from diffrt.runtime.engines.base import (
     Engine,
     TensorSpec,
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 # A package's components whose engines take `cuda_graph`: CUDA graphs pay off for a model run at every denoising
 # step; the text encoders and the VAE run once per image, and some of their graphs cannot be captured at all (a
-# kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax).
-GRAPHED_COMPONENTS = ("unet",)
+# kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax). DeepCache's shallow UNet runs at
+# the steps between full UNet runs.
+GRAPHED_COMPONENTS = ("unet", UNET_SHALLOW)
 #: providers whose engine takes an inference precision, also written as a suffix (`openvino:bf16`, `openvino:int8`)
 PRECISION_PROVIDERS = ("openvino", "auto")
 
