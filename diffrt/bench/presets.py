@@ -48,6 +48,8 @@ PRESETS = ("tiny", "sd15", "sd21", "sdxl", "tiny-sd3", "tiny-flux", "sd35m", "sd
 SEED = 0
 # The benchmark is text-to-image: the VAE encoder would only add export time (minutes for real sizes).
 BENCH_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
+#: the build child (`diffrt.bench.preset_build`: torch, diffusers), run with a preset name and its options
+BUILD_COMMAND = (sys.executable, "-m", "diffrt.bench.preset_build")
 #: exit status of `python -m diffrt.bench.preset_build` when the preset cannot fit this machine (its last stdout line
 #: says why)
 REFUSED = 3
@@ -159,7 +161,7 @@ def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntim
     if not is_current(package):
         logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
                     "(minutes for real-size models; cached afterwards)", name, package)
-    command = [sys.executable, "-m", "diffrt.bench.preset_build", name, "--precision", precision, "--target", target,
+    command = [*BUILD_COMMAND, name, "--precision", precision, "--target", target,
                *(["--beside"] if beside else []), *(["--deep-cache"] if deep_cache else [])]
     _build_child(command, name)
     if not is_current(package):
@@ -189,7 +191,7 @@ def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", ta
         return package
     logger.info("preset %s: first use with %d ControlNet(s): building random-weight ControlNets and exporting them "
                 "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
-    command = [sys.executable, "-m", "diffrt.bench.preset_build", name, "--precision", precision, "--target", target,
+    command = [*BUILD_COMMAND, name, "--precision", precision, "--target", target,
                "--controlnets", str(count), *(["--beside"] if beside else [])]
     _build_child(command, name)
     if not is_current(package):
@@ -203,7 +205,7 @@ def ensure_tiny_vae(name: str, package: Path) -> Path:
     if (package / "vae_decoder_tiny").is_dir():
         return package
     logger.info("preset %s: adding a random-weight tiny autoencoder (TAESD) to %s", name, package)
-    command = [sys.executable, "-m", "diffrt.bench.preset_build", name, "--tiny-vae-into", str(package)]
+    command = [*BUILD_COMMAND, name, "--tiny-vae-into", str(package)]
     built = subprocess.run(command, stdout=subprocess.DEVNULL).returncode == 0
     if not built or not (package / "vae_decoder_tiny").is_dir():
         raise InputError(f"adding the tiny VAE to preset {name!r} failed (see the log above); it needs the `export` "
