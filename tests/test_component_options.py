@@ -50,8 +50,9 @@ def test_generate_takes_engine_options_per_component(tiny_package, tmp_path):
 
 @pytest.mark.parametrize("option, status, fragments", [
     ("vae_decoder:graph_optimization_level", 2, ("argument --engine-option", "expected [COMPONENT:]KEY=VALUE")),
-    # the engine refuses the value when it is created (status 1: an engine error), before any step runs
-    ("vae_decoder:graph_optimization_level=max", 1, ("`graph_optimization_level` must be one of disable, basic",)),
+    # the engine refuses the value when it is created, before any step runs: a bad value (status 2), like a bad key
+    ("vae_decoder:graph_optimization_level=max", 2, ("`graph_optimization_level` must be one of disable, basic",)),
+    ("threads=0", 2, ("`threads` must be None or an integer >= 1",)),
     ("vae:threads=1", 2, ("`component_options` must be keys among this package's components",)),
 ])
 def test_generate_names_a_bad_engine_option(tiny_package, tmp_path, option, status, fragments):

@@ -11,7 +11,7 @@ from concurrency import run_in_threads
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import save_graph
 
-from diffrt.errors import EngineError, InputError
+from diffrt.errors import ConfigError, EngineError, InputError
 from diffrt.package.reader import ComponentInfo
 from diffrt.runtime.engines import OnnxRuntimeEngine, TensorSpec, check_provider, create_engine, validate_feeds
 from diffrt.runtime.engines.base import lossless_cast
@@ -177,7 +177,8 @@ def test_provider_lists_with_options_are_accepted(model_path: Path) -> None:
     ],
 )
 def test_invalid_engine_options_are_errors_naming_them(model_path: Path, kwargs, message) -> None:
-    with pytest.raises(EngineError, match=message):
+    # a configuration error (a ValueError: the CLI exits with status 2), not an engine failure
+    with pytest.raises(ConfigError, match=message):
         OnnxRuntimeEngine(model_path, **kwargs)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from diffrt.errors import DiffrtError, EngineError, PackageError, invalid
+from diffrt.errors import ConfigError, DiffrtError, EngineError, PackageError, invalid
 from diffrt.package.files import files_fingerprint
 from diffrt.runtime.engines.base import DimRanges, TensorSpec, adapt_feeds, validate_feeds
 from diffrt.runtime.engines.onnxruntime_cuda import (
@@ -84,7 +84,7 @@ def resolve_providers(provider: ProviderArg) -> list[tuple[str, dict[str, Any]]]
     else:
         items = list(provider)
     if not items:
-        raise invalid("provider", "a provider name or a non-empty list of providers", provider, EngineError)
+        raise invalid("provider", "a provider name or a non-empty list of providers", provider, ConfigError)
     available = ort.get_available_providers()
     resolved: list[tuple[str, dict[str, Any]]] = []
     for item in items:
@@ -103,7 +103,7 @@ def resolve_providers(provider: ProviderArg) -> list[tuple[str, dict[str, Any]]]
 def _split_provider(item: Any) -> tuple[str, Mapping[str, Any]]:
     if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping):
         return item[0], item[1]
-    raise invalid("provider", "a name or a (name, options dict) tuple for each provider", item, EngineError)
+    raise invalid("provider", "a name or a (name, options dict) tuple for each provider", item, ConfigError)
 
 
 def check_provider(provider: ProviderArg) -> None:
@@ -196,10 +196,10 @@ class OnnxRuntimeEngine:
         if not self.path.is_file():
             raise invalid("path", "an existing ONNX model file", str(self.path), EngineError)
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise invalid("threads", "None or an integer >= 1", threads, EngineError)
+            raise invalid("threads", "None or an integer >= 1", threads, ConfigError)
         if graph_optimization_level not in OPTIMIZATION_LEVELS:
             raise invalid("graph_optimization_level", f"one of {', '.join(OPTIMIZATION_LEVELS)}",
-                          graph_optimization_level, EngineError)
+                          graph_optimization_level, ConfigError)
         self.providers = resolve_providers(provider)
         self.cuda = self._cuda_options(cuda_options)
         self.threads = threads
@@ -208,7 +208,7 @@ class OnnxRuntimeEngine:
         self.dim_ranges = dict(dim_ranges or {})
         if isinstance(disabled_optimizers, str) or not all(isinstance(n, str) for n in disabled_optimizers):
             raise invalid("disabled_optimizers", "a list of ONNX Runtime transformer names such as "
-                          "['NchwcTransformer']", disabled_optimizers, EngineError)
+                          "['NchwcTransformer']", disabled_optimizers, ConfigError)
         self.disabled_optimizers = list(disabled_optimizers)
         self._base_options = session_options
         # OrtValues must outlive the session that reads them: ORT keeps pointers into their buffers.
