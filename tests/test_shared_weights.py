@@ -20,9 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import save_graph
 
 from diffrt.errors import EngineError
+from diffrt.package.onnx_io import GraphNode
 from diffrt.runtime import DiffusionPipeline
 from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
-from diffrt.runtime.engines.shared_weights import live_shared_weights
+from diffrt.runtime.engines.shared_weights import live_shared_weights, read_in_place
 
 CALL = dict(prompt="a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np")
 ROWS, WIDTH = 4096, 4096  # a 64 MiB float32 table
@@ -49,36 +50,64 @@ def lora_file(package, tmp_path_factory) -> Path:
     return write_random_lora(package, tmp_path_factory.mktemp("lora") / "random.safetensors", rank=4, std=0.2)
 
 
+#: engine options under which ONNX Runtime reads every weight in place (nothing pre-packed or reordered)
+IN_PLACE = {"prepack_weights": False, "disabled_optimizers": ["NchwcTransformer"]}
+SETTINGS = {"default": {}, "in-place": IN_PLACE}
+
+
 @pytest.fixture(scope="module")
-def unshared_images(package, lora_file) -> dict[str, np.ndarray]:
-    base = DiffusionPipeline.from_pretrained(package, share_weights=False)
-    variant = DiffusionPipeline.from_pretrained(package, share_weights=False)
-    variant.load_lora_weights(lora_file)
-    return {"base": image_of(base), "lora": image_of(variant)}
+def unshared_images(package, lora_file) -> dict[tuple[str, str], np.ndarray]:
+    images = {}
+    for setting, options in SETTINGS.items():
+        base = DiffusionPipeline.from_pretrained(package, share_weights=False, **options)
+        variant = DiffusionPipeline.from_pretrained(package, share_weights=False, **options)
+        variant.load_lora_weights(lora_file)
+        images[setting, "base"], images[setting, "lora"] = image_of(base), image_of(variant)
+    return images
 
 
-def test_two_pipelines_of_one_package_read_one_copy_and_make_the_unshared_image(package, unshared_images):
-    first, second = DiffusionPipeline.from_pretrained(package), DiffusionPipeline.from_pretrained(package)
-    assert np.array_equal(image_of(first), unshared_images["base"])
-    assert np.array_equal(image_of(second), unshared_images["base"])
+def held(engine: OnnxRuntimeEngine):
+    return getattr(engine._session, "_diffrt_held")
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_two_pipelines_of_one_package_read_one_copy_and_make_the_unshared_image(package, unshared_images, setting):
+    first = DiffusionPipeline.from_pretrained(package, **SETTINGS[setting])
+    second = DiffusionPipeline.from_pretrained(package, **SETTINGS[setting])
+    assert np.array_equal(image_of(first), unshared_images[setting, "base"])
+    assert np.array_equal(image_of(second), unshared_images[setting, "base"])
     for name in ("unet", "text_encoder", "vae_decoder"):
-        one, other = first.engine(name).weights, second.engine(name).weights
-        assert one is not None and one is other, name
-        assert one.values, name
-    weight = next(iter(first.engine("unet").weights.values.values()))
-    assert weight.data_ptr() == next(iter(second.engine("unet").weights.values.values())).data_ptr()
+        one, other = first.engine(name), second.engine(name)
+        assert one.weights is not None and one.weights is other.weights, name
+        assert held(one).shared and held(one).shared == held(other).shared, name
+        for initializer in held(one).shared:  # the very same buffers
+            assert one.weights.values[initializer].data_ptr() == other.weights.values[initializer].data_ptr()
 
 
-def test_a_lora_variant_shares_the_rest_and_its_overrides_stay_its_own(package, lora_file, unshared_images):
-    base, variant = DiffusionPipeline.from_pretrained(package), DiffusionPipeline.from_pretrained(package)
+def test_only_what_onnx_runtime_reads_in_place_is_handed_out(package):
+    default, in_place = (DiffusionPipeline.from_pretrained(package, **options).engine("unet")
+                         for options in SETTINGS.values())
+    matmul_weights = {name for name in held(in_place).shared if name in in_place.weights.in_place(False, False, True)
+                      and name not in in_place.weights.in_place(True, False, True)}
+    assert matmul_weights, "the in-place setting shares the weights ONNX Runtime would pre-pack"
+    assert not matmul_weights & held(default).shared  # a pre-packing session gets none of them
+    assert held(default).shared < held(in_place).shared
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_lora_variant_shares_the_rest_and_its_overrides_stay_its_own(package, lora_file, unshared_images, setting):
+    base = DiffusionPipeline.from_pretrained(package, **SETTINGS[setting])
+    variant = DiffusionPipeline.from_pretrained(package, **SETTINGS[setting])
     variant.load_lora_weights(lora_file)
     assert base.engine("unet").weights is variant.engine("unet").weights
     overridden = set(variant.engine("unet")._overrides)
-    assert overridden and overridden <= set(variant.engine("unet").weights.values)  # shared, but not used there
+    assert overridden and not overridden & held(variant.engine("unet")).shared
+    if setting == "in-place":
+        assert overridden <= held(base.engine("unet")).shared  # the base reads the originals from the registry
     # the variant's image carries its LoRA; the base one next to it does not
-    assert np.array_equal(image_of(variant), unshared_images["lora"])
-    assert np.array_equal(image_of(base), unshared_images["base"])
-    assert not np.array_equal(unshared_images["lora"], unshared_images["base"])
+    assert np.array_equal(image_of(variant), unshared_images[setting, "lora"])
+    assert np.array_equal(image_of(base), unshared_images[setting, "base"])
+    assert not np.array_equal(unshared_images[setting, "lora"], unshared_images[setting, "base"])
 
 
 def test_the_weights_outlive_a_released_pipeline_and_go_with_the_last_session(package, lora_file, unshared_images):
@@ -90,7 +119,7 @@ def test_the_weights_outlive_a_released_pipeline_and_go_with_the_last_session(pa
     base.release_engines()
     del base
     gc.collect()
-    assert np.array_equal(image_of(variant), unshared_images["lora"])
+    assert np.array_equal(image_of(variant), unshared_images["default", "lora"])
     assert len(entries_of(unet)) == 1
     variant.release_engines()
     gc.collect()
@@ -145,8 +174,7 @@ def test_an_override_is_its_sessions_own_and_kept_only_where_onnx_runtime_reads_
     assert np.array_equal(plain.run({"x": x})["y"], 2 * x)  # the shared weights never see the override
     assert adapted.weights is plain.weights
     # ONNX Runtime copies an external-data override while creating the session: the engine keeps no second copy
-    held = getattr(adapted._session, "_diffrt_held").values
-    assert len(held) == (0 if external else 1)
+    assert len(held(adapted).values) == (0 if external else 1)
     adapted.close()
     assert np.array_equal(adapted.run({"x": x})["y"], 5 * x)  # a new session reads the overrides again
     assert overrides.reads == 2
@@ -166,6 +194,20 @@ def test_the_optimised_model_cache_is_shared_too(tmp_path, package):
         assert reader.session_path != unet  # loaded from the cache
         assert all(np.array_equal(expected[k], v) for k, v in reader.run(feeds).items())
     assert readers[0].weights is readers[1].weights and readers[0].weights.model == readers[0].session_path
+
+
+def test_the_in_place_rule_follows_what_onnx_runtime_derives():
+    nodes = [GraphNode("MatMul", "", ("x", "w"), ("h",), False),
+             GraphNode("Conv", "", ("img", "k", "kb"), ("c",), False),
+             GraphNode("Gather", "", ("table", "ids"), ("e",), False),
+             GraphNode("Reshape", "", ("r", "shape"), ("r2",), False),  # constants only: folded into a new one
+             GraphNode("Add", "", ("r2", "h"), ("y",), False)]
+    weights = {"w", "k", "kb", "table", "r", "shape"}
+    assert read_in_place(nodes, weights, True, True, True) == {"table"}  # packed, reordered, folded
+    assert read_in_place(nodes, weights, False, False, False) == weights
+    assert read_in_place(nodes, weights, False, True, True) == {"w", "table"}
+    with_loop = [*nodes, GraphNode("Loop", "", ("n",), ("o",), True)]
+    assert read_in_place(with_loop, weights, False, False, False) == frozenset()
 
 
 def test_bad_sharing_options_name_the_parameter(package):

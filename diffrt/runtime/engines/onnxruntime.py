@@ -162,6 +162,8 @@ class _Held:
     """What a session reads through raw pointers: the shared weights of its file, the overrides it was given."""
 
     weights: SharedWeights | None
+    #: the initializers the session took from `weights`
+    shared: frozenset[str]
     values: list[ort.OrtValue]
 
 
@@ -185,12 +187,14 @@ class OnnxRuntimeEngine:
             e.g. ("NchwcTransformer",): level "all"'s blocked-layout pass costs most of an SD 1.5 UNet session's
             creation on a CPU (measured 5-15 s of 6-16 s, for a 3-10 % faster step; docs/adapters.md), which
             matters when LoRA switches re-create the session.
-        share_weights: CPU sessions of one model file in this process take its weights from one set of read-only
-            memory-mapped buffers (`shared_weights.SharedWeights`, through `SessionOptions.add_initializer`) instead
-            of each reading its own copy; initializer overrides replace only their own names. Same outputs bit for
-            bit. What ONNX Runtime derives from a weight stays per session: pre-packed GEMM weights (see
-            `prepack_weights`) and level "all"'s NCHWc convolution weights (see `disabled_optimizers`). Not applied
-            on other providers (their weights live in device memory) or with a caller's own `session_options`.
+        share_weights: CPU sessions of one model file in this process read the weights ONNX Runtime uses as
+            stored from one set of read-only memory-mapped buffers (`shared_weights.SharedWeights`, through
+            `SessionOptions.add_initializer`) instead of each its own copy; initializer overrides replace only their
+            own names. Same outputs bit for bit. What ONNX Runtime derives from a weight stays per session (and is
+            not handed out): pre-packed GEMM weights (see `prepack_weights`) and level "all"'s NCHWc convolution
+            weights (see `disabled_optimizers`); for an SD 1.5 UNet at the defaults that is nearly all of it, from
+            its optimised-model cache the convolutions are shared (docs/benchmarks.md). Not applied on other
+            providers (their weights live in device memory) or with a caller's own `session_options`.
         prepack_weights: False sets ONNX Runtime's `session.disable_prepacking`: MatMul / Gemm weights are read in
             place (shared) instead of packed into a per-session copy, for a slower step (docs/benchmarks.md,
             "Sharing weights between sessions"); outputs differ from the packed ones by float rounding (~1e-6).
@@ -407,10 +411,18 @@ class OnnxRuntimeEngine:
         """A session of `path`, reading the overrides and, when `share`, the process's shared weights of `path`."""
         read_in_place = self._add_overrides(options)
         weights = self._weights_to_share(path) if share else None
+        shared: dict[str, ort.OrtValue] = {}
         if weights is not None:
-            for name, value in weights.values.items():
-                if name not in self._override_names:  # an override replaces its own initializer only
-                    options.add_initializer(name, value)
+            level = options.graph_optimization_level
+            shared = weights.for_session(
+                prepack=self.prepack_weights,
+                reorders_convolutions=level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                and "NchwcTransformer" not in self.disabled_optimizers,
+                folds_constants=level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                and "ConstantFolding" not in self.disabled_optimizers,
+                skip=self._override_names)  # an override replaces its own initializer only
+            for name, value in shared.items():
+                options.add_initializer(name, value)
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self._session_providers(),
                                            disabled_optimizers=self.disabled_optimizers or None)
@@ -418,7 +430,7 @@ class OnnxRuntimeEngine:
             raise EngineError(f"onnxruntime could not load {path}: {error}") from error
         # The session reads these buffers through raw pointers: they must live exactly as long as it does, even when
         # a run in another thread still holds it after `close()`, so the session object itself keeps them.
-        setattr(session, _HELD_ATTRIBUTE, _Held(weights, read_in_place))
+        setattr(session, _HELD_ATTRIBUTE, _Held(weights, frozenset(shared), read_in_place))
         return session
 
     def _weights_to_share(self, path: Path) -> SharedWeights | None:
