@@ -286,3 +286,31 @@ def test_prepacked_gemm_weights_are_per_session_unless_prepacking_is_off(tmp_pat
     packed, in_place = probe(model), probe(model, prepack_weights=False)
     assert min(packed["growth"][1:]) > 48 * MIB, packed  # ONNX Runtime has no Python API to share packed copies
     assert max(in_place["growth"][1:]) < 16 * MIB, in_place
+
+
+# ----- diffrt serve --shared-weights -----
+def test_serve_shared_weights_makes_every_pipeline_read_the_weights_in_place(package):
+    from diffrt.serve.config import ServeConfig
+    from diffrt.serve.packages import open_pipeline
+
+    served = open_pipeline(ServeConfig([str(package)], shared_weights=True), str(package))
+    variant = open_pipeline(ServeConfig([str(package)], shared_weights=True), str(package))
+    unet, other = served.engine("unet"), variant.engine("unet")
+    assert unet.prepack_weights is False and unet.disabled_optimizers == ["NchwcTransformer"]
+    assert held(unet).shared == unet.weights.in_place(False, False, True)  # every weight it reads as stored
+    assert other.weights is unet.weights
+    plain = open_pipeline(ServeConfig([str(package)]), str(package)).engine("unet")
+    assert plain.prepack_weights is True and not plain.disabled_optimizers
+
+
+def test_serve_shared_weights_on_another_provider_is_refused_naming_the_flag(package):
+    import argparse
+
+    from diffrt.cli.serve import add_arguments, config_from
+    from diffrt.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(package), "--provider", "openvino", "--shared-weights"])
+    with pytest.raises(ConfigError, match="`--shared-weights` applies to provider 'cpu'.*'openvino'"):
+        config_from(args)

@@ -35,12 +35,17 @@ logger = logging.getLogger(__name__)
 GRAPHED_COMPONENTS = ("unet",)
 #: providers whose engine takes an inference precision, also written as a suffix (`openvino:bf16`, `openvino:int8`)
 PRECISION_PROVIDERS = ("openvino", "auto")
+#: ONNX Runtime CPU engine options under which a session reads every weight of its file as stored, so all sessions of
+#: the file share one copy (`share_weights`): nothing pre-packed, no NCHWc-reordered convolutions. A trade: slower
+#: UNet steps for a fraction of the memory per added pipeline (docs/benchmarks.md, "Sharing weights between sessions")
+SHARED_WEIGHT_OPTIONS: dict[str, Any] = {"prepack_weights": False, "disabled_optimizers": ["NchwcTransformer"]}
 
 __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "OpenVINOEngine",
     "PRECISION_PROVIDERS",
+    "SHARED_WEIGHT_OPTIONS",
     "TensorRTEngine",
     "TensorSpec",
     "auto_provider",
@@ -49,6 +54,7 @@ __all__ = [
     "create_engine",
     "lossless_cast",
     "parse_dim_ranges",
+    "shared_weight_options",
     "split_precision",
     "validate_feeds",
 ]
@@ -179,6 +185,16 @@ def check_initializer_overrides(provider: Any) -> None:
         raise ConfigError(
             f"LoRA and textual inversion are not supported with `provider` {resolved!r} yet (diffrt applies them as "
             "initializer overrides; TensorRT refit is not wired): use provider 'cuda' (ONNX Runtime) or 'cpu'")
+
+
+def shared_weight_options(provider: Any, parameter: str = "shared_weights") -> dict[str, Any]:
+    """A copy of `SHARED_WEIGHT_OPTIONS` for `provider`; ConfigError naming `parameter` when the provider is not ONNX
+    Runtime's CPU one (other engines keep their weights in their own form, in device memory or compiled)."""
+    resolved = auto_provider() if _named(provider, "auto") else provider
+    if not (_named(resolved, "cpu") or resolved == "CPUExecutionProvider"):
+        raise ConfigError(f"`{parameter}` applies to provider 'cpu' (ONNX Runtime's CPU sessions), whose sessions "
+                          f"can read one shared copy of the weights; got provider {resolved!r}")
+    return {name: list(value) if isinstance(value, list) else value for name, value in SHARED_WEIGHT_OPTIONS.items()}
 
 
 def check_provider(provider: Any) -> None:

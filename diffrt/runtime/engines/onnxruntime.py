@@ -35,6 +35,7 @@ from diffrt.runtime.engines.onnxruntime_cuda import (
     check_cuda_only,
     preload_cuda_libraries,
 )
+from diffrt.runtime.engines.residency import release_freed_heap
 from diffrt.runtime.engines.shared_weights import SharedWeights, shared_weights
 
 logger = logging.getLogger(__name__)
@@ -308,19 +309,16 @@ class OnnxRuntimeEngine:
         except PackageError as error:
             raise EngineError(f"cannot override initializers of {self.path}: {error}") from error
 
-    def _add_overrides(self, options: ort.SessionOptions) -> list[ort.OrtValue]:
+    def _add_overrides(self, options: ort.SessionOptions) -> dict[str, ort.OrtValue]:
         """Initializer overrides: an initializer kept in the external data file is replaced when the graph is
         loaded (`add_external_initializers`), before any optimisation, so every level sees the new weights. One
         kept inside model.onnx can only be replaced after the graph optimisations (`add_initializer`), and level
         "all"'s layout transformer has by then copied Conv weights into reordered ones the override never reaches
         (measured: wrong images), so such a session runs at most at level "extended".
 
-        Returns the values the session reads in place, which must live as long as it: those given through
-        `add_initializer`. ONNX Runtime copies those given through `add_external_initializers` while it creates a
-        CPU session (measured: writing to them afterwards changes no output), so they are dropped once it exists
-        instead of being held beside the session's copy; on other providers (not measured) they are kept."""
+        Returns the values given, which `options` points at: they must live until the session exists (`_held`)."""
         if not self._overrides:
-            return []
+            return {}
         values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._overrides[name]))
                   for name in self._overrides}
         external = [name for name in values if name in self._external_overrides]
@@ -332,7 +330,16 @@ class OnnxRuntimeEngine:
         extended = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if inline and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
             options.graph_optimization_level = extended
-        return [values[name] for name in (inline if self._cpu_only() else values)]
+        return values
+
+    def _held(self, overrides: dict[str, ort.OrtValue]) -> list[ort.OrtValue]:
+        """The overrides a created session still reads, which must live as long as it: those given through
+        `add_initializer` (read in place). ONNX Runtime copies those given through `add_external_initializers` while
+        it creates a CPU session (measured: writing to them afterwards changes no output), so they are dropped once
+        it exists instead of being held beside the session's copy; on other providers (not measured) they are kept."""
+        if not self._cpu_only():
+            return list(overrides.values())
+        return [value for name, value in overrides.items() if name not in self._external_overrides]
 
     def _cpu_only(self) -> bool:
         return all(name == "CPUExecutionProvider" for name, _ in self.providers)
@@ -409,7 +416,7 @@ class OnnxRuntimeEngine:
 
     def _new_session(self, path: Path, options: ort.SessionOptions, share: bool = True) -> ort.InferenceSession:
         """A session of `path`, reading the overrides and, when `share`, the process's shared weights of `path`."""
-        read_in_place = self._add_overrides(options)
+        overrides = self._add_overrides(options)  # alive until the session exists: `options` points at them
         weights = self._weights_to_share(path) if share else None
         shared: dict[str, ort.OrtValue] = {}
         if weights is not None:
@@ -430,7 +437,12 @@ class OnnxRuntimeEngine:
             raise EngineError(f"onnxruntime could not load {path}: {error}") from error
         # The session reads these buffers through raw pointers: they must live exactly as long as it does, even when
         # a run in another thread still holds it after `close()`, so the session object itself keeps them.
-        setattr(session, _HELD_ATTRIBUTE, _Held(weights, frozenset(shared), read_in_place))
+        setattr(session, _HELD_ATTRIBUTE, _Held(weights, frozenset(shared), self._held(overrides)))
+        if overrides:
+            # ONNX Runtime packed and freed its copies of the overrides while building the session, and the values
+            # it copied from go here: glibc keeps such freed chunks resident (1 GiB per SD 1.5 LoRA variant).
+            del overrides
+            release_freed_heap()
         return session
 
     def _weights_to_share(self, path: Path) -> SharedWeights | None:
