@@ -67,7 +67,8 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     static_shapes, ...); "trt" a `TensorRTEngine` from the component's prebuilt plans (options: device_id,
     cuda_graph, max_contexts; threads is accepted and ignored); "auto" the fastest engine installed here
     (`auto_provider`); anything else an `OnnxRuntimeEngine` (options: threads, graph_optimization_level,
-    optimized_model_cache, disabled_optimizers, and on CUDA device_id, cuda_graph, prefer_nhwc, ...). `cuda_graph`
+    optimized_model_cache, disabled_optimizers, share_weights, prepack_weights, and on CUDA device_id, cuda_graph,
+    prefer_nhwc, ...). `cuda_graph`
     applies to the components in `GRAPHED_COMPONENTS` only.
     """
     if _named(provider, "auto"):
