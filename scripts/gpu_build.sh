@@ -17,7 +17,7 @@ LOGS=${BUILD_LOGS:-/tmp/diffrt-build}
 mkdir -p "$LOGS"
 build() {  # build NAME ARGS...: one preset build, its log and its exit status
     local name=$1; shift
-    python3 -m diffrt.bench.presets "$@" > "$LOGS/$name.log" 2>&1
+    python3 -m diffrt.bench.preset_build "$@" > "$LOGS/$name.log" 2>&1
     echo $? > "$LOGS/$name.done"
 }
 build sd15-checkpoint sd15 --checkpoint-only

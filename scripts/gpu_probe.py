@@ -38,7 +38,8 @@ def package_of(preset: str, target: str) -> Path:
     cache = os.environ.get("DIFFRT_CACHE") or str(Path.home() / ".cache" / "diffrt")
     found = sorted(glob.glob(f"{cache}/presets/{preset}-*/package-fp16-{target}/diffrt.json"))
     if not found:
-        raise SystemExit(f"no {preset} package-fp16-{target} under {cache}: build it with diffrt.bench.presets")
+        raise SystemExit(f"no {preset} package-fp16-{target} under {cache}: build it with "
+                         "python -m diffrt.bench.preset_build")
     return Path(found[-1]).parent
 
 

@@ -373,6 +373,21 @@ def tiny_package(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], Pat
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_deep_cache_package(tiny_checkpoint, checkpoints_root: Path) -> Callable[[str], Path]:
+    """`tiny_deep_cache_package("sd15")` -> the tiny checkpoint exported with DeepCache (branch 0), built once."""
+
+    def get(kind: str) -> Path:
+        output = checkpoints_root / f"{kind}_deep_cache_package"
+        if not (output / "diffrt.json").exists():
+            from diffrt.export import export_pipeline
+
+            export_pipeline(tiny_checkpoint(kind), output, deep_cache=True)
+        return output
+
+    return get
+
+
 # ControlNets for the tiny checkpoints: (base checkpoint kind, seed). Two per base so multi-ControlNet sums differ.
 CONTROLNETS = {"cn_sd15": ("sd15", 1), "cn_sd15_b": ("sd15", 2), "cn_sdxl": ("sdxl", 3), "cn_sdxl_b": ("sdxl", 4)}
 

@@ -30,6 +30,7 @@ from checkpoint_fixtures import (  # noqa: E402,F401
     tiny_checkpoint,
     tiny_controlnet,
     tiny_controlnet_package,
+    tiny_deep_cache_package,
     tiny_package,
 )
 

@@ -110,6 +110,8 @@ def test_compare_diffusers_runs_interleaved_with_every_stage_and_ratio(compared_
     assert {"torch", "diffusers"} <= set(record["machine"]["versions"])
     rounds = {name: [s["round"] for s in side["warmup"] + side["samples"]] for name, side in record["sides"].items()}
     assert rounds["diffrt"] == rounds["diffusers"] == list(range(RUNS + 1))
+    finished = {name: [s["finished"] for s in side["samples"]] for name, side in record["sides"].items()}
+    assert min(finished["diffusers"]) < max(finished["diffrt"])  # interleaved: neither side ran all its runs first
     theirs = record["sides"]["diffusers"]
     assert theirs["info"]["threads"] == record["config"]["threads"] and theirs["info"]["dtype"] == "torch.float32"
     for sample in theirs["samples"]:
@@ -123,6 +125,31 @@ def test_compare_diffusers_runs_interleaved_with_every_stage_and_ratio(compared_
     for label, _ in METRICS.values():
         line = next(line for line in stdout.splitlines() if line.startswith(label))
         assert line.rstrip().endswith("x"), line
+
+
+@pytest.mark.slow
+def test_one_at_a_time_runs_every_image_of_a_side_before_the_next_side_loads(preset_cache: Path, tmp_path: Path):
+    record, stdout = _run_tiny(preset_cache, tmp_path / "sequential.json", "--compare", "diffusers", "--one-at-a-time")
+    assert record["interleaved"] is False and record["options"]["one_at_a_time"] is True
+    assert "one side after the other in the same run" in stdout
+    times = {name: [s["finished"] for s in side["warmup"] + side["samples"]] for name, side in record["sides"].items()}
+    assert len(times["diffrt"]) == len(times["diffusers"]) == RUNS + 1
+    assert max(times["diffrt"]) < min(times["diffusers"])  # Diffusers' cold image came after diffrt's last one
+    quality = record["quality"]["diffrt"]["psnr_vs_diffusers_db"]
+    assert quality == "inf" or quality >= 45, quality
+
+
+def test_engine_options_reach_every_diffrt_side(preset_cache: Path, tmp_path: Path):
+    record, _ = _run_tiny(preset_cache, tmp_path / "options.json", "--provider", "cpu,openvino",
+                          "--engine-option", "threads=1", "--engine-option",
+                          "vae_decoder:graph_optimization_level=extended")
+    for side in ("diffrt[cpu]", "diffrt[openvino]"):
+        config = record["sides_config"][side]
+        assert config["engine_options"] == {"threads": 1}
+        assert config["component_options"] == {"vae_decoder": {"graph_optimization_level": "extended"}}
+    # OpenVINO has no ONNX Runtime optimisation levels: that side fails with the option's name, the other runs
+    assert "`graph_optimization_level` is not an option of provider 'openvino'" in record["failed"]["diffrt[openvino]"]
+    assert record["sides"]["diffrt[cpu]"]["samples"]
 
 
 def test_table_shows_each_stage(tiny_run):

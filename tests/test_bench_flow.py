@@ -178,8 +178,8 @@ def test_flux_schnell_is_refused_before_building_with_its_sizes(tmp_path: Path, 
     assert not any(tmp_path.iterdir())
 
 
-def test_sd35m_is_refused_for_disk_and_memory_and_its_six_block_variant_fits(tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch):
+def test_sd35m_is_refused_for_disk_and_runs_one_side_at_a_time_where_two_do_not_fit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from diffrt.bench.preset_fit import check_fits
 
     monkeypatch.setenv("DIFFRT_CACHE", str(tmp_path))
@@ -187,13 +187,20 @@ def test_sd35m_is_refused_for_disk_and_memory_and_its_six_block_variant_fits(tmp
     with pytest.raises(InputError) as info:
         check_fits(load_preset("sd35m"), **DEV_MACHINE)
     message = str(info.value)
-    assert "need 20.1 GB of disk, 19.5 GB is usable" in message
-    assert "benchmarking it beside Diffusers" in message and "text_encoder_3 is left out already" in message
-    need = check_fits(load_preset("sd35m-6blocks"), **DEV_MACHINE)
-    assert need["disk"] < 10 * GB and need["run"] < 15 * GB
+    assert "need 20.1 GB of disk, 19.5 GB is usable" in message and "text_encoder_3 is left out already" in message
+    assert "GB of memory" not in message  # one side at a time fits 22 GB
+    roomy = dict(DEV_MACHINE, free_disk=int(80 * GB))
+    need = check_fits(load_preset("sd35m"), **roomy)
+    assert 13 * GB < need["run"] < 16 * GB and 27 * GB < need["beside"] < 29 * GB
+    with pytest.raises(InputError) as info:  # an interleaved benchmark holds both sides' weights at once
+        check_fits(load_preset("sd35m"), **roomy, beside=True)
+    assert re.search(r"beside Diffusers at once .* needs 2\d\.\d GB of memory, 22\.0 GB is available", str(info.value))
+    assert "--one-at-a-time" in str(info.value)
+    need = check_fits(load_preset("sd35m-6blocks"), **DEV_MACHINE, beside=True)
+    assert need["disk"] < 10 * GB and need["beside"] < 15 * GB
     monkeypatch.setenv("DIFFRT_SKIP_MEMORY_CHECK", "1")  # skips the memory checks, not the disk one
     with pytest.raises(InputError, match="GB of disk") as info:
-        check_fits(load_preset("sd35m"), **DEV_MACHINE)
+        check_fits(load_preset("sd35m"), **DEV_MACHINE, beside=True)
     assert "GB of memory" not in str(info.value)
 
 

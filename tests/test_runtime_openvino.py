@@ -143,6 +143,18 @@ def test_bf16_pipeline_image_is_within_30_db_of_fp32(package: ModelPackage, ort_
     assert db >= MIN_BF16_PSNR_DB
 
 
+@needs_openvino
+def test_the_command_lines_precision_suffix_works_in_python_too(package: ModelPackage) -> None:
+    from diffrt.errors import InputError
+    from diffrt.runtime import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(package.root, provider="openvino:fp32")
+    assert pipe.provider == "openvino" and pipe.engine_options["inference_precision"] == "fp32"
+    assert pipe.engine("unet").inference_precision == "fp32"
+    with pytest.raises(InputError, match=r"`inference_precision` 'bf16' contradicts `provider` 'openvino:fp32'"):
+        DiffusionPipeline.from_pretrained(package.root, provider="openvino:fp32", inference_precision="bf16")
+
+
 # ----- provider="auto" -----
 @needs_openvino
 def test_auto_picks_openvino_with_the_cpus_precision_and_static_shapes(package: ModelPackage) -> None:

@@ -10,8 +10,9 @@ the package holds (the VAE's decoder half only). From those, with S the checkpoi
   free (the disk is shared);
 - building: the largest model in float32 (drawn in float32, then cast) + the others in the storage dtype;
 - exporting: `diffrt.export.preflight.estimate_memory` of the largest exported component (measured factors);
-- benchmarking beside Diffusers (CPU, fp32 packages): both sides hold the float32 weights at once, diffrt the
-  package's and Diffusers the whole pipeline's, plus MEMORY_BASE each (activations come on top: a lower bound).
+- benchmarking (CPU, fp32 packages), MEMORY_BASE per process on top (activations come on top: a lower bound):
+  `run`, one side at a time (`diffrt bench --one-at-a-time`): the larger of diffrt's float32 package and Diffusers'
+  float32 pipeline; `beside`, the sides interleaved (the default): both at once.
 
 A preset that needs more memory than MemAvailable or more disk than is free is refused with every number
 (InputError); `DIFFRT_SKIP_MEMORY_CHECK=1` skips the memory checks (not the disk one), as for exports.
@@ -86,19 +87,25 @@ def needs(preset: Preset, sizes: Sizes, precision: str, target: str) -> dict[str
     validate = bool(preset.spec.get("export_validate", True))
     export = max(estimate_memory(v, storage * v, validate) for v in sizes.packaged.values())
     # on a GPU (fp16 packages) both sides hold their weights in device memory instead
-    run = 4 * (sum(sizes.packaged.values()) + sum(sizes.values.values())) + 2 * MEMORY_BASE \
-        if precision == "fp32" else 0
-    return {"disk": disk, "build": (0 if checkpoint_done else MEMORY_BASE + build), "export": export, "run": run}
+    sides = (4 * sum(sizes.packaged.values()), 4 * sum(sizes.values.values())) if precision == "fp32" else (0, 0)
+    return {"disk": disk, "build": (0 if checkpoint_done else MEMORY_BASE + build), "export": export,
+            "run": max(sides) + MEMORY_BASE if any(sides) else 0,
+            "beside": sum(sides) + 2 * MEMORY_BASE if any(sides) else 0}
 
 
 def check_fits(preset: Preset, precision: str = "fp32", target: str = "onnxruntime",
-               available: int | None = None, free_disk: int | None = None) -> dict[str, int]:
+               available: int | None = None, free_disk: int | None = None, beside: bool = False) -> dict[str, int]:
     """The needs of `preset` (bytes); InputError naming each one this machine cannot meet, before anything is
-    built. `available` / `free_disk` default to MemAvailable and the free space of the cache's disk."""
-    if is_current(preset.package(precision, target)):
+    built (a built package: only the benchmark's memory is checked). `beside`: the benchmark runs diffrt and
+    Diffusers at once (interleaved), else one side at a time. `available` / `free_disk` default to MemAvailable
+    and the free space of the cache's disk."""
+    built = is_current(preset.package(precision, target))
+    if built and not beside:
         return {}
     sizes = count_values(preset)
     need = needs(preset, sizes, precision, target)
+    if built:
+        need.update(disk=0, build=0, export=0)
     if available is None:
         available = available_memory()
     if free_disk is None:
@@ -119,15 +126,18 @@ def check_fits(preset: Preset, precision: str = "fp32", target: str = "onnxrunti
     if available is not None and not skip:
         what = {"build": "drawing its weights (the largest model in float32)",
                 "export": "exporting its largest component",
-                "run": "benchmarking it beside Diffusers (both sides' float32 weights, before activations)"}
+                "run": "benchmarking it (the larger side's float32 weights, before activations)",
+                "beside": "benchmarking it beside Diffusers at once (both sides' float32 weights, before "
+                          "activations; --one-at-a-time runs one side after the other)"}
         for phase, why in what.items():
-            if need[phase] > available:
+            if need[phase] > available and (phase != "beside" or beside):
                 problems.append(f"{why} needs {need[phase] / GB:.1f} GB of memory, {available / GB:.1f} GB is "
                                 "available")
     if problems:
         unbuilt = preset.spec.get("not_built", {})
         skipped = "".join(f"; {name} is left out already ({why})" for name, why in unbuilt.items())
-        raise InputError(f"preset {preset.name!r} cannot fit this machine, nothing was built: {_describe(sizes)}; "
+        done = "it is built, but" if built else "nothing was built:"
+        raise InputError(f"preset {preset.name!r} cannot fit this machine, {done} {_describe(sizes)}; "
                          + "; ".join(problems) + skipped + f". Set {SKIP_MEMORY_CHECK}=1 to skip the memory checks "
                          "(swap), or use a machine with more memory and disk")
     return need

@@ -10,7 +10,7 @@ so that a real-size model needs one float32 copy on disk, not three. Random weig
 have the real shapes, so the measured compute is the real model's. The checkpoint and the exported package live
 under `$DIFFRT_CACHE/presets/<preset>-<spec hash>/` (default `~/.cache/diffrt`), so a changed spec never reuses a
 stale build. Building needs torch/diffusers (the `export` extra) and runs in its own process (`python -m
-diffrt.bench.presets PRESET`), so the diffrt side of a benchmark stays torch-free. Before building, that process
+diffrt.bench.preset_build PRESET`), so the diffrt side of a benchmark stays torch-free. Before building, that process
 sizes every component from its config (on the meta device: no memory) and refuses, with the numbers, a preset
 whose build, export or benchmark (diffrt's and Diffusers' float32 copies side by side) cannot fit this machine's
 memory or disk (`diffrt.bench.preset_fit`): FLUX.1's 12B-parameter transformer is refused on a 24 GiB machine
@@ -18,7 +18,6 @@ before anything is written.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -49,7 +48,9 @@ PRESETS = ("tiny", "sd15", "sd21", "sdxl", "tiny-sd3", "tiny-flux", "sd35m", "sd
 SEED = 0
 # The benchmark is text-to-image: the VAE encoder would only add export time (minutes for real sizes).
 BENCH_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder")
-#: exit status of `python -m diffrt.bench.presets` when the preset cannot fit this machine (its last stdout line
+#: the build child (`diffrt.bench.preset_build`: torch, diffusers), run with a preset name and its options
+BUILD_COMMAND = (sys.executable, "-m", "diffrt.bench.preset_build")
+#: exit status of `python -m diffrt.bench.preset_build` when the preset cannot fit this machine (its last stdout line
 #: says why)
 REFUSED = 3
 
@@ -73,8 +74,9 @@ class Preset:
     def checkpoint(self) -> Path:
         return self.folder / "checkpoint"
 
-    def package(self, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-        return self.folder / f"package-{precision}-{target}"
+    def package(self, precision: str = "fp32", target: str = "onnxruntime", deep_cache: bool = False) -> Path:
+        """The exported package; `deep_cache`: exported with DeepCache (branch 0) for `--deep-cache`."""
+        return self.folder / (f"package-{precision}-{target}" + ("-deepcache" if deep_cache else ""))
 
     @property
     def tiny_vae(self) -> Path:
@@ -147,15 +149,20 @@ def is_preset(name: str) -> bool:
     return name in PRESETS and not Path(name).exists()
 
 
-def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-    """The cached package of preset `name`, built (in a child process with torch) on first use."""
+def ensure_package(name: str, precision: str = "fp32", target: str = "onnxruntime", beside: bool = False,
+                   deep_cache: bool = False) -> Path:
+    """The cached package of preset `name`, built (in a child process with torch) on first use. `beside`: the
+    benchmark will hold diffrt's and Diffusers' weights at once; refused (InputError) where they cannot fit.
+    `deep_cache`: the package exported with DeepCache's shallow UNet (a folder of its own)."""
     preset = load_preset(name)
-    package = preset.package(precision, target)
-    if is_current(package):
+    package = preset.package(precision, target, deep_cache)
+    if is_current(package) and not beside:
         return package
-    logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
-                "(minutes for real-size models; cached afterwards)", name, package)
-    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target]
+    if not is_current(package):
+        logger.info("preset %s: first use, building random-weight checkpoint and exporting it to %s "
+                    "(minutes for real-size models; cached afterwards)", name, package)
+    command = [*BUILD_COMMAND, name, "--precision", precision, "--target", target,
+               *(["--beside"] if beside else []), *(["--deep-cache"] if deep_cache else [])]
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} failed (see the log above); it needs the `export` extra "
@@ -174,16 +181,18 @@ def _build_child(command: list[str], name: str) -> None:
                          "(torch, diffusers, transformers)")
 
 
-def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime") -> Path:
-    """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use."""
+def ensure_controlnet_package(name: str, count: int, precision: str = "fp32", target: str = "onnxruntime",
+                              beside: bool = False) -> Path:
+    """The cached package of preset `name` with `count` ControlNets, built (in a child process) on first use;
+    `beside` as in `ensure_package` (checked with the plain preset's sizes: a lower bound)."""
     preset = load_preset(name)
     package = preset.controlnet_package(count, precision, target)
-    if is_current(package):
+    if is_current(package) and not beside:
         return package
     logger.info("preset %s: first use with %d ControlNet(s): building random-weight ControlNets and exporting them "
                 "with the UNet to %s (minutes for real-size models; cached afterwards)", name, count, package)
-    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--precision", precision, "--target", target,
-               "--controlnets", str(count)]
+    command = [*BUILD_COMMAND, name, "--precision", precision, "--target", target,
+               "--controlnets", str(count), *(["--beside"] if beside else [])]
     _build_child(command, name)
     if not is_current(package):
         raise InputError(f"building preset {name!r} with {count} ControlNet(s) failed (see the log above); it needs "
@@ -196,7 +205,7 @@ def ensure_tiny_vae(name: str, package: Path) -> Path:
     if (package / "vae_decoder_tiny").is_dir():
         return package
     logger.info("preset %s: adding a random-weight tiny autoencoder (TAESD) to %s", name, package)
-    command = [sys.executable, "-m", "diffrt.bench.presets", name, "--tiny-vae-into", str(package)]
+    command = [*BUILD_COMMAND, name, "--tiny-vae-into", str(package)]
     built = subprocess.run(command, stdout=subprocess.DEVNULL).returncode == 0
     if not built or not (package / "vae_decoder_tiny").is_dir():
         raise InputError(f"adding the tiny VAE to preset {name!r} failed (see the log above); it needs the `export` "
@@ -372,59 +381,19 @@ def build_controlnet_package(preset: Preset, count: int, precision: str = "fp32"
     return package
 
 
-def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime") -> Path:
+def build_package(preset: Preset, precision: str = "fp32", target: str = "onnxruntime",
+                  deep_cache: bool = False) -> Path:
     """Build the checkpoint if needed, then export it to the cached package (the exporter writes atomically)."""
     from diffrt.export import export_pipeline
 
-    package = preset.package(precision, target)
+    package = preset.package(precision, target, deep_cache)
     if is_current(package):
         return package
     checkpoint = build_checkpoint(preset)
     start = time.perf_counter()
     logger.info("preset %s: exporting to %s (%s, %s)", preset.name, package, precision, target)
     export_pipeline(checkpoint, package, precision=precision, target=target, components=preset.exported,
-                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True)
+                    validate=bool(preset.spec.get("export_validate", True)), overwrite=True, deep_cache=deep_cache)
     _stamp(package)
     logger.info("preset %s: exported in %.0f s", preset.name, time.perf_counter() - start)
     return package
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build a benchmark preset (random weights) into the cache.")
-    parser.add_argument("preset", choices=PRESETS)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--target", default="onnxruntime")
-    parser.add_argument("--checkpoint-only", action="store_true", help="build the diffusers checkpoint only")
-    parser.add_argument("--controlnets", type=int, default=0, metavar="N",
-                        help="build the package with N random-weight ControlNets instead of the plain one")
-    parser.add_argument("--tiny-vae-into", type=Path, default=None, metavar="PACKAGE",
-                        help="add a random-weight tiny VAE to this package of the preset")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    preset = load_preset(args.preset)
-    if args.tiny_vae_into is None and not is_current(preset.package(args.precision, args.target)):
-        from diffrt.bench.preset_fit import check_fits
-
-        try:
-            check_fits(preset, args.precision, args.target)
-        except InputError as error:
-            print(str(error))  # the last stdout line: the parent raises it
-            return REFUSED
-    if args.tiny_vae_into is not None:
-        from diffrt.export import add_tiny_vae
-
-        add_tiny_vae(args.tiny_vae_into, build_tiny_vae(preset))
-        print(args.tiny_vae_into)
-        return 0
-    if args.checkpoint_only:
-        path = build_checkpoint(preset)
-    elif args.controlnets > 0:
-        path = build_controlnet_package(preset, args.controlnets, args.precision, args.target)
-    else:
-        path = build_package(preset, args.precision, args.target)
-    print(path)  # the one line of stdout a caller reads
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

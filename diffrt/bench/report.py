@@ -187,7 +187,8 @@ def build_record(opts: Any, config: Any, raw: dict[str, Any], preset: str | None
                     if "diffusers" in sides else {})
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": machine_info(), "preset": preset, "options": asdict(opts), "config": asdict(config),
-            "sides_config": sides_config or {}, "interleaved": len(sides) > 1, "denoiser": denoiser,
+            "sides_config": sides_config or {}, "interleaved": len(sides) > 1 and not opts.one_at_a_time,
+            "denoiser": denoiser,
             "unet_flops_per_step": flops,
             "sides": sides, "reference": first, "ratios": ratios, "vs_diffusers": vs_diffusers,
             "quality": quality or {}, "failed": failed}
@@ -206,6 +207,11 @@ def _cell(value: float | None, unit: str = "s") -> str:
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
     return f"{value:.2f}{unit}"
+
+
+def ran_one_at_a_time(record: Mapping[str, Any]) -> bool:
+    """Whether the record's sides ran one after the other (`--one-at-a-time`) rather than interleaved."""
+    return bool(record.get("options", {}).get("one_at_a_time"))
 
 
 def format_table(record: Mapping[str, Any]) -> str:
@@ -231,7 +237,8 @@ def format_table(record: Mapping[str, Any]) -> str:
              f"guidance {cfg['guidance']}, batch {cfg['batch']}, {providers or cfg['provider']}, {control}"
              f"{cfg['threads']} threads, {sides[first]['summary']['total']['n']} measured run(s); "
              f"first column: {first}")
-    note = f"ratio = that side's median / {first}'s median (> 1: {first} faster), interleaved in the same run"
+    how = "one side after the other" if ran_one_at_a_time(record) else "interleaved"
+    note = f"ratio = that side's median / {first}'s median (> 1: {first} faster), {how} in the same run"
     machine = record.get("machine", {})
     hardware = f"machine: {machine.get('cpu')} ({', '.join(machine.get('cpu_flags') or []) or 'no AVX2'})"
     hardware += "".join(f"; GPU {gpu}" for gpu in machine.get("gpu") or [])

@@ -3,8 +3,10 @@
 Each side (diffrt, and each `--compare` library) runs in its own process (`diffrt.bench.worker`), so the diffrt
 side stays torch-free and no side shares an allocator or thread pool with another. Sides load one after the other
 (their cold starts are not disturbed by each other); measured runs are then interleaved A B, B A, A B, ... so
-machine drift falls on both sides alike. The first image of each side is its cold start and counts as its first
-warm-up run; with `--warmup 0` it is the first measured run instead.
+machine drift falls on both sides alike. `--one-at-a-time` runs all of one side's images and closes it before the
+next side loads: for models whose two copies do not fit in memory at once (drift then falls between the sides).
+The first image of each side is its cold start and counts as its first warm-up run; with `--warmup 0` it is the
+first measured run instead.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from diffrt.bench.side import CPU_PROVIDERS, RunConfig
 from diffrt.errors import EngineError, InputError, PackageError, invalid
 from diffrt.package.names import CONFIG_NAME, CONTROLNET_PREFIX, INDEX_NAME
 from diffrt.package.reader import ModelPackage
-from diffrt.runtime.engines import PRECISION_PROVIDERS
+from diffrt.runtime.engines import PRECISION_PROVIDERS, split_engine_options
 
 __all__ = ["BenchOptions", "Variant", "run_benchmark", "variants", "COMPARE_SIDES"]
 
@@ -75,6 +77,13 @@ class BenchOptions:
     export_target: str | None = None
     #: ControlNets run with the UNet (0: text-to-image alone; 1: single; 2+: multi-ControlNet)
     controlnets: int = 0
+    #: run each side's images, then close it, before the next side starts (models too large for two at once);
+    #: default: sides stay loaded and their runs interleave
+    one_at_a_time: bool = False
+    #: `--engine-option [COMPONENT:]KEY=VALUE` values, (component or None, key, value), for every diffrt side
+    engine_options: tuple[tuple[str | None, str, Any], ...] = ()
+    #: DeepCache intervals, each a diffrt side per provider and VAE (1: off); empty: no DeepCache side
+    deep_cache: tuple[int, ...] = ()
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -93,6 +102,11 @@ def check_options(opts: BenchOptions) -> None:
     if isinstance(opts.controlnets, bool) or not isinstance(opts.controlnets, int) or \
             not 0 <= opts.controlnets <= MAX_CONTROLNETS:
         raise invalid("controlnet", f"a number of ControlNets from 0 to {MAX_CONTROLNETS}", opts.controlnets)
+    for interval in opts.deep_cache:
+        _positive_int("deep_cache", interval)
+    if opts.controlnets and uses_deep_cache(opts):
+        raise invalid("deep_cache", "1 (off) with --controlnet (DeepCache does not combine with ControlNets)",
+                      ",".join(map(str, opts.deep_cache)))
     for name in ("height", "width"):
         value = getattr(opts, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
@@ -129,6 +143,13 @@ def check_transformer_options(opts: BenchOptions, what: str) -> None:
     if any(variant.vae == "tiny" for variant in variants(opts)):
         raise invalid("vae", f"full for {what} (the tiny VAE, TAESD, decodes 4-channel latents; this model's "
                       "have 16)", opts.vae)
+    if uses_deep_cache(opts):
+        raise invalid("deep_cache", f"1 (off) for {what} (DeepCache caches UNet features)",
+                      ",".join(map(str, opts.deep_cache)))
+
+
+def uses_deep_cache(opts: BenchOptions) -> bool:
+    return any(interval > 1 for interval in opts.deep_cache)
 
 
 @dataclass(frozen=True)
@@ -140,11 +161,14 @@ class Variant:
     vae: str = "full"
     #: CUDA engine flags (`cuda:graph+nhwc`): graph = cuda_graph=True, nhwc = prefer_nhwc=True
     flags: tuple[str, ...] = ()
+    #: DeepCache's interval (None: off)
+    deep_cache: int | None = None
 
     @property
     def label(self) -> str:
         name = self.provider + (f":{self.precision}" if self.precision else "")
         name += f":{'+'.join(self.flags)}" if self.flags else ""
+        name += f"+deep-cache-{self.deep_cache}" if self.deep_cache else ""
         return name + ("+tiny-vae" if self.vae == "tiny" else "")
 
     @property
@@ -165,13 +189,14 @@ def variants(opts: BenchOptions) -> list[Variant]:
     if not vaes or any(vae not in VAES for vae in vaes):
         raise invalid("vae", f"a comma-separated list of {', '.join(VAES)}", opts.vae)
     out = []
+    intervals = [interval if interval > 1 else None for interval in opts.deep_cache] or [None]
     for spec in providers:
         provider, _, suffix = spec.partition(":")
         if provider.lower() in CUDA_PROVIDERS:
             flags = tuple(flag for flag in suffix.split("+") if flag)
-            out += [Variant(provider, None, vae, flags) for vae in vaes]
+            out += [Variant(provider, None, vae, flags, n) for vae in vaes for n in intervals]
         else:
-            out += [Variant(provider, suffix or None, vae) for vae in vaes]
+            out += [Variant(provider, suffix or None, vae, (), n) for vae in vaes for n in intervals]
     if len(set(out)) != len(out):
         raise invalid("provider", "a list without repeats", opts.provider)
     return out
@@ -225,8 +250,10 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
         on_cpu = providers <= set(CPU_PROVIDERS)
         target = opts.export_target or ("tensorrt" if providers == {"trt"} else "onnxruntime")
         precision = "fp32" if on_cpu else "fp16"
-        package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target) if opts.controlnets
-                   else ensure_package(opts.target, precision=precision, target=target))
+        beside = bool(opts.compare) and on_cpu and not opts.one_at_a_time
+        package = (ensure_controlnet_package(opts.target, opts.controlnets, precision, target, beside=beside)
+                   if opts.controlnets else ensure_package(opts.target, precision=precision, target=target,
+                                                           beside=beside, deep_cache=uses_deep_cache(opts)))
         if any(variant.vae == "tiny" for variant in variants(opts)):
             ensure_tiny_vae(opts.target, package)
         size = preset.default_size
@@ -250,6 +277,9 @@ def resolve(opts: BenchOptions) -> tuple[Path, str | None, int]:
     if missing:
         raise PackageError(f"`package` {str(package)!r} has no {', '.join(missing)} component, needed to benchmark "
                            "text-to-image; export it with those components")
+    if uses_deep_cache(opts) and opened.deep_cache_branch is None:
+        raise PackageError(f"`package` {str(package)!r} was exported without DeepCache, which --deep-cache needs: "
+                           "export it with `diffrt export SOURCE OUTPUT --deep-cache`")
     if opened.has("transformer"):
         check_transformer_options(opts, f"package {str(package)!r}")
         from diffrt.runtime.pipelines.flow_base import FLUX_SAMPLE_SIZE
@@ -339,10 +369,13 @@ def run_config(opts: BenchOptions, package: Path, checkpoint: str | None, size: 
 def side_configs(opts: BenchOptions, config: RunConfig, image_dir: str) -> dict[str, tuple[str, RunConfig]]:
     """side name -> (worker kind, its RunConfig): the diffrt variants first, then the compared libraries."""
     out = {}
+    common, per_component = split_engine_options(opts.engine_options)
     for name, variant in zip(side_names(opts), variants(opts)):
         out[name] = ("diffrt", replace(config, provider=variant.provider, precision=variant.precision,
+                                       engine_options=common, component_options=per_component,
                                        vae=variant.vae, side=name, image_dir=image_dir,
-                                       engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags)))
+                                       engine_flags=tuple(CUDA_FLAGS[flag] for flag in variant.flags),
+                                       deep_cache_interval=variant.deep_cache))
     for name in opts.compare:
         out[name] = (name, replace(config, side=name, image_dir=image_dir))
     return out
@@ -384,24 +417,21 @@ class Journal:
 
 def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], journal: Journal) -> dict[str, Any]:
     """Each side's samples; a side that fails (its engine cannot load here, a run errors) is recorded with its
-    error and left out of the remaining rounds, so one broken side does not cost the others' measurements."""
+    error and left out of the remaining rounds, so one broken side does not cost the others' measurements.
+    `opts.one_at_a_time`: each side loads, runs every round and exits before the next side loads."""
     sides = tuple(configs)
     raw: dict[str, Any] = {side: {"warmup": [], "samples": []} for side in sides}
     workers: dict[str, Worker] = {}
+    warmup, runs = max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1)
     try:
         for side, (kind, side_config) in configs.items():
-            logger.info("%s: loading and making the first image (cold start)", side)
-            try:
-                workers[side] = Worker(kind, side_config, side)
-                ready = workers[side].read()
-            except (EngineError, InputError) as error:
-                _fail(raw, workers, journal, side, error)
-                continue
-            raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
-            first = dict(ready["first"], round=0)
-            raw[side]["warmup" if opts.warmup else "samples"].append(first)
-            journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
-        _interleave(workers, raw, max(opts.warmup - 1, 0), opts.runs - (0 if opts.warmup else 1), journal)
+            _start(opts, raw, workers, journal, side, kind, side_config)
+            if opts.one_at_a_time and side in workers:
+                _interleave({side: workers[side]}, raw, warmup, runs, journal)
+                if side in workers:  # still running (a failed side was closed already)
+                    workers.pop(side).close()
+        if not opts.one_at_a_time:
+            _interleave(workers, raw, warmup, runs, journal)
     finally:
         for worker in workers.values():
             worker.close()
@@ -409,6 +439,22 @@ def _run_sides(opts: BenchOptions, configs: dict[str, tuple[str, RunConfig]], jo
     if len(failed) == len(sides) or any(not raw[side]["samples"] for side in sides if side not in failed):
         raise EngineError("; ".join(f"{side}: {raw[side].get('error', 'no measured run')}" for side in sides))
     return raw
+
+
+def _start(opts: BenchOptions, raw: dict[str, Any], workers: dict[str, Worker], journal: Journal, side: str,
+           kind: str, config: RunConfig) -> None:
+    """Start `side`'s worker and record its cold start and first image (a failure is recorded, not raised)."""
+    logger.info("%s: loading and making the first image (cold start)", side)
+    try:
+        workers[side] = Worker(kind, config, side)
+        ready = workers[side].read()
+    except (EngineError, InputError) as error:
+        _fail(raw, workers, journal, side, error)
+        return
+    raw[side].update(info=ready["info"], cold_start=ready["cold_start"])
+    first = dict(ready["first"], round=0, finished=time.time())
+    raw[side]["warmup" if opts.warmup else "samples"].append(first)
+    journal.write(side, "ready", {"info": ready["info"], "cold_start": ready["cold_start"], "first": first})
 
 
 def _fail(raw: dict[str, Any], workers: dict[str, Worker], journal: Journal, side: str, error: Exception) -> None:
@@ -429,7 +475,7 @@ def _interleave(workers: dict[str, Worker], raw: dict[str, Any], warmup: int, ru
                 continue
             start = time.perf_counter()
             try:
-                sample = dict(workers[side].request(), round=round_)
+                sample = dict(workers[side].request(), round=round_, finished=time.time())
             except (EngineError, InputError) as error:
                 _fail(raw, workers, journal, side, error)
                 continue

@@ -7,7 +7,7 @@ import json
 import os
 import resource
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,11 @@ class RunConfig:
     controlnets: tuple[str, ...] = ()
     #: the same ControlNets' diffusers folders, for the Diffusers side ("" where the package records none)
     controlnet_sources: tuple[str, ...] = ()
+    #: `--engine-option` values for the diffrt sides: options of every engine, and {component: options}
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    component_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: DeepCache's interval on the diffrt side (None: off; the compared libraries always run the full UNet)
+    deep_cache_interval: int | None = None
 
     @property
     def on_gpu(self) -> bool:

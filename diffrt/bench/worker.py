@@ -48,6 +48,9 @@ class DiffrtSide:
         if cfg.vae != "full":
             options["vae"] = cfg.vae
         options.update({flag: True for flag in cfg.engine_flags})
+        options.update(cfg.engine_options)
+        if cfg.component_options:
+            options["component_options"] = cfg.component_options
         if cfg.controlnets:
             options["controlnet"] = list(cfg.controlnets)
         pipe = DiffusionPipeline.from_pretrained(cfg.package, provider=cfg.provider, **options)
@@ -73,9 +76,10 @@ class DiffrtSide:
         cfg = self.config
         self._steps = []
         start = time.perf_counter()
+        deep_cache = {"deep_cache_interval": cfg.deep_cache_interval} if cfg.deep_cache_interval else {}
         out = self.pipe(cfg.prompt, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
                         guidance_scale=cfg.guidance, num_images_per_prompt=cfg.batch, generator=cfg.seed,
-                        **control_inputs(cfg))
+                        **control_inputs(cfg), **deep_cache)
         total = time.perf_counter() - start
         save_image(cfg, out.images[0])
         return {"total": total, "stages": dict(out.timings), "steps": self._steps}
@@ -98,6 +102,7 @@ class DiffrtSide:
                 "engine": type(engine).__name__, "precision": _package_precision(self.pipe, engine),
                 "pipeline": type(self.pipe).__name__, "denoiser": self.pipe.denoiser_name,
                 "vae": self.config.vae, "controlnets": list(self.config.controlnets),
+                "deep_cache_interval": self.config.deep_cache_interval,
                 "session_providers": list(getattr(getattr(engine, "session", None), "get_providers", list)()),
                 "cuda_graph": getattr(engine, "cuda_graph_active", None),
                 "scheduler": type(self.pipe.scheduler).__name__, "threads": self.config.threads,

@@ -3,10 +3,11 @@ naming what was expected)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from diffrt.runtime.generation import RANDOM_SEED, SEED_MAX
 
@@ -133,6 +134,21 @@ def lora_spec(text: str) -> tuple[Path, float]:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"LoRA scale must be a finite number; got {scale!r}")
     return Path(path), value
+
+
+def engine_option(text: str) -> tuple[str | None, str, Any]:
+    """`--engine-option [COMPONENT:]KEY=VALUE` -> (component or None for every engine, key, value); the value is
+    read as JSON where it parses (`true`, `2`, `["NchwcTransformer"]`), else kept as text (`extended`)."""
+    target, equals, raw = text.partition("=")
+    component, _, key = target.rpartition(":")
+    if not equals or not key.isidentifier() or (component and not component.isidentifier()):
+        raise argparse.ArgumentTypeError(f"expected [COMPONENT:]KEY=VALUE such as vae_decoder:graph_optimization_level"
+                                         f"=extended; got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return component or None, key, value
 
 
 def add_prompt_weighting(parser: argparse.ArgumentParser) -> None:

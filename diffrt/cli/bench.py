@@ -7,7 +7,7 @@ import os
 import sys
 
 from diffrt.bench.presets import PRESETS
-from diffrt.cli.args import comma_list
+from diffrt.cli.args import comma_list, engine_option, int_list
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "image: a preset gets a package with N random-weight ControlNets (built on first use), "
                              "a package folder uses its first N; --compare diffusers runs Diffusers' ControlNet "
                              "pipeline on the same ControlNets (default 0: text-to-image alone)")
+    parser.add_argument("--deep-cache", type=int_list, default=(), metavar="N[,N...]",
+                        help="DeepCache intervals, each a diffrt side (1: off, so `1,3` measures both; PSNR against "
+                        "the first side): a package folder must be exported with --deep-cache, a preset gets such "
+                        "a package (built on first use)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
@@ -44,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None,
                         help="diffusers checkpoint for --compare diffusers (default: the package's source)")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="run each side's images and close it before the next side loads (models too large to "
+                             "hold twice); default: the sides stay loaded and their runs interleave")
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=None,
+                        metavar="[COMPONENT:]KEY=VALUE",
+                        help="an engine option of every diffrt side, for every engine or one component's "
+                             "(repeatable), e.g. vae_decoder:graph_optimization_level=extended")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="write the full record here (and each sample to JSON.partial while running)")
 
@@ -57,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         width=args.width,
         batch=args.batch, guidance=args.guidance, scheduler=args.scheduler, warmup=args.warmup, runs=args.runs,
         compare=tuple(args.compare), threads=args.threads, seed=args.seed, checkpoint=args.checkpoint,
-        export_target=args.export_target, controlnets=args.controlnet,
+        export_target=args.export_target, controlnets=args.controlnet, deep_cache=tuple(args.deep_cache),
+        one_at_a_time=args.one_at_a_time, engine_options=tuple(args.engine_option or ()),
     )
     journal = f"{args.json_path}.partial" if args.json_path else None
     record = run_benchmark(opts, journal=journal)

@@ -42,6 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ControlNetModel folder or Hub repo id, optionally NAME=CN (default name: the folder or "
                         "repo name); repeatable. Adds component controlnet_NAME and gives the UNet the residual "
                         "inputs it needs; used with `diffrt generate --controlnet NAME --control-image IMAGE`")
+    parser.add_argument("--deep-cache", action="store_true",
+                        help="DeepCache: the UNet also outputs the feature of one skip branch, and the package gains "
+                        "unet_shallow, run between full UNet steps by `diffrt generate --deep-cache N` "
+                        "(not with --controlnet)")
+    parser.add_argument("--deep-cache-branch", type=int, default=None, metavar="B",
+                        help="with --deep-cache: the skip branch, 0 (default, the shallowest: least work per "
+                        "cached step) to the UNet's skip connections less one (11 for SD 1.x/2.x, 8 for SDXL)")
     parser.add_argument("--into", type=Path, default=None, metavar="PACKAGE",
                         help="add the --tiny-vae and/or --controlnet components to this existing package (its "
                         "precision and opset; --revision then applies to them) instead of exporting SOURCE; with "
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         allowed_source = ("source",) if args.controlnet else ()
         extra = [f"`{name}`" for name in ("source", "output", "variant", "opset", "components")
                  if getattr(args, name) is not None and name not in allowed_source]
+        extra += ["`--deep-cache`"] if args.deep_cache or args.deep_cache_branch is not None else []
         if args.tiny_vae is None and not args.controlnet:
             raise InputError("`--into PACKAGE` needs `--tiny-vae TAESD` or `--controlnet CN`: what to add to the "
                              "package")
@@ -74,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
             build_engines(args.into)
         return 0
+    if args.deep_cache_branch is not None and not args.deep_cache:
+        raise InputError("`--deep-cache-branch` applies with `--deep-cache` only")
     if args.source is None or args.output is None:
         raise InputError("`source` and `output` are required (or `--tiny-vae TAESD` / `--controlnet CN` with "
                          "`--into PACKAGE` to add to an existing package)")
@@ -87,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         args.source, args.output, revision=args.revision, variant=args.variant, precision=args.precision,
         target=args.target, opset=args.opset, components=args.components, overwrite=args.overwrite,
         validate=args.validate, tolerance=args.tolerance, token=args.token, tiny_vae=args.tiny_vae,
-        controlnets=args.controlnet, config_folder=args.config_folder,
+        controlnets=args.controlnet, config_folder=args.config_folder, deep_cache=args.deep_cache,
+        **({"deep_cache_branch": args.deep_cache_branch} if args.deep_cache_branch is not None else {}),
     )
     if args.tensorrt:
         from diffrt.export.tensorrt import build_engines

@@ -19,6 +19,7 @@ from diffrt.cli.args import (
     RANDOM_SEED,
     SEED_MAX,
     add_prompt_weighting,
+    engine_option,
     float_list,
     int_list,
     lora_spec,
@@ -72,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(pipeline default: 1.0; 0.8 image-to-image, 0.5 inpainting)")
     parser.add_argument("--guess-mode", action="store_true", default=None,
                         help="ControlNet guess mode: the ControlNets see no prompt (Diffusers' guess_mode)")
+    parser.add_argument("--deep-cache", type=positive_int, default=None, metavar="N",
+                        help="DeepCache: the full UNet every N steps, the package's shallow UNet between (a package "
+                        "exported with `diffrt export --deep-cache`; 1: off)")
     parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino[:fp32|bf16|int8|auto] (OpenVINO and its "
@@ -81,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per engine (default: the physical cores this process may use)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="with --provider cuda or trt: replay each shape's GPU work as a CUDA graph")
+    parser.add_argument("--engine-option", type=engine_option, action="append", default=None,
+                        metavar="[COMPONENT:]KEY=VALUE",
+                        help="an engine option for every engine, or for one component's (repeatable), e.g. "
+                             "vae_decoder:graph_optimization_level=extended (a lower VAE peak, a slower decode)")
     parser.add_argument("--vae", default=None, choices=("full", "tiny"),
                         help="full (default): the package's VAE; tiny: its tiny autoencoder (exported with --tiny-vae)")
     parser.add_argument("--lora", type=lora_spec, action="append", default=None, metavar="PATH[:SCALE]",
@@ -168,6 +176,7 @@ def _apply_png(args: argparse.Namespace) -> str | None:
         if not args.ays:  # custom schedules exist in diffrt's JSON only
             args.sigmas, args.timesteps = record.get("sigmas"), record.get("timesteps")
     fill("vae", record.get("vae"))
+    fill("deep_cache", record.get("deep_cache_interval"))
     return fields.get("Model hash", "")
 
 
@@ -203,6 +212,9 @@ def _check_control(args: argparse.Namespace) -> None:
                          f"({len(names)}); got {len(scales)}")
     if args.guess_mode and not names:
         raise InputError("`--guess-mode` needs `--controlnet NAME`")
+    if names and args.deep_cache not in (None, 1):
+        raise InputError("`--deep-cache` does not combine with `--controlnet`: ControlNets steer every skip connection "
+                         "at every step, which DeepCache's cached features would drop")
 
 
 def _seeds(first: int | None, count: int) -> list[int]:
@@ -228,7 +240,7 @@ def _input_images(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----- the pipeline -----
 def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
-    from diffrt.runtime.engines import split_precision
+    from diffrt.runtime.engines import split_engine_options, split_precision
     from diffrt.runtime.pipelines.auto import (
         AutoPipelineForImage2Image,
         AutoPipelineForInpainting,
@@ -243,6 +255,10 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     options.update(precision)
     if args.threads is not None:
         options["threads"] = args.threads
+    common, per_component = split_engine_options(args.engine_option or ())
+    options.update(common)
+    if per_component:
+        options["component_options"] = per_component
     if args.controlnet:
         options["controlnet"] = args.controlnet
         open_pipeline = auto.from_pretrained
@@ -320,7 +336,8 @@ def _call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt,
                               "num_images_per_prompt": args.num_images}
     optional = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
-                "width": args.width, "strength": args.strength, "sigmas": args.sigmas, "timesteps": args.timesteps}
+                "width": args.width, "strength": args.strength, "sigmas": args.sigmas, "timesteps": args.timesteps,
+                "deep_cache_interval": args.deep_cache}
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     _check_accepted(pipe, kwargs)
     if args.control_scale:
@@ -343,7 +360,8 @@ def _check_accepted(pipe: Any, kwargs: dict[str, Any]) -> None:
     for name in kwargs:
         if name not in accepted:
             option = {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                      "num_images_per_prompt": "num-images"}.get(name, name.replace("_", "-"))
+                      "num_images_per_prompt": "num-images",
+                      "deep_cache_interval": "deep-cache"}.get(name, name.replace("_", "-"))
             raise InputError(f"`--{option}` does not apply to a {pipe.package.pipeline_class} package")
 
 
@@ -378,7 +396,7 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
         "num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
         "strength": strength, "sigmas": args.sigmas, "timesteps": args.timesteps, "ays": bool(args.ays),
         "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
-        "provider": args.provider, "vae": args.vae,
+        "provider": args.provider, "vae": args.vae, "deep_cache_interval": args.deep_cache,
         "loras": [{"path": os.fsdecode(path), "scale": scale} for path, scale in args.lora or []],
         "image": None if args.image is None else os.fsdecode(args.image),
         "mask": None if args.mask is None else os.fsdecode(args.mask),

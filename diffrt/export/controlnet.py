@@ -21,7 +21,14 @@ from diffrt.export.component import Options, Rows, check_options, export_compone
 from diffrt.export.controlnet_graph import controlnet_graph, text_time_facts
 from diffrt.package.files import files_sha256, read_json, replace_folder, write_json
 from diffrt.package.leftovers import remove_stale_temp, temp_prefix
-from diffrt.package.names import CONFIG_NAME, CONTROLNET_PREFIX, INDEX_NAME, MANIFEST_NAME, ONNX_ENTRY
+from diffrt.package.names import (
+    CONFIG_NAME,
+    CONTROLNET_PREFIX,
+    DEEP_CACHE_KEY,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    ONNX_ENTRY,
+)
 from diffrt.package.writer import record_component_files
 from diffrt.runtime.hub import hub_snapshot
 from diffrt.runtime.pipelines.registry import controlnet_class_for
@@ -187,6 +194,10 @@ def add_controlnets(package: str | Path, controlnets: Sequence[str | Path], *, s
 
     root = Path(package)
     manifest = _package_manifest(root)
+    if manifest.get(DEEP_CACHE_KEY) is not None:
+        raise InputError(f"{root} was exported with DeepCache (`--deep-cache`), which does not combine with "
+                         "ControlNets (they steer every skip connection at every step); export the checkpoint again "
+                         "without --deep-cache to add ControlNets")
     options = check_options(manifest.get("precision", "fp32"), manifest.get("target", "onnxruntime"),
                             manifest.get("opset"), None, validate, tolerance)
     unet_config = read_json(root / "unet" / CONFIG_NAME)

@@ -72,8 +72,9 @@ def residual_specs(unet_config: Mapping[str, Any], down_name: str, mid_name: str
     return specs
 
 
-def _with_levels(graph: ComponentGraph, unet_config: Mapping[str, Any]) -> None:
-    """Add the deeper levels' dims, trace sizes and check sizes to `graph` (in place)."""
+def with_levels(graph: ComponentGraph, unet_config: Mapping[str, Any]) -> None:
+    """Add the deeper levels' dims, trace sizes and check sizes to `graph` (in place): for inputs or outputs
+    shaped like a UNet level (ControlNet residuals, DeepCache's feature)."""
     count = len(unet_config["block_out_channels"])
     graph.dims.update(_level_ranges(count))
     graph.trace_sizes = level_sizes(graph.trace_sizes, count)
@@ -102,7 +103,7 @@ def add_residual_inputs(graph: ComponentGraph) -> ComponentGraph:
     specs = residual_specs(config, UNET_DOWN_RESIDUAL, UNET_MID_RESIDUAL)
     graph.module = _UNetWithResiduals(unet, positional.input_names, len(specs))
     graph.inputs = graph.inputs + specs
-    _with_levels(graph, config)
+    with_levels(graph, config)
     return graph
 
 
@@ -137,7 +138,7 @@ def controlnet_graph(name: str, folder: Path, unet_config: Mapping[str, Any], po
         _with_image(trace, factor), [_with_image(sizes, factor) for sizes in checks],
         folder / CONFIG_NAME, keep_float32=("timestep", "time_ids"),
     )
-    _with_levels(graph, unet_config)
+    with_levels(graph, unet_config)
     return graph
 
 

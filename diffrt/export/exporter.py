@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from diffrt.errors import ExportError, InputError, PackageError
+from diffrt.errors import ExportError, InputError, PackageError, invalid
 from diffrt.export.component import Options, Rows, check_options, export_component, summary_table
 from diffrt.export.controlnet_graph import text_time_facts
 from diffrt.export.onnx import (
@@ -38,7 +38,7 @@ from diffrt.export.taesd import check_fits, export_tiny_components, resolve_tiny
 from diffrt.export.tokenizers import write_t5_tokenizer, write_tokenizer
 from diffrt.package.files import copy_file, read_json, write_json
 from diffrt.package.leftovers import remove_stale_temp
-from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG
+from diffrt.package.names import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, SCHEDULER_CONFIG, UNET_SHALLOW
 from diffrt.package.output import check_output, output_path
 from diffrt.package.writer import PackageWriter, build_manifest, model_index, record_component_files
 
@@ -56,7 +56,8 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
                     validate: bool = True, tolerance: float | None = None, token: str | bool | None = None,
                     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                     tiny_vae: str | Path | None = None, controlnets: Sequence[str | Path] | None = None,
-                    config_folder: str | Path | None = None) -> Path:
+                    config_folder: str | Path | None = None, deep_cache: bool = False,
+                    deep_cache_branch: int = 0) -> Path:
     """Export the checkpoint `source` to the model package folder `output`; returns `output`.
 
     `precision` fp32 | fp16 | bf16 (float32 islands kept, see `diffrt.export.precision`); `target` onnxruntime
@@ -70,9 +71,13 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     `diffrt.export.controlnet`); the package then runs as the ControlNet pipeline of its kind. `config_folder`, for
     a single `.safetensors` source only: a diffusers folder of the same model family whose configs and tokenizers to
     use and whose components the file lacks to take (FLUX.1 files hold the transformer alone; see
-    `diffrt.export.single_file`).
+    `diffrt.export.single_file`). `deep_cache`: the UNet also outputs DeepCache's feature for skip branch
+    `deep_cache_branch` (0: the shallowest, DeepCache's default; up to the UNet's skip connections less one) and the
+    package gains `unet_shallow`, which the runtime runs between full UNet steps (`deep_cache_interval`; see
+    `diffrt.export.deep_cache`). It does not combine with `controlnets`.
     """
     options = check_options(precision, target, opset, components, validate, tolerance, external_data_threshold)
+    _check_deep_cache_arguments(deep_cache, deep_cache_branch, controlnets)
     output = output_path(output)
     remove_stale_temp(output)  # a killed earlier run's temp folders (and maybe the package it was replacing)
     local = _local_sources(source, tiny_vae) + _local_controlnets(controlnets)
@@ -88,6 +93,7 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
         unet_config = read_json(src.path / "unet" / CONFIG_NAME) if "unet" in src.components else {}
         check_fits(tiny, unet_config, read_json(src.path / "vae" / CONFIG_NAME))
     controlnets = bundled_controlnets(src, options.components, controlnets)
+    branch = _deep_cache_branch(src, names, deep_cache, deep_cache_branch, controlnets)
     control = _controlnets(src, names, controlnets, revision, variant, token)
     sources = local + _resolved_sources(src, tiny) + [(f"ControlNet {c.name}", c.path) for c in control]
     check_output(output, overwrite, sources)
@@ -96,16 +102,47 @@ def export_pipeline(source: str | Path, output: str | Path, *, revision: str | N
     check_memory(src.weight_files, {WEIGHTS_OF[name] for name in names}, options.validate)
     rows: Rows = []
     with PackageWriter(output, overwrite, sources) as folder:
-        entries = _export_components(src, names, folder, options, rows, residuals=bool(control))
+        entries = _export_components(src, names, folder, options, rows, residuals=bool(control), deep_cache=branch)
         if tiny is not None:
             entries.update(export_tiny_components(tiny, tiny_components, folder, options, src.pipeline_class, rows))
         if control:
             entries.update(_export_controlnets(src, control, folder, options, rows))
         _write_support_files(src, names + tiny_components, folder, [c.component for c in control])
         record_component_files(folder, entries)
-        write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries, bool(control)))
+        write_json(folder / MANIFEST_NAME, _manifest(src, names, options, entries, bool(control), branch))
     logger.info("exported %s to %s\n%s", src.id, output, summary_table(rows))
     return output
+
+
+def _check_deep_cache_arguments(deep_cache: Any, branch: Any, controlnets: Sequence[str | Path] | None) -> None:
+    """What needs no checkpoint: the types, and that DeepCache does not combine with ControlNets."""
+    if not isinstance(deep_cache, bool):
+        raise invalid("deep_cache", "True or False", deep_cache)
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise invalid("deep_cache_branch", "an int >= 0 (a skip connection of the UNet, 0 the shallowest)", branch)
+    if branch and not deep_cache:
+        raise InputError("`deep_cache_branch` applies with `deep_cache=True` (--deep-cache) only")
+    if deep_cache and controlnets:
+        raise InputError("`deep_cache` does not combine with `controlnets`: a ControlNet adds its residuals to every "
+                         "skip connection and the mid block at every step, which the cached deep features would "
+                         "drop; export the ControlNet package without --deep-cache")
+
+
+def _deep_cache_branch(src: Any, names: list[str], deep_cache: bool, branch: int,
+                       controlnets: Sequence[str | Path] | None) -> int | None:
+    """The checked skip branch, None without DeepCache (before anything is loaded or written)."""
+    if not deep_cache:
+        return None
+    if controlnets:  # the checkpoint's own ControlNet (a saved ControlNet pipeline)
+        raise InputError(f"`deep_cache` does not combine with ControlNets, and {src.id} carries one; export it "
+                         "without --deep-cache, or only its base model's components")
+    if "unet" not in names:
+        has_transformer = "transformer" in src.components
+        raise InputError("`deep_cache` caches UNet features: " + (
+            f"{src.id} denoises with a transformer" if has_transformer else "add unet to `components`"))
+    from diffrt.export.deep_cache import check_branch
+
+    return check_branch(branch, read_json(src.path / "unet" / CONFIG_NAME))
 
 
 def _resolve(source: str | Path, revision: str | None, variant: str | None, token: str | bool | None,
@@ -180,7 +217,7 @@ def _weight_files(src: Any, names: list[str]) -> list[Path]:
     return [path for rel, path in sorted(src.weight_files.items()) if rel.split("/")[0] in folders]
 
 
-def _load_graph(src: Any, name: str, residuals: bool = False) -> ComponentGraph:
+def _load_graph(src: Any, name: str, residuals: bool = False, deep_cache: int | None = None) -> ComponentGraph:
     root: Path = src.path
     if name.startswith("text_encoder") and src.components[name][1] in T5_ENCODER_CLASSES:
         from diffrt.export.t5_encoder import t5_encoder_graph
@@ -192,40 +229,46 @@ def _load_graph(src: Any, name: str, residuals: bool = False) -> ComponentGraph:
         from diffrt.export.transformer_graph import transformer_graph
 
         return transformer_graph(root, src.components[name][1], src.variant)
-    if name == "unet":
+    if name in ("unet", UNET_SHALLOW):
         graph = unet_graph(root, src.variant, *text_time_facts(root))
         if residuals:  # a package with ControlNets: the UNet takes their residuals
             from diffrt.export.controlnet_graph import add_residual_inputs
 
             graph = add_residual_inputs(graph)
+        if deep_cache is not None:
+            from diffrt.export.deep_cache import add_feature_output, shallow_unet_graph
+
+            graph = add_feature_output(graph, deep_cache) if name == "unet" else shallow_unet_graph(graph, deep_cache)
         return graph
     return vae_graph(name, root, src.variant)
 
 
-def _export_components(src: Any, names: list[str], folder: Path, options: Options,
-                       rows: Rows, residuals: bool = False) -> dict[str, dict[str, Any]]:
+def _export_components(src: Any, names: list[str], folder: Path, options: Options, rows: Rows,
+                       residuals: bool = False, deep_cache: int | None = None) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     entries = {}
+    if deep_cache is not None:  # exported from its own load of the UNet: each graph's export frees its module
+        names = [part for name in names for part in ([name, UNET_SHALLOW] if name == "unet" else [name])]
     # The bar shows on terminals only; the per-component log line also reaches CI logs, without breaking the bar.
     with logging_redirect_tqdm(), tqdm(names, desc="export", unit="component", disable=None) as bar:
         for number, name in enumerate(bar, 1):
             bar.set_postfix_str(name)
             logger.info("exporting %s (%d/%d)", name, number, len(names))
-            entries[name] = _export_component(src, name, folder, options, rows, residuals)
+            entries[name] = _export_component(src, name, folder, options, rows, residuals, deep_cache)
             seconds, diff = rows[-1][2:]
             logger.info("%s: %s in %.1f s, max abs diff %s", name, entries[name]["precision"], seconds,
                         "not checked" if diff is None else f"{diff:.3g}")
     return entries
 
 
-def _export_component(src: Any, name: str, folder: Path, options: Options,
-                      rows: Rows, residuals: bool = False) -> dict[str, Any]:
+def _export_component(src: Any, name: str, folder: Path, options: Options, rows: Rows,
+                      residuals: bool = False, deep_cache: int | None = None) -> dict[str, Any]:
     """Load, export and validate one component; its manifest entry."""
     vae_config = read_json(src.path / "vae" / CONFIG_NAME) if name.startswith("vae") else {}
     precision = component_precision(name, options.precision, src.pipeline_class, vae_config)
-    return export_component(_load_graph(src, name, residuals), precision, folder, options, rows)
+    return export_component(_load_graph(src, name, residuals, deep_cache), precision, folder, options, rows)
 
 
 def _write_support_files(src: Any, names: list[str], folder: Path, controlnets: Sequence[str] = ()) -> None:
@@ -268,7 +311,7 @@ def _exporter_versions() -> dict[str, str]:
 
 
 def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, Any],
-              controlnets: bool = False) -> dict[str, Any]:
+              controlnets: bool = False, deep_cache: int | None = None) -> dict[str, Any]:
     used = {WEIGHTS_OF[name] for name in names}
     hashes = {rel: digest for rel, digest in src.weights_sha256().items() if rel.split("/")[0] in used}
     source = {"id": str(src.id), "revision": src.revision, "kind": src.kind, "weights_sha256": hashes}
@@ -279,7 +322,7 @@ def _manifest(src: Any, names: list[str], options: Options, entries: dict[str, A
         pipeline = controlnet_class_for(pipeline)
     return build_manifest(pipeline=pipeline, source=source, precision=options.precision,
                           target=options.target, opset=options.opset, exporter=_exporter_versions(),
-                          components=entries)
+                          components=entries, deep_cache_branch=deep_cache)
 
 
 

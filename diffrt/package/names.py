@@ -33,3 +33,8 @@ CONTROLNET_DOWN_OUTPUT = "down_block_res_sample_{}"
 CONTROLNET_MID_OUTPUT = "mid_block_res_sample"
 UNET_DOWN_RESIDUAL = "down_block_additional_residual_{}"
 UNET_MID_RESIDUAL = "mid_block_additional_residual"
+# DeepCache (docs/package-format.md): the UNet's extra output, the partial UNet that takes it in its place, and the
+# manifest's top-level record `{"deep_cache": {"branch": N}}` that says a package has both.
+DEEP_CACHE_KEY = "deep_cache"
+DEEP_CACHE_FEATURE = "deep_cache_feature"
+UNET_SHALLOW = "unet_shallow"

@@ -21,6 +21,8 @@ from diffrt.package.integrity import check_graph_io, check_sizes, inside_package
 from diffrt.package.names import (
     CLASS_PREFIXES,
     CONFIG_NAME,
+    DEEP_CACHE_FEATURE,
+    DEEP_CACHE_KEY,
     FORMAT_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -29,6 +31,7 @@ from diffrt.package.names import (
     SCHEDULER_CONFIG,
     SUPPORTED_FORMAT_VERSIONS,
     TOKENIZERS,
+    UNET_SHALLOW,
 )
 from diffrt.package.onnx_io import GraphTensor, read_graph_io
 from diffrt.package.specs import TensorSpec, parse_dim_ranges
@@ -121,6 +124,7 @@ class ModelPackage:
             scheduler = read_json(root / SCHEDULER_CONFIG)
         elif _listed(index, "scheduler"):
             raise PackageError(f"{root / SCHEDULER_CONFIG} is missing (model_index.json lists a scheduler)")
+        _check_deep_cache(root, manifest, components)
         package = cls(root, index, manifest, components, tokenizer_dirs, scheduler)
         logger.debug("opened %r", package)
         return package
@@ -137,6 +141,13 @@ class ModelPackage:
     @property
     def format_version(self) -> int | None:
         return None if self.manifest is None else int(self.manifest["format_version"])
+
+    @property
+    def deep_cache_branch(self) -> int | None:
+        """DeepCache's skip branch when the package was exported with it (its UNet then also outputs the feature
+        `unet_shallow` takes); None otherwise."""
+        record = (self.manifest or {}).get(DEEP_CACHE_KEY)
+        return None if record is None else int(record["branch"])
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -239,6 +250,26 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     if not isinstance(manifest.get("components", {}), dict):
         raise PackageError(f"{path}: `components` must be an object of component entries")
     return manifest
+
+
+def _check_deep_cache(root: Path, manifest: Mapping[str, Any] | None,
+                      components: Mapping[str, ComponentInfo]) -> None:
+    """A `deep_cache` record names a skip branch, and the UNet output and `unet_shallow` input it implies exist."""
+    record = (manifest or {}).get(DEEP_CACHE_KEY)
+    if record is None:
+        return
+    where = f"{root / MANIFEST_NAME}: `{DEEP_CACHE_KEY}`"
+    branch = record.get("branch") if isinstance(record, dict) else None
+    if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+        raise PackageError(f"{where} must be {{\"branch\": an int >= 0}}; got {record!r}")
+    unet, shallow = components.get("unet"), components.get(UNET_SHALLOW)
+    if unet is None or shallow is None:
+        raise PackageError(f"{where}: a package with DeepCache needs the `unet` and `{UNET_SHALLOW}` components; it "
+                           f"has {', '.join(components) or 'none'}")
+    if DEEP_CACHE_FEATURE not in [tensor.name for tensor in unet.graph[1]] \
+            or DEEP_CACHE_FEATURE not in [tensor.name for tensor in shallow.graph[0]]:
+        raise PackageError(f"{where}: the `unet` graph must output `{DEEP_CACHE_FEATURE}` and the `{UNET_SHALLOW}` "
+                           "graph take it; the package was modified after export")
 
 
 def _manifest_component(root: Path, name: str, entry: Any) -> ComponentInfo:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from diffrt.errors import ExportError
 from diffrt.package.files import AtomicFolder, files_sha256
-from diffrt.package.names import FORMAT_NAME, FORMAT_VERSION, ONNX_ENTRY
+from diffrt.package.names import DEEP_CACHE_KEY, FORMAT_NAME, FORMAT_VERSION, ONNX_ENTRY
 from diffrt.package.output import check_output, output_path
 from diffrt.package.weights import PARAMETERS_KEY
 
@@ -69,8 +69,10 @@ def model_index(source_index: Mapping[str, Any], onnx_components: Iterable[str],
 
 
 def build_manifest(*, pipeline: str, source: Mapping[str, Any], precision: str, target: str, opset: int,
-                   exporter: Mapping[str, str], components: Mapping[str, Any]) -> dict[str, Any]:
-    """`diffrt.json`, in the documented key order."""
+                   exporter: Mapping[str, str], components: Mapping[str, Any],
+                   deep_cache_branch: int | None = None) -> dict[str, Any]:
+    """`diffrt.json`, in the documented key order; `deep_cache_branch`: the package has DeepCache's UNet output and
+    `unet_shallow` component for that skip branch."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -81,6 +83,7 @@ def build_manifest(*, pipeline: str, source: Mapping[str, Any], precision: str, 
         "opset": opset,
         "exporter": dict(exporter),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **({DEEP_CACHE_KEY: {"branch": int(deep_cache_branch)}} if deep_cache_branch is not None else {}),
         "components": dict(components),
     }
 

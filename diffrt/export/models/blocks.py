@@ -180,15 +180,20 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None,
+        stop: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`stop`: return after the first `stop` states (DeepCache's shallow UNet pass needs the shallowest skip
+        connections only); None runs the whole block."""
         states: list[torch.Tensor] = []
         for i, resnet in enumerate(self.resnets):
+            if stop is not None and len(states) >= stop:
+                return hidden_states, states
             hidden_states = resnet(hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states, context)
             states.append(hidden_states)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and (stop is None or len(states) < stop):
             hidden_states = self.downsamplers[0](hidden_states)
             states.append(hidden_states)
         return hidden_states, states

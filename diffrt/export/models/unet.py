@@ -133,7 +133,8 @@ def per_block(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class UpBlock(nn.Module):
-    """diffusers UpBlock2D / CrossAttnUpBlock2D: each resnet first concatenates the newest skip connection."""
+    """diffusers UpBlock2D / CrossAttnUpBlock2D: each resnet first concatenates the newest skip connection. The UNet
+    runs it layer by layer (`UNet2DConditionModel.up_path`), so DeepCache can enter or leave it between resnets."""
 
     def __init__(
         self, resnets: Sequence[nn.Module], attentions: Sequence[nn.Module] | None, upsample: Upsample2D | None
@@ -143,21 +144,16 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions is not None else None
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        skips: Sequence[torch.Tensor],
-        temb: torch.Tensor,
-        context: torch.Tensor,
-        upsample_size: Sequence[int] | None,
-    ) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = resnet(torch.cat([hidden_states, skips[-1 - i]], dim=1), temb)
-            if self.attentions is not None:
-                hidden_states = self.attentions[i](hidden_states, context)
-        if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states, upsample_size)
+    def layer(self, i: int, hidden_states: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor,
+              context: torch.Tensor) -> torch.Tensor:
+        """Resnet `i` on the hidden state concatenated with its skip connection, then its spatial transformer."""
+        hidden_states = self.resnets[i](torch.cat([hidden_states, skip], dim=1), temb)
+        if self.attentions is not None:
+            hidden_states = self.attentions[i](hidden_states, context)
         return hidden_states
+
+    def upsample(self, hidden_states: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+        return self.upsamplers[0](hidden_states, size) if self.upsamplers is not None else hidden_states
 
 
 class MidBlock(nn.Module):
@@ -290,29 +286,99 @@ class UNet2DConditionModel(ConfiguredModel):
 
         ControlNet residuals, when given, are added to the skip connections (one per skip, in order) and to the
         mid block's output, as diffusers does."""
+        return self.forward_features(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond,
+                                     down_block_additional_residuals, mid_block_additional_residual)[0]
+
+    def forward_features(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        deep_cache_branch: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, and DeepCache's feature for skip branch `deep_cache_branch` (None: no feature): the hidden
+        state entering the up-path resnet that takes skip connection `deep_cache_branch` (see `forward_shallow`)."""
         emb = self._embed_time(sample, timestep, text_embeds, time_ids, timestep_cond)
-        if self._config["center_input_sample"]:
-            sample = 2 * sample - 1.0
-        hidden_states = self.conv_in(sample)
-        skips = [hidden_states]
-        for down_block in self.down_blocks:
-            hidden_states, states = down_block(hidden_states, emb, encoder_hidden_states)
-            skips.extend(states)
+        hidden_states, skips = self.down_path(sample, emb, encoder_hidden_states)
         if down_block_additional_residuals is not None:
             skips = [skip + residual for skip, residual in zip(skips, down_block_additional_residuals, strict=True)]
         if self.mid_block is not None:
             hidden_states = self.mid_block(hidden_states, emb, encoder_hidden_states)
         if mid_block_additional_residual is not None:
             hidden_states = hidden_states + mid_block_additional_residual
+        hidden_states, feature = self.up_path(hidden_states, skips, emb, encoder_hidden_states, deep_cache_branch)
+        return self.head(hidden_states), feature
+
+    def forward_shallow(
+        self,
+        deep_cache_branch: int,
+        deep_cache_feature: torch.Tensor,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DeepCache's partial pass (Ma et al. 2023): skip connections 0..`deep_cache_branch` computed afresh, the
+        cached feature of an earlier full pass (`forward_features`) standing in for everything deeper, then the up
+        path from the resnet that takes skip connection `deep_cache_branch`."""
+        emb = self._embed_time(sample, timestep, text_embeds, time_ids, timestep_cond)
+        _, skips = self.down_path(sample, emb, encoder_hidden_states, last_skip=deep_cache_branch)
+        hidden_states, _ = self.up_path(deep_cache_feature, skips, emb, encoder_hidden_states)
+        return self.head(hidden_states)
+
+    def skip_count(self) -> int:
+        """The skip connections (DeepCache's skip branches): conv_in's output, each down block's layers and
+        downsampler."""
+        blocks = [cast(DownBlock, block) for block in self.down_blocks]
+        return 1 + sum(len(block.resnets) + int(block.downsamplers is not None) for block in blocks)
+
+    def down_path(self, sample: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                  last_skip: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in and the down blocks: (output, skip connections in order). `last_skip`: stop once skip
+        connections 0..`last_skip` exist."""
+        if self._config["center_input_sample"]:
+            sample = 2 * sample - 1.0
+        hidden_states = self.conv_in(sample)
+        skips = [hidden_states]
+        for down_block in self.down_blocks:
+            if last_skip is not None and len(skips) > last_skip:
+                break
+            stop = None if last_skip is None else last_skip + 1 - len(skips)
+            hidden_states, states = down_block(hidden_states, emb, context, stop)
+            skips.extend(states)
+        return hidden_states, skips
+
+    def up_path(self, hidden_states: torch.Tensor, skips: Sequence[torch.Tensor], emb: torch.Tensor,
+                context: torch.Tensor, capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The up blocks, which take the skip connections deepest first, starting at the resnet that takes the last
+        of `skips` (all of them: the whole up path; the shallowest ones: DeepCache's shallow pass). `capture`: also
+        return the hidden state entering the resnet that takes skip connection `capture`."""
+        captured = None
+        index = self.skip_count() - 1  # the skip connection the next resnet takes
         for module in self.up_blocks:
             up_block = cast(UpBlock, module)  # a ModuleList iterates as plain nn.Module
-            count = len(up_block.resnets)
-            block_skips, skips = skips[-count:], skips[:-count]
-            # Upsample to the next skip connection's size, so odd latent sides (e.g. 1000 px / 8) round-trip.
-            upsample_size = skips[-1].shape[-2:] if up_block.upsamplers is not None else None
-            hidden_states = up_block(hidden_states, block_skips, emb, encoder_hidden_states, upsample_size)
-        hidden_states = self.conv_act(self.conv_norm_out(hidden_states))
-        return self.conv_out(hidden_states)
+            ran = False
+            for i in range(len(up_block.resnets)):
+                if index < len(skips):
+                    if index == capture:
+                        captured = hidden_states
+                    hidden_states = up_block.layer(i, hidden_states, skips[index], emb, context)
+                    ran = True
+                index -= 1
+            if ran and up_block.upsamplers is not None:
+                # Upsample to the next skip connection's size, so odd latent sides (e.g. 1000 px / 8) round-trip.
+                hidden_states = up_block.upsample(hidden_states, skips[index].shape[-2:])
+        return hidden_states, captured
+
+    def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
 
     def _embed_time(
         self,

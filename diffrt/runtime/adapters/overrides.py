@@ -53,7 +53,8 @@ class Overrides(Mapping[str, np.ndarray]):
         placements = weights.placements(component) if terms or token_vectors else {}
         plan: dict[str, _Merge | _Rows] = {}
         for parameter, parameter_terms in terms.items():
-            for place in placements[parameter]:
+            # a partial graph (DeepCache's shallow UNet) holds only some of its source's parameters
+            for place in placements.get(parameter, ()):
                 plan[place.initializer] = _Merge(parameter, place.layout, tuple(parameter_terms))
         if token_vectors:
             vectors = np.stack(list(token_vectors))

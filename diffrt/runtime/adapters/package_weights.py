@@ -6,11 +6,19 @@ import threading
 
 import numpy as np
 
+from diffrt.package.names import UNET_SHALLOW
 from diffrt.package.reader import ModelPackage
 from diffrt.package.weights import Placement, parameter_placements, read_initializers
 
 #: the components adapters apply to (LoRA: UNet and text encoders; textual inversion: the text encoders)
-ADAPTABLE = ("unet", "text_encoder", "text_encoder_2")
+ADAPTABLE = ("unet", UNET_SHALLOW, "text_encoder", "text_encoder_2")
+#: components holding part of another's parameters (DeepCache's shallow UNet): that one's adapters apply to them
+PARAMETERS_OF = {UNET_SHALLOW: "unet"}
+
+
+def parameter_source(component: str) -> str:
+    """The component whose adapter updates (and per-component adapter weights) apply to `component`."""
+    return PARAMETERS_OF.get(component, component)
 
 
 class PackageWeights:
@@ -31,7 +39,9 @@ class PackageWeights:
         return self._placements[component]
 
     def parameter_names(self) -> dict[str, set[str]]:
-        return {component: set(self.placements(component)) for component in self.components()}
+        """The parameters an adapter file may name, per component it may address."""
+        return {component: set(self.placements(component)) for component in self.components()
+                if component not in PARAMETERS_OF}
 
     def base(self, component: str, initializer: str) -> np.ndarray:
         """The initializer as exported (read-only)."""

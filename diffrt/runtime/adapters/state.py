@@ -19,7 +19,7 @@ import numpy as np
 
 from diffrt.runtime.adapters.lora_file import LoraFile, LoraUpdate
 from diffrt.runtime.adapters.overrides import Overrides
-from diffrt.runtime.adapters.package_weights import PackageWeights
+from diffrt.runtime.adapters.package_weights import PackageWeights, parameter_source
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,14 @@ class AdapterState:
 
     # ----- what is applied -----
     def contributions(self, component: str) -> list[tuple[LoraFile, float]]:
-        applied = [(lora, weight) for lora, _, weight in self.fused if component in lora.components]
+        source = parameter_source(component)
+        applied = [(lora, weight) for lora, _, weight in self.fused if source in lora.components]
         if self.enabled:
             fused_names = {name for _, name, _ in self.fused}
             for name, weight in self.active:
                 lora = self.loras[name]
-                if component in lora.components and name not in fused_names:
-                    applied.append((lora, component_weight(weight, component)))
+                if source in lora.components and name not in fused_names:
+                    applied.append((lora, component_weight(weight, source)))
         return [(lora, weight) for lora, weight in applied if weight != 0.0]
 
     def signature(self, component: str) -> Hashable:
@@ -71,9 +72,10 @@ class AdapterState:
         """{initializer name: new value} for `component` as applied now ({} when nothing applies to it); each value
         is computed when read (`Overrides`), so an engine holds the merged weights only inside its session."""
         terms: dict[str, list[tuple[LoraUpdate, float]]] = defaultdict(list)
+        source = parameter_source(component)
         for lora, weight in self.contributions(component):
             for update in lora.updates:
-                if update.component == component:
+                if update.component == source:
                     terms[update.parameter].append((update, weight))
         rows = self.token_rows.get(component)
         return Overrides.plan(self.weights, component, terms, list(rows.vectors) if rows and rows.tokens else [])

@@ -10,9 +10,10 @@ import importlib.util
 import inspect
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from diffrt.errors import ConfigError
+from diffrt.package.names import UNET_SHALLOW
 from diffrt.runtime.engines.base import (
     Engine,
     TensorSpec,
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 # A package's components whose engines take `cuda_graph`: CUDA graphs pay off for a model run at every denoising
 # step; the text encoders and the VAE run once per image, and some of their graphs cannot be captured at all (a
-# kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax).
-GRAPHED_COMPONENTS = ("unet",)
+# kernel ONNX Runtime keeps on the CPU, such as the text encoder's integer ArgMax). DeepCache's shallow UNet runs at
+# the steps between full UNet runs.
+GRAPHED_COMPONENTS = ("unet", UNET_SHALLOW)
 #: providers whose engine takes an inference precision, also written as a suffix (`openvino:bf16`, `openvino:int8`)
 PRECISION_PROVIDERS = ("openvino", "auto")
 #: ONNX Runtime CPU engine options under which a session reads every weight of its file as stored, so all sessions of
@@ -55,6 +57,7 @@ __all__ = [
     "lossless_cast",
     "parse_dim_ranges",
     "shared_weight_options",
+    "split_engine_options",
     "split_precision",
     "validate_feeds",
 ]
@@ -115,6 +118,17 @@ def split_precision(spec: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"`provider` takes a precision suffix only on {' and '.join(PRECISION_PROVIDERS)} "
                           f"(openvino:fp32|bf16|int8|auto); got {spec!r}")
     return provider, {"inference_precision": precision}
+
+
+def split_engine_options(
+        given: Iterable[tuple[str | None, str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(component or None, key, value) triples (`--engine-option [COMPONENT:]KEY=VALUE`) -> (options of every
+    engine, {component: its own options}), the pipeline's `**engine_options` and `component_options`."""
+    common: dict[str, Any] = {}
+    per_component: dict[str, dict[str, Any]] = {}
+    for component, key, value in given:
+        (per_component.setdefault(component, {}) if component else common)[key] = value
+    return common, per_component
 
 
 def auto_provider() -> str:

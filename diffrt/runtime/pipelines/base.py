@@ -15,6 +15,7 @@ import numpy as np
 
 from diffrt import rng
 from diffrt.errors import PackageError, invalid
+from diffrt.package.names import UNET_SHALLOW
 from diffrt.package.reader import ModelPackage
 from diffrt.runtime.adapters.package_weights import PackageWeights
 from diffrt.runtime.adapters.state import AdapterState
@@ -22,13 +23,14 @@ from diffrt.runtime.engines import create_engine
 from diffrt.runtime.engines.base import Engine
 from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines import calibration
-from diffrt.runtime.pipelines.checks import PackageLimits
+from diffrt.runtime.pipelines.checks import PackageLimits, check_component_options
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
+from diffrt.runtime.pipelines.deep_cache import DeepCacheRun, check_interval
 from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
 from diffrt.runtime.pipelines.prompts import TextEncoder
-from diffrt.runtime.pipelines.providers import check_package_target, check_provider
+from diffrt.runtime.pipelines.providers import check_package_target, check_provider, split_provider_precision
 from diffrt.runtime.pipelines.residuals import residual_specs, zero_residuals
 from diffrt.runtime.pipelines.textual_inversion_api import TextualInversionMixin
 from diffrt.runtime.pipelines.timestep import scalar_timestep
@@ -72,6 +74,8 @@ class DenoiseState:
     blend: Callable[[np.ndarray, int], np.ndarray] | None = None
     # ControlNet pipelines: (step index, t, scaled latents before extra channels, UNet feeds) -> residual feeds
     controlnet: Callable[[int, Any, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # DeepCache: the full UNet every this many steps, the package's shallow UNet between (None or 1: off)
+    deep_cache_interval: int | None = None
 
 
 def read_only_copy(array: np.ndarray) -> np.ndarray:
@@ -124,6 +128,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         vae: str = "full",
         load: str = "lazy",
         release_memory: bool = True,
+        component_options: dict[str, dict[str, Any]] | None = None,
         **engine_options: Any,
     ) -> None:
         """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD); `load`
@@ -131,7 +136,11 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `release_memory` True: each stage hands its working memory back when it is done for the image (the UNet
         after the last step, the VAE after each call), so the resident memory between images is the weights and
         the peak is the weights plus the largest stage's; False keeps every engine's working memory for the next
-        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md)."""
+        image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md).
+        `engine_options` go to every engine; `component_options` {component: {option: value}} to one component's
+        engine on top of them, e.g. `{"vae_decoder": {"graph_optimization_level": "extended"}}` (a lower VAE peak
+        for a slower decode on ONNX Runtime; docs/benchmarks.md)."""
+        provider, engine_options = split_provider_precision(provider, engine_options)
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         if not isinstance(release_memory, bool):
@@ -142,6 +151,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         self.package = package
         self.provider = provider
         self.engine_options = engine_options
+        self.component_options = check_component_options(component_options, package)
         self._engines: dict[str, Engine] = {}
         #: the adapter state each engine was created with (`AdapterState.signature`)
         self._engine_signatures: dict[str, Any] = {}
@@ -213,6 +223,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         `load="eager"` creates every engine now (ONNX Runtime sessions, OpenVINO compiles, TensorRT contexts)
         instead of at first use, so the first call runs at full speed; the default is `load="lazy"`.
         """
+        provider, engine_options = split_provider_precision(provider, engine_options)
         check_provider(provider)
         check_vae(vae)
         package = open_package(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
@@ -247,7 +258,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                     component = self.package.component(name)
                     signature = self.adapters.signature(name)
                     overrides = self.adapters.overrides(name) if signature != ((), ()) else {}
-                    options = {**self.engine_options, **({"initializers": overrides} if overrides else {})}
+                    options = {**self.engine_options, **self.component_options.get(name, {}),
+                               **({"initializers": overrides} if overrides else {})}
                     options = calibration.engine_options(self, name, options)
                     engine = create_engine(component, provider=self.provider, **options)
                     self._engine_signatures[name] = signature
@@ -259,9 +271,11 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         return engine
 
     def engine_names(self) -> list[str]:
-        """The package components this pipeline runs (its VAE choice applied)."""
+        """The package components this pipeline runs (its VAE choice applied; DeepCache's shallow UNet where the
+        package has one, as `deep_cache_interval` may run it)."""
         names = [self.vae_components.get(n, n) for n in self.required_components]
-        return names + [n for n in self.optional_components if self.package.has(n)]
+        names += [n for n in self.optional_components if self.package.has(n)]
+        return names + ([UNET_SHALLOW] if "unet" in names and self.package.has(UNET_SHALLOW) else [])
 
     def load_engines(self) -> float:
         """Create every engine this pipeline runs now (what `load="eager"` does); returns the seconds it took."""
@@ -372,14 +386,24 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         return self.run_unet(feeds, release_memory)
 
     def run_unet(self, feeds: dict[str, np.ndarray], release_memory: bool = False) -> np.ndarray:
-        engine = self.engine("unet")
+        return self.unet_outputs(feeds, release_memory)["out_sample"]
+
+    def unet_outputs(self, feeds: dict[str, np.ndarray], release_memory: bool = False,
+                     component: str = "unet") -> dict[str, np.ndarray]:
+        """Every output (float32) of the UNet, or of DeepCache's `unet_shallow`, for one step's feeds."""
+        engine = self.engine(component)
         dtypes = {spec.name: spec.dtype for spec in engine.inputs}
         cast = {k: (v.astype(dtypes[k], copy=False) if k in dtypes else v) for k, v in feeds.items()}
         missing = [spec for spec in residual_specs(engine.inputs) if spec.name not in cast]
         if missing:  # a ControlNet package's UNet on a call that runs no ControlNet: nothing to add
             cast.update(zero_residuals(missing, cast["sample"].shape))
         out = engine.run(scalar_timestep(engine, cast), release_memory=release_memory)
-        return np.asarray(out["out_sample"], dtype=np.float32)
+        return {name: np.asarray(value, dtype=np.float32) for name, value in out.items()}
+
+    def check_deep_cache(self, deep_cache_interval: Any) -> int | None:
+        """A call's `deep_cache_interval`, checked against this package (see `diffrt.runtime.pipelines.deep_cache`):
+        an int >= 2, or None when off."""
+        return check_interval(deep_cache_interval, self.package)
 
     def denoise(
         self,
@@ -398,6 +422,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         state.feeds = {name: read_only_copy(value) for name, value in state.feeds.items()}
         hook = self.step_hook
         call = self._call
+        interval = state.deep_cache_interval
+        deep_cache = DeepCacheRun(interval, len(timesteps)) if interval is not None and interval > 1 else None
         call.interrupt, call.num_timesteps = False, len(timesteps)
         call.guidance_scale, call.do_classifier_free_guidance = state.guidance_scale, state.do_cfg
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -414,7 +440,10 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
                 with self._stage(timings, "controlnet"):
                     feeds.update(state.controlnet(i, t, control_input, feeds))
             with self._stage(timings, "unet"):
-                noise_pred = self.run_denoiser(feeds, release_memory=self.last_step(i))
+                if deep_cache is None:
+                    noise_pred = self.run_denoiser(feeds, release_memory=self.last_step(i))
+                else:
+                    noise_pred = deep_cache.run(self, i, feeds)
             with self._stage(timings, "host"):
                 if state.do_cfg:
                     noise_pred = combine_cfg(noise_pred, state.guidance_scale, state.guidance_rescale)
@@ -480,7 +509,8 @@ def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
             overrides: dict[str, Any]) -> DiffusionPipeline:
     """`target` on `pipeline`'s package, provider, scheduler, VAE choice and (shared, thread-safe) engines."""
     options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae.kind,
-               "release_memory": pipeline.release_memory, **pipeline.engine_options}
+               "release_memory": pipeline.release_memory, "component_options": pipeline.component_options,
+               **pipeline.engine_options}
     options.update(overrides)
     new = target(pipeline.package, **options)
     new._engines = pipeline._engines
@@ -499,7 +529,9 @@ def warmup_call_arguments(pipe: DiffusionPipeline, height: int | None, width: in
     height, width = height or pipe.default_size(), width or pipe.default_size()
     parameters = inspect.signature(pipe.__call__).parameters
     # "np" output: the decoder prepares its shape too
-    defaults = {"prompt": [""] * batch_size, "num_inference_steps": 1, "output_type": "np"}
+    # two steps with DeepCache: the full and the shallow UNet both prepare the shape
+    steps = 2 if arguments.get("deep_cache_interval") not in (None, 1) else 1
+    defaults = {"prompt": [""] * batch_size, "num_inference_steps": steps, "output_type": "np"}
     gray = np.full((1, height, width, 3), 0.5, np.float32)
     if "image" in parameters:
         defaults["image"] = gray

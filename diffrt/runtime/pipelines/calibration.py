@@ -57,7 +57,8 @@ def unet_calibration(pipe: "DiffusionPipeline") -> Calibration:
     def feeds() -> list[Mapping[str, np.ndarray]]:
         target = pipeline_class_for_task("text2image", class_name)
         options = {**pipe.engine_options, "inference_precision": "auto"}
-        helper = target(pipe.package, provider=pipe.provider, scheduler=pipe.scheduler, **options)
+        helper = target(pipe.package, provider=pipe.provider, scheduler=pipe.scheduler,
+                        component_options=pipe.component_options, **options)
         helper.set_progress_bar_config(disable=True)
         recorder = FeedRecorder(helper.engine("unet"))
         helper._engines["unet"] = recorder  # the helper is private to this function

@@ -20,6 +20,20 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 PROMPT_WEIGHTINGS = ("a1111",)  # AUTOMATIC1111's emphasis syntax and long prompts
 
 
+def check_component_options(options: Any, package: ModelPackage) -> dict[str, dict[str, Any]]:
+    """`component_options`: {component name: {engine option: value}}, each name one of the package's components."""
+    if options is None:
+        return {}
+    allowed = ", ".join(package.components)
+    if not isinstance(options, dict) or not all(isinstance(value, dict) for value in options.values()):
+        raise invalid("component_options", f"a dict of component name -> dict of engine options ({allowed})",
+                      options)
+    unknown = [name for name in options if name not in package.components]
+    if unknown:
+        raise invalid("component_options", f"keys among this package's components ({allowed})", unknown[0])
+    return {name: dict(value) for name, value in options.items()}
+
+
 def check_size(height: int, width: int, multiple: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from diffrt.errors import invalid
 from diffrt.package.names import CONTROLNET_PREFIX
 from diffrt.runtime.pipelines.base import DiffusionPipeline
 from diffrt.runtime.pipelines.components import EngineComponent
@@ -69,6 +70,14 @@ class ControlNetMixin(DiffusionPipeline):
 
     def engine_names(self) -> list[str]:
         return super().engine_names() + [CONTROLNET_PREFIX + name for name in self.controlnet_names]
+
+    def check_deep_cache(self, deep_cache_interval: Any) -> int | None:
+        """DeepCache does not run with ControlNets (nor does the export combine them)."""
+        if deep_cache_interval is not None and deep_cache_interval != 1:
+            raise invalid("deep_cache_interval", "None or 1 with ControlNets: they add residuals to every skip "
+                          "connection and the mid block at every step, which DeepCache's cached features would drop",
+                          deep_cache_interval)
+        return None
 
     def warmup(self, height: int | None = None, width: int | None = None, batch_size: int = 1,
                **call_arguments: Any) -> float:

@@ -1,4 +1,7 @@
-"""Inpainting (SD and SDXL): 9-channel inpaint UNets, and the legacy blend for 4-channel UNets."""
+"""Inpainting (SD and SDXL): 9-channel inpaint UNets, and the legacy blend for 4-channel UNets.
+
+`deep_cache_interval` runs DeepCache on a package exported with it (`diffrt.runtime.pipelines.deep_cache`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -140,6 +143,7 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
         prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs.
@@ -171,7 +175,8 @@ class StableDiffusionInpaintPipeline(_InpaintMixin, _StableDiffusionBase):
                                         strength, latents)
         # 5. Denoise.
         feeds = {"encoder_hidden_states": embeds, **self._timestep_cond(guidance_scale, batch)}
-        state = DenoiseState(feeds, guidance_scale, do_cfg, 0.0, self.step_kwargs(scheduler, generator, eta))
+        state = DenoiseState(feeds, guidance_scale, do_cfg, 0.0, self.step_kwargs(scheduler, generator, eta),
+                             deep_cache_interval=deep_cache_interval)
         state = self._inpaint_state(inp, state, scheduler, steps)
         out, _ = self.denoise(scheduler, inp.latents, steps, state, callback_on_step_end,
                               callback_on_step_end_tensor_inputs, timings)
@@ -222,6 +227,7 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
         prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals())
@@ -249,7 +255,7 @@ class StableDiffusionXLInpaintPipeline(_InpaintMixin, _StableDiffusionXLBase):
         feeds.update(self._timestep_cond(guidance_scale, batch))
         # 5. Denoise.
         state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
-                             self.step_kwargs(scheduler, generator, eta))
+                             self.step_kwargs(scheduler, generator, eta), deep_cache_interval=deep_cache_interval)
         state = self._inpaint_state(inp, state, scheduler, steps)
         out, _ = self.denoise(scheduler, inp.latents, steps, state, callback_on_step_end,
                               callback_on_step_end_tensor_inputs, timings)

@@ -14,6 +14,21 @@ def provider_name(provider: Any) -> str:
     return str(name).lower()
 
 
+def split_provider_precision(provider: Any, engine_options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`provider="openvino:bf16"` (the command line's spelling) -> ("openvino", options with inference_precision
+    "bf16"); a suffix that disagrees with an explicit `inference_precision` is refused. Other providers unchanged."""
+    from diffrt.runtime.engines import PRECISION_PROVIDERS, split_precision
+
+    if not isinstance(provider, str) or provider.partition(":")[0].lower() not in PRECISION_PROVIDERS:
+        return provider, engine_options
+    name, precision = split_precision(provider)
+    given = engine_options.get("inference_precision")
+    if precision and given is not None and given != precision["inference_precision"]:
+        raise InputError(f"`inference_precision` {given!r} contradicts `provider` {provider!r}; give the precision "
+                         "once")
+    return name, {**engine_options, **precision}
+
+
 def check_provider(provider: Any) -> None:
     """An unavailable provider is a ValueError naming it, before any engine is built (never a silent fallback)."""
     from diffrt.runtime.engines import check_provider as _check

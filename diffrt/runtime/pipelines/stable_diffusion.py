@@ -1,4 +1,8 @@
-"""Stable Diffusion 1.x / 2.x pipelines: text-to-image, image-to-image and latent-consistency (LCM)."""
+"""Stable Diffusion 1.x / 2.x pipelines: text-to-image, image-to-image and latent-consistency (LCM).
+
+Besides Diffusers' arguments: `prompt_weighting` (A1111 emphasis), and `deep_cache_interval` (text-to-image,
+image-to-image: DeepCache on a package exported with it, see `diffrt.runtime.pipelines.deep_cache`).
+"""
 from __future__ import annotations
 
 import logging
@@ -124,6 +128,7 @@ class _StableDiffusionBase(DiffusionPipeline):
         checks.check_clip_skip(kw["clip_skip"])
         checks.check_prompt_weighting(kw.get("prompt_weighting"))
         checks.check_callback_inputs(kw["callback_on_step_end_tensor_inputs"], self._callback_tensor_inputs)
+        self.check_deep_cache(kw.get("deep_cache_interval"))
 
     def _check_fits(self, height: int, width: int, batch_size: int, num_images_per_prompt: int, do_cfg: bool,
                     encodes: bool = False, source: str | None = None) -> None:
@@ -174,6 +179,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs (all before any engine runs).
@@ -200,7 +206,7 @@ class StableDiffusionPipeline(_StableDiffusionBase):
         # 5. Denoise.
         feeds = {"encoder_hidden_states": embeds, **self._timestep_cond(guidance_scale, batch)}
         state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
-                             self.step_kwargs(scheduler, generator, eta))
+                             self.step_kwargs(scheduler, generator, eta), deep_cache_interval=deep_cache_interval)
         latents, _ = self.denoise(scheduler, latents, steps, state, callback_on_step_end,
                                   callback_on_step_end_tensor_inputs, timings)
         # 6. Decode.
@@ -234,6 +240,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         prompt_weighting: str | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         # 1. Check inputs.
@@ -268,7 +275,7 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         # 5. Denoise.
         feeds = {"encoder_hidden_states": embeds, **self._timestep_cond(guidance_scale, batch)}
         state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
-                             self.step_kwargs(scheduler, generator, eta))
+                             self.step_kwargs(scheduler, generator, eta), deep_cache_interval=deep_cache_interval)
         latents, _ = self.denoise(scheduler, latents.astype(np.float32), steps, state, callback_on_step_end,
                                   callback_on_step_end_tensor_inputs, timings)
         # 6. Decode.

@@ -1,4 +1,8 @@
-"""Stable Diffusion XL pipelines: base text-to-image and image-to-image (the refiner)."""
+"""Stable Diffusion XL pipelines: base text-to-image and image-to-image (the refiner).
+
+Besides Diffusers' arguments: `prompt_weighting`, and `deep_cache_interval` (DeepCache on a package exported with
+it, see `diffrt.runtime.pipelines.deep_cache`).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -276,6 +280,7 @@ class StableDiffusionXLPipeline(_StableDiffusionXLBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         prompt_weighting: str | None = None,
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals())
@@ -299,7 +304,7 @@ class StableDiffusionXLPipeline(_StableDiffusionXLBase):
         # 5. Denoise.
         feeds.update(self._timestep_cond(guidance_scale, batch))
         state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
-                             self.step_kwargs(scheduler, generator, eta))
+                             self.step_kwargs(scheduler, generator, eta), deep_cache_interval=deep_cache_interval)
         latents, _ = self.denoise(scheduler, latents, steps, state, callback_on_step_end,
                                   callback_on_step_end_tensor_inputs, timings)
         # 6. Decode.
@@ -347,6 +352,7 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         prompt_weighting: str | None = None,
+        deep_cache_interval: int | None = None,
     ) -> PipelineOutput:
         timings: dict[str, float] = {}
         kw = dict(locals(), latents=None)
@@ -374,7 +380,7 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLBase):
         feeds.update(self._timestep_cond(guidance_scale, batch))
         # 5. Denoise.
         state = DenoiseState(feeds, guidance_scale, do_cfg, guidance_rescale,
-                             self.step_kwargs(scheduler, generator, eta))
+                             self.step_kwargs(scheduler, generator, eta), deep_cache_interval=deep_cache_interval)
         latents, _ = self.denoise(scheduler, latents.astype(np.float32), steps, state, callback_on_step_end,
                                   callback_on_step_end_tensor_inputs, timings)
         # 6. Decode.
