@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-cache", type=int_in(0, 1 << 10), default=defaults.lora_cache, metavar="N",
                         help="LoRA-adapted pipelines kept per package, least recently used evicted (each holds its "
                         "own engines: memory; default %(default)s)")
+    parser.add_argument("--shared-weights", action="store_true",
+                        help="provider cpu: every pipeline of a package (LoRA variants too) reads one shared copy of "
+                        "its weights instead of ONNX Runtime's pre-packed and reordered copies of its own: about 3 GiB "
+                        "less per added SD 1.5 pipeline, slower UNet steps (docs/benchmarks.md)")
     add_prompt_weighting(parser)
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve application (a running cluster, or "
                         "a local one); one deployment per package")
@@ -75,6 +79,10 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
 
     if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
         raise InputError(f"`--output-dir` {os.fsdecode(args.output_dir)!r} is not a folder")
+    if args.shared_weights:
+        from diffrt.runtime.engines import shared_weight_options
+
+        shared_weight_options(args.provider, "--shared-weights")  # refused before any package is opened
     for folder in args.lora_dir:
         if not folder.is_dir():
             raise InputError(f"`--lora-dir` {os.fsdecode(folder)!r} is not a folder (expected A1111's models/Lora: "
@@ -86,7 +94,8 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_steps=args.max_steps, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars,
         max_upload_bytes=int(args.max_upload_mb * MEBIBYTE), timeout=args.timeout, output_dir=args.output_dir,
         cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period,
-        prompt_weighting=prompt_weighting(args), lora_dirs=list(args.lora_dir), lora_cache=args.lora_cache)
+        prompt_weighting=prompt_weighting(args), lora_dirs=list(args.lora_dir), lora_cache=args.lora_cache,
+        shared_weights=args.shared_weights)
 
 
 def _graceful_server_class() -> type:

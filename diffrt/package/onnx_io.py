@@ -6,7 +6,9 @@ built. The inputs and outputs sit in the graph's header fields; everything else 
 gigabytes inside model.onnx) is skipped by its length without being read. Only the few ONNX protobuf fields named
 below are decoded (onnx/onnx.proto: ModelProto.ir_version = 1, graph = 7; GraphProto.initializer = 5,
 input = 11, output = 12; ValueInfoProto.name = 1, type = 2; TypeProto.tensor_type = 1; Tensor.elem_type = 1,
-shape = 2; TensorShapeProto.dim = 1; Dimension.dim_value = 1, dim_param = 2; TensorProto.name = 8).
+shape = 2; TensorShapeProto.dim = 1; Dimension.dim_value = 1, dim_param = 2; TensorProto.name = 8). `read_graph_nodes`
+also reads GraphProto.node = 1: NodeProto.input = 1, output = 2, op_type = 4, attribute = 5, domain = 7;
+AttributeProto.g = 6, graphs = 11.
 """
 from __future__ import annotations
 
@@ -62,6 +64,61 @@ def read_graph_io(path: str | Path) -> tuple[list[GraphTensor], list[GraphTensor
     if not outputs:
         raise PackageError(f"{path} is not an ONNX model: its graph has no outputs")
     return [tensor for tensor in inputs if tensor.name not in initializers], outputs
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One node of the top-level graph: what it runs and which values it reads ("" for an omitted input)."""
+
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    #: an attribute holds a graph (If, Loop, Scan), whose nodes may read the outer graph's values too
+    has_subgraph: bool
+
+
+def read_graph_nodes(path: str | Path) -> tuple[list[GraphNode], set[str]]:
+    """(the nodes of the ONNX model's top-level graph, in the file's order, which ONNX requires topological;
+    the names of its initializers); PackageError naming the file when it is not readable."""
+    path = Path(path)
+    nodes: list[GraphNode] = []
+    initializers: set[str] = set()
+    try:
+        with open(path, "rb") as stream:
+            graph = _find_field(stream, 0, path.stat().st_size, 7)
+            if graph is None:
+                raise PackageError(f"{path} is not an ONNX model: it has no graph")
+            for field, wire, offset, length in _fields(stream, *graph):
+                if field == 1 and wire == _BYTES:
+                    nodes.append(_node(io.BytesIO(_read(stream, offset, offset + length)), length))
+                elif field == 5 and wire == _BYTES:  # TensorProto.name (8) comes before its raw data (9)
+                    name = _find_field(stream, offset, offset + length, 8, stop_after_bytes=True)
+                    if name is not None:
+                        initializers.add(_read(stream, *name).decode())
+    except (ValueError, EOFError, UnicodeDecodeError) as error:
+        raise PackageError(f"{path} is not a readable ONNX model (damaged or truncated?): {error}") from None
+    except OSError as error:
+        raise PackageError(f"cannot read {path}: {error}") from None
+    return nodes, initializers
+
+
+def _node(stream: BinaryIO, size: int) -> GraphNode:
+    op_type, domain, subgraph = "", "", False
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for field, wire, offset, length in _fields(stream, 0, size):
+        if wire != _BYTES:
+            continue
+        if field in (1, 2):
+            (inputs if field == 1 else outputs).append(_read(stream, offset, offset + length).decode())
+        elif field == 4:
+            op_type = _read(stream, offset, offset + length).decode()
+        elif field == 7:
+            domain = _read(stream, offset, offset + length).decode()
+        elif field == 5 and not subgraph:
+            subgraph = any(f in (6, 11) and w == _BYTES for f, w, _, _ in _fields(stream, offset, offset + length))
+    return GraphNode(op_type, domain, tuple(inputs), tuple(outputs), subgraph)
 
 
 def _graph_io(stream: BinaryIO, start: int, end: int,

@@ -96,9 +96,12 @@ class Stored:
     external: bool
 
 
-def locate_initializers(model: Path | str, names: Iterable[str] | None) -> dict[str, Stored]:
+def locate_initializers(model: Path | str, names: Iterable[str] | None, *,
+                        skip_typed: bool = False) -> dict[str, Stored]:
     """Where the initializers `names` (None: all floating-point ones) of the ONNX file `model` keep their bytes;
-    PackageError naming a missing one. Only the graph's initializer headers are read: tensor data is skipped."""
+    PackageError naming a missing one. Only the graph's initializer headers are read: tensor data is skipped.
+    `skip_typed`: leave out initializers that keep their values in typed fields instead of refusing them (ONNX
+    Runtime's optimised models write small constants that way)."""
     model = Path(model)
     wanted = set(names) if names is not None else None
     found: dict[str, Stored] = {}
@@ -109,7 +112,7 @@ def locate_initializers(model: Path | str, names: Iterable[str] | None) -> dict[
                 raise PackageError(f"{model} is not an ONNX model: it has no graph")
             for field, wire, offset, length in _fields(stream, *graph):
                 if field == 5 and wire == _BYTES and (wanted is None or len(found) < len(wanted)):
-                    tensor = _tensor(stream, model, offset, offset + length, wanted)
+                    tensor = _tensor(stream, model, offset, offset + length, wanted, skip_typed)
                     if tensor is not None:
                         found[tensor[0]] = tensor[1]
     except (ValueError, EOFError, UnicodeDecodeError) as error:
@@ -121,8 +124,8 @@ def locate_initializers(model: Path | str, names: Iterable[str] | None) -> dict[
     return found
 
 
-def _tensor(stream: BinaryIO, model: Path, start: int, end: int,
-            wanted: set[str] | None) -> tuple[str, Stored] | None:
+def _tensor(stream: BinaryIO, model: Path, start: int, end: int, wanted: set[str] | None,
+            skip_typed: bool = False) -> tuple[str, Stored] | None:
     dims: list[int] = []
     dtype, name, raw = 0, None, None
     external: dict[str, str] = {}
@@ -151,6 +154,8 @@ def _tensor(stream: BinaryIO, model: Path, start: int, end: int,
     if "location" in external:
         source = model.parent / external["location"]
         return name, Stored(source, int(external.get("offset", 0)), numpy_dtype, tuple(dims), external=True)
+    if skip_typed:
+        return None
     raise PackageError(f"{model}: initializer {name!r} keeps its values in typed fields, not raw bytes; "
                        "re-export the package")
 

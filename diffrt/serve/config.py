@@ -36,3 +36,6 @@ class ServeConfig:
     lora_dirs: list[Path] = field(default_factory=list)
     #: adapted pipelines kept per package, least recently used evicted (each holds its own engines)
     lora_cache: int = 2
+    #: ONNX Runtime CPU: every pipeline of a package (LoRA variants included) reads one shared copy of its weights
+    #: in place, instead of pre-packed / reordered copies of its own: less memory per pipeline, slower steps
+    shared_weights: bool = False

@@ -57,11 +57,17 @@ def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
 
 
 def open_pipeline(config: ServeConfig, source: str) -> Any:
-    """A new text-to-image pipeline of package `source` with the server's provider and threads, no engine created
-    yet. A package with ControlNets serves its plain pipelines (its UNet gets zero residuals)."""
+    """A new text-to-image pipeline of package `source` with the server's provider, threads and weight sharing, no
+    engine created yet. A package with ControlNets serves its plain pipelines (its UNet gets zero residuals). Every
+    pipeline of one package (the served one, its LoRA variants) shares the weights ONNX Runtime reads in place
+    (`share_weights`); `--shared-weights` makes that all of them."""
     from diffrt.runtime.pipelines.auto import plain_pipeline
 
     options: dict[str, Any] = {} if config.threads is None else {"threads": config.threads}
+    if config.shared_weights:
+        from diffrt.runtime.engines import shared_weight_options
+
+        options.update(shared_weight_options(config.provider, "--shared-weights"))
     pipe = plain_pipeline("text2image", source, provider=config.provider, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -144,7 +144,7 @@ def _flag(text: str) -> bool:
 CONVERTERS: dict[str, Callable[[str], Any]] = {
     "provider": str, "threads": int, "api_key": str, "max_batch": int, "batch_wait_ms": float, "max_queue": int,
     "max_pixels": int, "max_steps": int, "max_images": int, "max_prompt_chars": int, "max_upload_bytes": int,
-    "timeout": float, "output_dir": Path, "warmup": _flag, "grace_period": float,
+    "timeout": float, "output_dir": Path, "warmup": _flag, "grace_period": float, "shared_weights": _flag,
     "cors_origins": lambda text: [origin for origin in text.split(",") if origin],
 }
 

@@ -3,7 +3,8 @@ inversion rows; and, per component, the initializer overrides they amount to.
 
 Everything is computed in NumPy from the package's own weights: a component's override is
 `base + sum(weight * scale * up @ down)` for the parameters the active (and fused) LoRAs touch, in the layout and
-dtype the initializer has (`merge.merged_weight`: one float32 GEMM per parameter, whatever the number of adapters).
+dtype the initializer has (`merge.merged_weight`: one float32 GEMM per parameter, whatever the number of adapters),
+computed when an engine reads it (`overrides.Overrides`).
 A component with nothing applied has no override, so its engine is the plain package one, bit for bit (what
 `unload_lora_weights` returns to).
 """
@@ -17,7 +18,7 @@ from typing import Hashable, Mapping
 import numpy as np
 
 from diffrt.runtime.adapters.lora_file import LoraFile, LoraUpdate
-from diffrt.runtime.adapters.merge import merged_weight
+from diffrt.runtime.adapters.overrides import Overrides
 from diffrt.runtime.adapters.package_weights import PackageWeights, parameter_source
 
 logger = logging.getLogger(__name__)
@@ -67,35 +68,14 @@ class AdapterState:
         return (tuple((id(lora), weight) for lora, weight in self.contributions(component)),
                 tuple(rows.tokens) if rows else ())
 
-    def overrides(self, component: str) -> dict[str, np.ndarray]:
-        """{initializer name: new value} for `component`; {} when nothing applies to it."""
+    def overrides(self, component: str) -> Overrides:
+        """{initializer name: new value} for `component` as applied now ({} when nothing applies to it); each value
+        is computed when read (`Overrides`), so an engine holds the merged weights only inside its session."""
         terms: dict[str, list[tuple[LoraUpdate, float]]] = defaultdict(list)
         source = parameter_source(component)
         for lora, weight in self.contributions(component):
             for update in lora.updates:
                 if update.component == source:
                     terms[update.parameter].append((update, weight))
-        placements = self.weights.placements(component) if terms or self.token_rows.get(component) else {}
-        result: dict[str, np.ndarray] = {}
-        for parameter, parameter_terms in terms.items():
-            # a partial graph (DeepCache's shallow UNet) holds only some of its source's parameters
-            for place in placements.get(parameter, ()):
-                base = self.weights.base(component, place.initializer)
-                result[place.initializer] = merged_weight(base, place.layout, parameter_terms,
-                                                          f"{component} {parameter}")
         rows = self.token_rows.get(component)
-        if rows and rows.tokens:
-            result.update(self._embedding_override(component, rows, placements))
-        return result
-
-    def _embedding_override(self, component: str, rows: TokenRows, placements: Mapping) -> dict[str, np.ndarray]:
-        from diffrt.runtime.adapters.textual_inversion import TOKEN_EMBEDDING
-
-        found = {}
-        for place in placements[TOKEN_EMBEDDING]:
-            base = self.weights.base(component, place.initializer)
-            table = base.reshape(base.shape[0], -1) if place.layout == "direct" else base.T
-            extra = np.stack(rows.vectors).astype(table.dtype)
-            grown = np.concatenate([table, extra], axis=0)
-            found[place.initializer] = np.ascontiguousarray(grown if place.layout == "direct" else grown.T)
-        return found
+        return Overrides.plan(self.weights, component, terms, list(rows.vectors) if rows and rows.tokens else [])

@@ -37,12 +37,17 @@ logger = logging.getLogger(__name__)
 GRAPHED_COMPONENTS = ("unet", UNET_SHALLOW)
 #: providers whose engine takes an inference precision, also written as a suffix (`openvino:bf16`, `openvino:int8`)
 PRECISION_PROVIDERS = ("openvino", "auto")
+#: ONNX Runtime CPU engine options under which a session reads every weight of its file as stored, so all sessions of
+#: the file share one copy (`share_weights`): nothing pre-packed, no NCHWc-reordered convolutions. A trade: slower
+#: UNet steps for a fraction of the memory per added pipeline (docs/benchmarks.md, "Sharing weights between sessions")
+SHARED_WEIGHT_OPTIONS: dict[str, Any] = {"prepack_weights": False, "disabled_optimizers": ["NchwcTransformer"]}
 
 __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "OpenVINOEngine",
     "PRECISION_PROVIDERS",
+    "SHARED_WEIGHT_OPTIONS",
     "TensorRTEngine",
     "TensorSpec",
     "auto_provider",
@@ -51,6 +56,7 @@ __all__ = [
     "create_engine",
     "lossless_cast",
     "parse_dim_ranges",
+    "shared_weight_options",
     "split_engine_options",
     "split_precision",
     "validate_feeds",
@@ -64,7 +70,8 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     static_shapes, ...); "trt" a `TensorRTEngine` from the component's prebuilt plans (options: device_id,
     cuda_graph, max_contexts; threads is accepted and ignored); "auto" the fastest engine installed here
     (`auto_provider`); anything else an `OnnxRuntimeEngine` (options: threads, graph_optimization_level,
-    optimized_model_cache, disabled_optimizers, and on CUDA device_id, cuda_graph, prefer_nhwc, ...). `cuda_graph`
+    optimized_model_cache, disabled_optimizers, share_weights, prepack_weights, and on CUDA device_id, cuda_graph,
+    prefer_nhwc, ...). `cuda_graph`
     applies to the components in `GRAPHED_COMPONENTS` only.
     """
     if _named(provider, "auto"):
@@ -193,6 +200,16 @@ def check_initializer_overrides(provider: Any) -> None:
         raise ConfigError(
             f"LoRA and textual inversion are not supported with `provider` {resolved!r} yet (diffrt applies them as "
             "initializer overrides; TensorRT refit is not wired): use provider 'cuda' (ONNX Runtime) or 'cpu'")
+
+
+def shared_weight_options(provider: Any, parameter: str = "shared_weights") -> dict[str, Any]:
+    """A copy of `SHARED_WEIGHT_OPTIONS` for `provider`; ConfigError naming `parameter` when the provider is not ONNX
+    Runtime's CPU one (other engines keep their weights in their own form, in device memory or compiled)."""
+    resolved = auto_provider() if _named(provider, "auto") else provider
+    if not (_named(resolved, "cpu") or resolved == "CPUExecutionProvider"):
+        raise ConfigError(f"`{parameter}` applies to provider 'cpu' (ONNX Runtime's CPU sessions), whose sessions "
+                          f"can read one shared copy of the weights; got provider {resolved!r}")
+    return {name: list(value) if isinstance(value, list) else value for name, value in SHARED_WEIGHT_OPTIONS.items()}
 
 
 def check_provider(provider: Any) -> None:

@@ -17,6 +17,7 @@ import os
 import platform
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +35,8 @@ from diffrt.runtime.engines.onnxruntime_cuda import (
     check_cuda_only,
     preload_cuda_libraries,
 )
+from diffrt.runtime.engines.residency import release_freed_heap
+from diffrt.runtime.engines.shared_weights import SharedWeights, shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ ORT_DTYPES = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+#: where a session keeps the buffers it reads in place (see `OnnxRuntimeEngine._new_session`)
+_HELD_ATTRIBUTE = "_diffrt_held"
 # Providers that compile subgraphs into nodes ORT cannot serialise, so their optimised model cannot be cached.
 _UNCACHEABLE = {"TensorrtExecutionProvider", "OpenVINOExecutionProvider", "CoreMLExecutionProvider"}
 
@@ -153,6 +158,16 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, np.dtype(dtype), shape)
 
 
+@dataclass(frozen=True)
+class _Held:
+    """What a session reads through raw pointers: the shared weights of its file, the overrides it was given."""
+
+    weights: SharedWeights | None
+    #: the initializers the session took from `weights`
+    shared: frozenset[str]
+    values: list[ort.OrtValue]
+
+
 class OnnxRuntimeEngine:
     """An ONNX model run by ONNX Runtime; see the module docstring.
 
@@ -164,13 +179,26 @@ class OnnxRuntimeEngine:
         optimized_model_cache: folder for optimised models, reused by later sessions; None disables the cache.
         dim_ranges: inclusive (low, high) per named dynamic dimension, checked before each run.
         session_options: a base `ort.SessionOptions`; the settings above are applied on top of it.
-        initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion),
-            through `SessionOptions.add_initializer`; the other weights still come from the file. The
-            optimised-model cache is not used for such a session (its folded weights would be the old ones).
+        initializers: {initializer name: array} replacing those of the model file (LoRA, textual inversion); the
+            other weights still come from the file. Values are read each time a session is created (a mapping may
+            compute them then, as the adapters' `Overrides` does) and not kept beyond what the session reads in
+            place. The optimised-model cache is not used for such a session (its folded weights would be the old
+            ones).
         disabled_optimizers: names of ONNX Runtime graph transformers to skip (`InferenceSession`'s argument),
             e.g. ("NchwcTransformer",): level "all"'s blocked-layout pass costs most of an SD 1.5 UNet session's
             creation on a CPU (measured 5-15 s of 6-16 s, for a 3-10 % faster step; docs/adapters.md), which
             matters when LoRA switches re-create the session.
+        share_weights: CPU sessions of one model file in this process read the weights ONNX Runtime uses as
+            stored from one set of read-only memory-mapped buffers (`shared_weights.SharedWeights`, through
+            `SessionOptions.add_initializer`) instead of each its own copy; initializer overrides replace only their
+            own names. Same outputs bit for bit. What ONNX Runtime derives from a weight stays per session (and is
+            not handed out): pre-packed GEMM weights (see `prepack_weights`) and level "all"'s NCHWc convolution
+            weights (see `disabled_optimizers`); for an SD 1.5 UNet at the defaults that is nearly all of it, from
+            its optimised-model cache the convolutions are shared (docs/benchmarks.md). Not applied on other
+            providers (their weights live in device memory) or with a caller's own `session_options`.
+        prepack_weights: False sets ONNX Runtime's `session.disable_prepacking`: MatMul / Gemm weights are read in
+            place (shared) instead of packed into a per-session copy, for a slower step (docs/benchmarks.md,
+            "Sharing weights between sessions"); outputs differ from the packed ones by float rounding (~1e-6).
         **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
             gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
             buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
@@ -190,6 +218,8 @@ class OnnxRuntimeEngine:
         session_options: ort.SessionOptions | None = None,
         initializers: Mapping[str, np.ndarray] | None = None,
         disabled_optimizers: Sequence[str] = (),
+        share_weights: bool = True,
+        prepack_weights: bool = True,
         **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
@@ -210,11 +240,16 @@ class OnnxRuntimeEngine:
             raise invalid("disabled_optimizers", "a list of ONNX Runtime transformer names such as "
                           "['NchwcTransformer']", disabled_optimizers, ConfigError)
         self.disabled_optimizers = list(disabled_optimizers)
+        for name, flag in (("share_weights", share_weights), ("prepack_weights", prepack_weights)):
+            if not isinstance(flag, bool):
+                raise invalid(name, "True or False", flag, EngineError)
+        self.share_weights = share_weights
+        self.prepack_weights = prepack_weights
         self._base_options = session_options
-        # OrtValues must outlive the session that reads them: ORT keeps pointers into their buffers.
-        self._initializers = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-                              for name, value in (initializers or {}).items()}
-        self._external_overrides = self._stored_externally(self._initializers)
+        # Read when a session is created (`_add_overrides`); the adapters' mapping computes each value when read.
+        self._overrides: Mapping[str, np.ndarray] = initializers if initializers is not None else {}
+        self._override_names = frozenset(self._overrides)  # `in` on a Mapping may read (compute) the value
+        self._external_overrides = self._stored_externally(self._override_names)
         self._lock = threading.Lock()
         self._session: ort.InferenceSession | None = None
         self._inputs: list[TensorSpec] = []
@@ -260,10 +295,11 @@ class OnnxRuntimeEngine:
         for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
             if not _has_config(options, key):
                 options.add_session_config_entry(key, "0")
-        self._add_initializers(options)
+        if not self.prepack_weights:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         return options
 
-    def _stored_externally(self, names: Mapping[str, Any]) -> set[str]:
+    def _stored_externally(self, names: frozenset[str]) -> set[str]:
         if not names:
             return set()
         from diffrt.package.weights import locate_initializers
@@ -273,23 +309,40 @@ class OnnxRuntimeEngine:
         except PackageError as error:
             raise EngineError(f"cannot override initializers of {self.path}: {error}") from error
 
-    def _add_initializers(self, options: ort.SessionOptions) -> None:
+    def _add_overrides(self, options: ort.SessionOptions) -> dict[str, ort.OrtValue]:
         """Initializer overrides: an initializer kept in the external data file is replaced when the graph is
         loaded (`add_external_initializers`), before any optimisation, so every level sees the new weights. One
         kept inside model.onnx can only be replaced after the graph optimisations (`add_initializer`), and level
         "all"'s layout transformer has by then copied Conv weights into reordered ones the override never reaches
-        (measured: wrong images), so such a session runs at most at level "extended"."""
-        if not self._initializers:
-            return
-        external = [name for name in self._initializers if name in self._external_overrides]
+        (measured: wrong images), so such a session runs at most at level "extended".
+
+        Returns the values given, which `options` points at: they must live until the session exists (`_held`)."""
+        if not self._overrides:
+            return {}
+        values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._overrides[name]))
+                  for name in self._overrides}
+        external = [name for name in values if name in self._external_overrides]
         if external:
-            options.add_external_initializers(external, [self._initializers[name] for name in external])
-        inline = [name for name in self._initializers if name not in self._external_overrides]
+            options.add_external_initializers(external, [values[name] for name in external])
+        inline = [name for name in values if name not in self._external_overrides]
         for name in inline:
-            options.add_initializer(name, self._initializers[name])
+            options.add_initializer(name, values[name])
         extended = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if inline and options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
             options.graph_optimization_level = extended
+        return values
+
+    def _held(self, overrides: dict[str, ort.OrtValue]) -> list[ort.OrtValue]:
+        """The overrides a created session still reads, which must live as long as it: those given through
+        `add_initializer` (read in place). ONNX Runtime copies those given through `add_external_initializers` while
+        it creates a CPU session (measured: writing to them afterwards changes no output), so they are dropped once
+        it exists instead of being held beside the session's copy; on other providers (not measured) they are kept."""
+        if not self._cpu_only():
+            return list(overrides.values())
+        return [value for name, value in overrides.items() if name not in self._external_overrides]
+
+    def _cpu_only(self) -> bool:
+        return all(name == "CPUExecutionProvider" for name, _ in self.providers)
 
     def _create_session(self) -> ort.InferenceSession:
         if self.cuda is None or self.cuda.cuda_graph is False:
@@ -328,7 +381,8 @@ class OnnxRuntimeEngine:
             )
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            session = self._new_session(self.path, options)
+            # Unshared: ORT writes the graph it optimised from the file itself; later sessions load the cache shared.
+            session = self._new_session(self.path, options, share=False)
             os.replace(tmp, cached)
         except (OSError, EngineError) as error:
             # A read-only or full cache folder must not stop inference: run uncached (a broken model fails again).
@@ -360,12 +414,53 @@ class OnnxRuntimeEngine:
         (name, explicit), rest = self.providers[0], self.providers[1:]
         return [(name, {**self.cuda.provider_options(self._graphs), **explicit}), *rest]
 
-    def _new_session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    def _new_session(self, path: Path, options: ort.SessionOptions, share: bool = True) -> ort.InferenceSession:
+        """A session of `path`, reading the overrides and, when `share`, the process's shared weights of `path`."""
+        overrides = self._add_overrides(options)  # alive until the session exists: `options` points at them
+        weights = self._weights_to_share(path) if share else None
+        shared: dict[str, ort.OrtValue] = {}
+        if weights is not None:
+            level = options.graph_optimization_level
+            shared = weights.for_session(
+                prepack=self.prepack_weights,
+                reorders_convolutions=level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                and "NchwcTransformer" not in self.disabled_optimizers,
+                folds_constants=level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                and "ConstantFolding" not in self.disabled_optimizers,
+                skip=self._override_names)  # an override replaces its own initializer only
+            for name, value in shared.items():
+                options.add_initializer(name, value)
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=self._session_providers(),
-                                        disabled_optimizers=self.disabled_optimizers or None)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self._session_providers(),
+                                           disabled_optimizers=self.disabled_optimizers or None)
         except Exception as error:  # ORT raises its own pybind exception types
             raise EngineError(f"onnxruntime could not load {path}: {error}") from error
+        # The session reads these buffers through raw pointers: they must live exactly as long as it does, even when
+        # a run in another thread still holds it after `close()`, so the session object itself keeps them.
+        setattr(session, _HELD_ATTRIBUTE, _Held(weights, frozenset(shared), self._held(overrides)))
+        if overrides:
+            # ONNX Runtime packed and freed its copies of the overrides while building the session, and the values
+            # it copied from go here: glibc keeps such freed chunks resident (1 GiB per SD 1.5 LoRA variant).
+            del overrides
+            release_freed_heap()
+        return session
+
+    def _weights_to_share(self, path: Path) -> SharedWeights | None:
+        """The process's shared weights of `path` when this session may use them (CPU only: on other providers the
+        weights are copied to device memory; a caller's own `session_options` may already carry initializers)."""
+        if not self.share_weights or self._base_options is not None or not self._cpu_only():
+            return None
+        try:
+            return shared_weights(path)
+        except (OSError, EngineError) as error:  # a file our reader cannot map: ORT still reads it on its own
+            logger.warning("not sharing the weights of %s between sessions: %s", path, error)
+            return None
+
+    @property
+    def weights(self) -> SharedWeights | None:
+        """The shared weights the current session uses (None: not created yet, or its weights are its own)."""
+        held = getattr(self._session, _HELD_ATTRIBUTE, None)
+        return None if held is None else held.weights
 
     def _finish(self, session: ort.InferenceSession, loaded_from: Path) -> ort.InferenceSession:
         active = session.get_providers()
@@ -392,7 +487,7 @@ class OnnxRuntimeEngine:
         return self._external_data().is_file()
 
     def _cache_path(self) -> Path | None:
-        if self.optimized_model_cache is None or self._initializers:
+        if self.optimized_model_cache is None or self._overrides:
             return None
         uncacheable = [name for name, _ in self.providers if name in _UNCACHEABLE]
         if self.cuda is not None and self.cuda.prefer_nhwc:

@@ -130,3 +130,26 @@ def trimming(folders: Iterable[str | Path], interval: float = TRIM_INTERVAL_S) -
         stop.set()
         worker.join()
         trim(roots)
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None elsewhere (musl, macOS, Windows)."""
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc `malloc_trim(0)`; a no-op without glibc). glibc keeps
+    freed chunks below the top of its heaps for reuse, and some transients are large: ONNX Runtime copies a LoRA
+    variant's overrides into a session, packs them and frees the copies, about 1 GiB for an SD 1.5 UNet that stayed
+    resident (measured: a variant added 4.35 GiB next to a base session, 3.30 GiB after the trim)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
