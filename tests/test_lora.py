@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 
 from lora_files import kohya_lora, peft_lora  # noqa: E402
 
-from diffrt.errors import ConfigError, ExportError, InputError, PackageError  # noqa: E402
+from diffrt.errors import ExportError, InputError, PackageError  # noqa: E402
 from diffrt.package.weights import from_initializer, parameter_placements, read_initializers  # noqa: E402
 from diffrt.runtime import DiffusionPipeline  # noqa: E402
 
@@ -297,15 +297,6 @@ def test_openvino_applies_adapters_as_onnx_runtime_does(kind, fmt, tiny_checkpoi
     assert float(np.abs(adapted - base).max()) > 10 * TOL  # the adapters changed OpenVINO's image
     pipe.unload_lora_weights()
     np.testing.assert_array_equal(image_of(pipe), base)
-
-
-def test_tensorrt_refuses_adapters_clearly():
-    """Native TensorRT plans are not refittable yet: the refusal comes before any engine is built."""
-    from diffrt.runtime.engines import check_initializer_overrides
-
-    with pytest.raises(ConfigError, match="`provider` 'trt'.*TensorRT refit is not wired"):
-        check_initializer_overrides("trt")
-    check_initializer_overrides("openvino")  # no error: OpenVINO takes them
 
 
 def test_bad_adapter_arguments_name_the_parameter(tiny_package, loras):

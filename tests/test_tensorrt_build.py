@@ -508,3 +508,24 @@ def test_results_are_caller_owned_copies_with_float_outputs_as_float32():
     copy = _to_result(ids)
     copy[0] = 9
     assert ids[0] == 0 and copy.dtype == np.int64
+
+
+# ----- adapters on provider "trt": plans built refittable -----
+def test_adapters_on_trt_need_refittable_plans_and_say_so_before_loading(tmp_path):
+    """LoRA and textual inversion go through TensorRT refit: plans built without --refit are refused by component,
+    with the command that rebuilds them, before TensorRT is imported (tests/test_tensorrt_gpu.py runs the refit)."""
+    from diffrt.runtime.engines import check_initializer_overrides
+
+    root = tmp_path / "digits"
+    shutil.copytree(DIGITS, root)
+    package = ModelPackage.open(root)
+    engines = root / "unet" / "engines"
+    store(engines, package, refit=False)
+    with pytest.raises(ConfigError, match=r"engines of unet in .* were built without --refit: rebuild them with "
+                                          r"`diffrt build-engines .* --rebuild --refit`"):
+        check_initializer_overrides("trt", package)
+    check_initializer_overrides("cpu", package)  # ONNX Runtime and OpenVINO replace initializers themselves
+    check_initializer_overrides("openvino", package)
+    shutil.rmtree(engines)
+    store(engines, package, refit=True)
+    check_initializer_overrides("trt", package)

@@ -183,3 +183,44 @@ def test_a_corrupt_plan_is_a_null_engine_error(fp32_package, tmp_path):
     decoder = engine(package, "trt", name="vae_decoder")
     with pytest.raises(EngineError, match="could not deserialize"):
         decoder.run({"latent_sample": np.zeros((1, 4, 8, 8), np.float32)})
+
+
+@pytest.fixture(scope="module")
+def refit_package(tiny_checkpoint, tmp_path_factory) -> Path:
+    from diffrt.export.tensorrt import build_engines
+
+    package = export(tiny_checkpoint("sd15"), tmp_path_factory.mktemp("trt_gpu") / "refit", "fp32")
+    build_engines(package, precision="fp32", static=(1, 64, 64), refit=True)
+    return package
+
+
+def test_a_lora_refits_the_engines_like_onnxruntime_applies_it_and_unloading_restores_the_plan(
+        refit_package, fp32_package, tiny_checkpoint, tmp_path):
+    """Issue #15: the same LoRA through TensorRT refit and through ONNX Runtime's initializer overrides; a switch
+    of weights refits again; unloading gives the plain plan's image exactly; non-refittable plans are refused."""
+    from lora_files import peft_lora
+
+    from diffrt.errors import ConfigError
+    from diffrt.runtime.pipelines.base import DiffusionPipeline
+
+    lora = peft_lora(tiny_checkpoint("sd15"), "sd15", tmp_path / "lora", seed=3)
+    pipes = {provider: DiffusionPipeline.from_pretrained(refit_package, provider=provider)
+             for provider in ("trt", "cpu")}
+    base = np.asarray(pipes["trt"](generator=0, **CALL).images)
+    for provider, pipe in pipes.items():
+        pipe.load_lora_weights(lora, adapter_name="a")
+    adapted = {provider: np.asarray(pipe(generator=0, **CALL).images) for provider, pipe in pipes.items()}
+    assert float(np.abs(adapted["trt"] - adapted["cpu"]).max()) <= 1e-2
+    assert float(np.abs(adapted["trt"] - base).max()) > 1e-2  # the refit changed TensorRT's weights
+    for pipe in pipes.values():
+        pipe.set_adapters(["a"], adapter_weights=[0.5])
+    half = {provider: np.asarray(pipe(generator=0, **CALL).images) for provider, pipe in pipes.items()}
+    assert float(np.abs(half["trt"] - half["cpu"]).max()) <= 1e-2
+    pipes["trt"].unload_lora_weights()
+    np.testing.assert_array_equal(np.asarray(pipes["trt"](generator=0, **CALL).images), base)
+    with pytest.raises(ConfigError, match="textual inversion adds rows"):  # a refit keeps every weight's shape
+        pipes["trt"].load_textual_inversion(np.zeros((1, 32), np.float32), token="<new>")
+
+    plain = DiffusionPipeline.from_pretrained(fp32_package, provider="trt")  # built without --refit
+    with pytest.raises(ConfigError, match="built without --refit"):
+        plain.load_lora_weights(lora, adapter_name="a")

@@ -64,12 +64,9 @@ def create_app(config: ServeConfig, infos: dict[str, PackageInfo] | None = None,
 
 
 def _lora_library(config: ServeConfig) -> LoraLibrary | None:
-    """The --lora-dir LoRAs; ConfigError at start when the provider cannot apply them (native TensorRT)."""
+    """The --lora-dir LoRAs (each package's engines are checked when its adapted pipelines are set up)."""
     if not config.lora_dirs:
         return None
-    from diffrt.runtime.engines import check_initializer_overrides
-
-    check_initializer_overrides(config.provider)
     return LoraLibrary(config.lora_dirs)
 
 

@@ -79,6 +79,9 @@ def adapted_pipelines(config: ServeConfig, info: PackageInfo, metrics: Metrics) 
 
     if not config.lora_dirs:
         return None
+    from diffrt.runtime.engines import check_initializer_overrides
+
+    check_initializer_overrides(config.provider, info.pipe.package)  # TensorRT: plans built refittable, at start
     return AdaptedPipelines(info.name, lambda: open_pipeline(config, info.source), config.lora_cache, metrics,
                             config.prompt_weighting)
 

@@ -80,8 +80,6 @@ def create_engine(component: Any, provider: Any = "cpu", **options: Any) -> Engi
     if not isinstance(component, (str, Path)) and component.name not in GRAPHED_COMPONENTS:
         options.pop("cuda_graph", None)
     path = component if isinstance(component, (str, Path)) else component.path
-    if options.get("initializers"):
-        check_initializer_overrides(provider)
     engine_class: type[Any]
     fixed: dict[str, Any]
     if _named(provider, "openvino"):
@@ -191,15 +189,15 @@ def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -
         )
 
 
-def check_initializer_overrides(provider: Any) -> None:
+def check_initializer_overrides(provider: Any, package: Any = None) -> None:
     """LoRA and textual inversion replace initializers when an engine is created: ONNX Runtime's
-    `SessionOptions.add_initializer`, OpenVINO's constants swapped in the read model. ConfigError for TensorRT,
-    whose refit is not wired."""
+    `SessionOptions.add_initializer`, OpenVINO's constants swapped in the read model, TensorRT's refit. For provider
+    "trt" with a `package`: ConfigError, before any engine loads, when its plans were built without `--refit`."""
     resolved = auto_provider() if _named(provider, "auto") else provider
-    if _named(resolved, "trt"):
-        raise ConfigError(
-            f"LoRA and textual inversion are not supported with `provider` {resolved!r} yet (diffrt applies them as "
-            "initializer overrides; TensorRT refit is not wired): use provider 'cuda' (ONNX Runtime) or 'cpu'")
+    if _named(resolved, "trt") and package is not None:
+        from diffrt.runtime.engines.tensorrt_refit import check_package_refittable
+
+        check_package_refittable(package)
 
 
 def shared_weight_options(provider: Any, parameter: str = "shared_weights") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from diffrt.package.tensorrt_records import (
     Platform,
     describe_profiles,
     pick_profile,
+    rebuild_command,
     select_records,
 )
 from diffrt.runtime.engines import cuda
@@ -220,7 +221,8 @@ def _to_result(array: np.ndarray) -> np.ndarray:
 class _Plan:
     """One deserialized plan and its pool of execution contexts."""
 
-    def __init__(self, record: EngineRecord, max_contexts: int) -> None:
+    def __init__(self, record: EngineRecord, max_contexts: int, overrides: Mapping[str, np.ndarray] | None = None,
+                 model: Path | None = None) -> None:
         trt = import_tensorrt()
         self.record = record
         self.runtime = trt.Runtime(trt_logger())  # must outlive the engine
@@ -230,6 +232,11 @@ class _Plan:
         if self.engine is None:
             raise EngineError(f"TensorRT could not deserialize {record.plan} (a null engine): {recent_errors()}; "
                               f"rebuild it with `diffrt build-engines PACKAGE --rebuild`")
+        if overrides:
+            from diffrt.runtime.engines.tensorrt_refit import refit_engine
+
+            assert model is not None
+            refit_engine(self.engine, overrides, model, record.plan)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
@@ -286,6 +293,8 @@ class TensorRTEngine:
         device_id: the CUDA device to run on.
         cuda_graph: capture each shape's run into a CUDA graph on first use and replay it after.
         max_contexts: execution contexts (concurrent callers) per plan; each holds its own activation memory.
+        initializers: {ONNX initializer name: array} replacing those the plans were built with (LoRA, textual
+            inversion), through TensorRT refit; the plans must have been built with `--refit`.
         dim_ranges, input_specs, output_specs: the manifest's, checked before each run (default: the plan's).
         threads: accepted for compatibility with the CPU engines' option and ignored.
     """
@@ -300,6 +309,7 @@ class TensorRTEngine:
         input_specs: Sequence[TensorSpec] | None = None,
         output_specs: Sequence[TensorSpec] | None = None,
         threads: int | None = None,
+        initializers: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         _check_options(device_id, cuda_graph, max_contexts)
         self.path = Path(path)
@@ -313,6 +323,14 @@ class TensorRTEngine:
         cuda.set_device(device_id)
         self.platform = this_platform(device_id)
         self.records = select_records(self.folder, self.platform, self.component, self.path.parent.parent)
+        self._initializers = initializers or {}
+        if self._initializers:
+            from diffrt.runtime.engines.tensorrt_refit import not_refittable
+
+            fixed = not_refittable(self.records)
+            if fixed:
+                raise ConfigError(f"{fixed[0].plan} was built without --refit, so adapters cannot change the weights "
+                                  f"of `{self.component}`: {rebuild_command(self.path.parent.parent)} --refit")
         self._plans: dict[str, _Plan] = {}
         self._lock = threading.Lock()
         self._inputs = list(input_specs) if input_specs else None
@@ -325,7 +343,7 @@ class TensorRTEngine:
                 plan = self._plans.get(record.key)
                 if plan is None:
                     cuda.set_device(self.device_id)
-                    plan = _Plan(record, self.max_contexts)
+                    plan = _Plan(record, self.max_contexts, self._initializers, self.path)
                     self._check_plan(plan)
                     self._plans[record.key] = plan
                     logger.info("loaded TensorRT engine %s for %s", record.plan, self.component)

@@ -20,6 +20,7 @@ from diffrt.runtime.adapters.lora_file import read_lora
 from diffrt.runtime.adapters.state import AdapterState, Weight
 
 if TYPE_CHECKING:
+    from diffrt.package.reader import ModelPackage
     from diffrt.runtime.engines.base import Engine
     from diffrt.runtime.pipelines.diffusers_api import CallState
 
@@ -68,6 +69,7 @@ class LoraLoaderMixin:
 
     adapters: AdapterState
     provider: Any
+    package: "ModelPackage"
     _engines: dict[str, "Engine"]
     _engine_signatures: dict[str, Any]
     _lock: threading.Lock
@@ -182,7 +184,7 @@ class LoraLoaderMixin:
     def _check_engines_support_adapters(self) -> None:
         from diffrt.runtime.engines import check_initializer_overrides
 
-        check_initializer_overrides(self.provider)
+        check_initializer_overrides(self.provider, self.package)
 
     def _refresh_adapted_engines(self) -> float:
         """Re-create the existing engines whose adapter overrides changed; returns the seconds it took."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from diffrt.errors import InputError, invalid
+from diffrt.errors import ConfigError, InputError, invalid
 from diffrt.runtime.adapters.textual_inversion import (
     DEFAULT_WEIGHT_NAME,
     TOKEN_EMBEDDING,
@@ -35,6 +35,7 @@ class TextualInversionMixin:
     """Mixed into `DiffusionPipeline` (after `LoraLoaderMixin`, whose engine refresh it reuses)."""
 
     adapters: "AdapterState"
+    provider: Any
 
     def _refresh_adapted_engines(self) -> float:
         raise NotImplementedError  # LoraLoaderMixin
@@ -45,6 +46,10 @@ class TextualInversionMixin:
         """Load embeddings (a .safetensors file, a folder with `weight_name` / learned_embeds.safetensors, a Hub repo
         id, a NumPy array [n, hidden], or a list of these with a list of tokens) as `token`. Without `token`, the
         file's own token (Diffusers' format) or the file name (A1111's, as A1111 does)."""
+        if isinstance(self.provider, str) and self.provider.lower() == "trt":
+            raise ConfigError("textual inversion adds rows to the text encoder's token embedding, and TensorRT's "
+                              "refit replaces weights' values, never their shapes: use provider 'cuda' (ONNX Runtime) "
+                              "for embeddings")
         sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
             else [pretrained_model_name_or_path]
         tokens: list[str | None] = list(token) if isinstance(token, (list, tuple)) \

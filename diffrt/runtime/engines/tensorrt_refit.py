@@ -1,0 +1,80 @@
+"""LoRA and textual inversion on provider "trt": TensorRT refit of a deserialized plan.
+
+A plan built refittable (`diffrt build-engines PACKAGE --refit`) keeps its weights replaceable by name, and for a
+network read by TensorRT's ONNX parser the names are the ONNX initializers' (what the package's parameter map and
+the adapter overrides name). The pipeline creates a new engine whenever a component's overrides change (as it
+re-creates ONNX Runtime sessions), so each refit starts from the plan as built: the overrides are set by name, the
+weights TensorRT needs beside them (an initializer it fused with another into one kernel's weights) are read from
+the component's ONNX file, and the engine is refitted before its first execution context exists.
+
+Written to TensorRT 10's Python API; not run on a GPU yet (no TensorRT wheel installs on the machines this project
+is tested on): `tests/test_tensorrt_refit.py` runs it where TensorRT and a GPU are present.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from diffrt.errors import ConfigError, EngineError
+from diffrt.package.names import ENGINES_FOLDER
+from diffrt.package.reader import ModelPackage
+from diffrt.package.tensorrt_records import EngineRecord, read_records, rebuild_command
+
+
+def not_refittable(records: Sequence[EngineRecord]) -> list[EngineRecord]:
+    """The records of plans built without `--refit` (TensorRT cannot change their weights)."""
+    return [record for record in records if not record.flags.get("refit")]
+
+
+def check_package_refittable(package: ModelPackage, components: Sequence[str] | None = None) -> None:
+    """ConfigError, before any engine is loaded, when a component whose weights adapters may replace has TensorRT
+    plans built without `--refit`, naming the components and the command that rebuilds them."""
+    names = list(components) if components is not None else list(package.components)
+    fixed = []
+    for name in names:
+        folder = package.component(name).path.parent / ENGINES_FOLDER
+        records = read_records(folder) if folder.is_dir() else []
+        if not_refittable(records):
+            fixed.append(name)
+    if fixed:
+        raise ConfigError(
+            f"LoRA and textual inversion on provider 'trt' refit the TensorRT engines, and the engines of "
+            f"{', '.join(fixed)} in {package.root} were built without --refit: rebuild them with "
+            f"`{rebuild_command(package.root)} --refit`, or use provider 'cuda' (ONNX Runtime)")
+
+
+def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, plan: Path) -> None:
+    """Replace the weights named in `overrides` (ONNX initializer names) in the deserialized `engine`, plus those
+    TensorRT needs with them, read from `model`; EngineError naming the initializer TensorRT cannot refit."""
+    from diffrt.package.weights import read_initializers
+    from diffrt.runtime.engines.tensorrt import import_tensorrt, recent_errors, trt_logger
+
+    trt = import_tensorrt()
+    if not engine.refittable:
+        raise ConfigError(f"{plan} was built without --refit, so adapters cannot change its weights: "
+                          f"{rebuild_command(model.parent.parent)} --refit")
+    refitter = trt.Refitter(engine, trt_logger())
+    known = set(refitter.get_all_weights())
+    unknown = sorted(name for name in overrides if name not in known)
+    if unknown:
+        raise EngineError(f"{plan}: TensorRT cannot refit {', '.join(unknown[:3])}"
+                          f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''} (folded into other "
+                          "constants when the plan was built); use provider 'cuda' (ONNX Runtime) for this adapter")
+    alive: list[np.ndarray] = []  # trt.Weights point into these arrays until the refit is done
+
+    def put(name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        alive.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise EngineError(f"{plan}: TensorRT refused the new weights of {name} (dtype {array.dtype}, shape "
+                              f"{array.shape}): {recent_errors()}")
+
+    for name, array in overrides.items():
+        put(name, array)
+    missing = list(refitter.get_missing_weights())
+    for name, array in read_initializers(model, missing).items():
+        put(name, array)
+    if not refitter.refit_cuda_engine():
+        raise EngineError(f"TensorRT could not refit {plan}: {recent_errors()}")
