@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="provider cpu: every pipeline of a package (LoRA variants too) reads one shared copy of "
                         "its weights instead of ONNX Runtime's pre-packed and reordered copies of its own: about 3 GiB "
                         "less per added SD 1.5 pipeline, slower UNet steps (docs/benchmarks.md)")
+    parser.add_argument("--deep-cache", type=positive_int, default=None, metavar="N",
+                        help="DeepCache for requests that do not set `deep_cache_interval`: the full UNet every N "
+                        "steps, the shallow UNet between (every package exported with --deep-cache; 1: off)")
     add_prompt_weighting(parser)
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve application (a running cluster, or "
                         "a local one); one deployment per package")
@@ -95,7 +98,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_upload_bytes=int(args.max_upload_mb * MEBIBYTE), timeout=args.timeout, output_dir=args.output_dir,
         cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period,
         prompt_weighting=prompt_weighting(args), lora_dirs=list(args.lora_dir), lora_cache=args.lora_cache,
-        shared_weights=args.shared_weights)
+        shared_weights=args.shared_weights, deep_cache=args.deep_cache)
 
 
 def _graceful_server_class() -> type:

@@ -29,7 +29,7 @@ from diffrt.serve.state import ServerState, apply_loras, generate, server
 router = APIRouter(prefix="/sdapi/v1")
 NAMES = {"width": "width", "height": "height", "steps": "steps", "images": "batch_size", "prompt": "prompt",
          "negative_prompt": "negative_prompt", "guidance": "cfg_scale", "scheduler": "sampler_name",
-         "strength": "denoising_strength"}
+         "strength": "denoising_strength", "deep_cache": "deep_cache_interval"}
 AUTOMATIC = "automatic"
 # A1111's schedule types (modules/sd_schedulers.py: name, label) that diffrt builds (diffrt.schedulers.names)
 SCHEDULE_TYPES = {"automatic": "Automatic", "karras": "Karras", "exponential": "Exponential",
@@ -171,7 +171,7 @@ def _job(info: PackageInfo, body: Txt2ImgRequest, width: int, height: int, **ima
     return GenerationRequest(package=info.name, prompts=[body.prompt] * count,
                              negative_prompts=[body.negative_prompt] * count, seeds=seeds, width=width,
                              height=height, steps=body.steps, guidance=body.cfg_scale, scheduler=_scheduler(body),
-                             **image)
+                             deep_cache=body.deep_cache_interval, **image)
 
 
 def _controlnet(body: Txt2ImgRequest, info: PackageInfo, state: ServerState) -> dict[str, Any] | None:

@@ -39,3 +39,6 @@ class ServeConfig:
     #: ONNX Runtime CPU: every pipeline of a package (LoRA variants included) reads one shared copy of its weights
     #: in place, instead of pre-packed / reordered copies of its own: less memory per pipeline, slower steps
     shared_weights: bool = False
+    #: DeepCache's interval for requests that do not set `deep_cache_interval` (None or 1: off); every package
+    #: served must have been exported with DeepCache when it is 2 or more
+    deep_cache: int | None = None

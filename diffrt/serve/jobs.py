@@ -66,6 +66,8 @@ class GenerationRequest:
     shown_prompts: list[str] | None = None
     #: infotext fields beyond the generation's own (A1111's `extra_generation_params`, e.g. "Lora hashes")
     extra_fields: dict[str, str] = field(default_factory=dict)
+    #: DeepCache's interval as asked (None: the server's default); `check_request` settles it: N >= 2, or None (off)
+    deep_cache: int | None = None
 
     @property
     def task(self) -> str:
@@ -81,7 +83,7 @@ class GenerationRequest:
         if self.task != "text2image" or self.controlnet is not None:  # its own images to condition on
             return ("own", id(self))
         return (self.task, self.width, self.height, self.steps, self.scheduler, self.guidance, self.prompt_chunks,
-                self.loras)
+                self.loras, self.deep_cache)
 
 
 @dataclass

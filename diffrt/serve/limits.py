@@ -28,7 +28,8 @@ def parse_size(text: str, param: str = "size") -> tuple[int, int]:
 
 def check_request(request: GenerationRequest, info: PackageInfo, config: ServeConfig, names: dict[str, str]) -> None:
     """Everything a request can get wrong, before it costs any work. `names` maps our fields to the API's names
-    (width, height, steps, images, prompt, negative_prompt, guidance, scheduler, strength)."""
+    (width, height, steps, images, prompt, negative_prompt, guidance, scheduler, strength, deep_cache). Settles
+    `request.deep_cache`: the interval the request runs with (its own or the server's), or None."""
     width, height = request.width, request.height
     for field, value in (("width", width), ("height", height)):
         if value < info.size_multiple or value % info.size_multiple:
@@ -53,6 +54,28 @@ def check_request(request: GenerationRequest, info: PackageInfo, config: ServeCo
         raise bad(names["strength"], f"must be in (0, 1]; got {request.strength}")
     if request.scheduler is not None:
         _check_scheduler(request.scheduler, info, names["scheduler"])
+    request.deep_cache = _deep_cache(request, info, config, names["deep_cache"])
+
+
+def _deep_cache(request: GenerationRequest, info: PackageInfo, config: ServeConfig, param: str) -> int | None:
+    """The request's DeepCache interval, N >= 2 or None (off): its own `param`, else the server's --deep-cache where
+    the package has DeepCache's shallow UNet and the request runs no ControlNet (the two do not combine)."""
+    asked = request.deep_cache
+    exported = info.pipe.package.deep_cache_branch is not None
+    if asked is None:
+        default = config.deep_cache
+        return default if default and default > 1 and exported and request.controlnet is None else None
+    if not 1 <= asked <= config.max_steps:
+        raise bad(param, f"must be in [1, {config.max_steps}] (1: off; N: the full UNet every N steps); got {asked}")
+    if asked == 1:
+        return None
+    if not exported:
+        raise bad(param, f"needs a package exported with DeepCache (`diffrt export ... --deep-cache`); "
+                  f"{info.name!r} has none")
+    if request.controlnet is not None:
+        raise bad(param, "does not combine with ControlNet units (they add to the UNet's skip connections at every "
+                  "step, which DeepCache's cached features would drop)")
+    return asked
 
 
 def _check_scheduler(name: str, info: PackageInfo, param: str) -> None:

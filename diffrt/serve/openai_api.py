@@ -26,7 +26,7 @@ router = APIRouter()
 FILES_ROUTE = "/v1/images/files"
 NAMES = {"width": "size", "height": "size", "steps": "steps", "images": "n", "prompt": "prompt",
          "negative_prompt": "negative_prompt", "guidance": "guidance_scale", "scheduler": "scheduler",
-         "strength": "strength"}
+         "strength": "strength", "deep_cache": "deep_cache_interval"}
 RESPONSE_FORMATS = ("url", "b64_json")
 
 
@@ -95,7 +95,7 @@ def _job(body: ImageGenerationRequest, info: PackageInfo, width: int, height: in
         seeds=seeds, width=width, height=height,
         steps=body.steps if body.steps is not None else info.default_steps,
         guidance=body.guidance_scale if body.guidance_scale is not None else info.default_guidance,
-        scheduler=body.scheduler, **image)
+        scheduler=body.scheduler, deep_cache=body.deep_cache_interval, **image)
 
 
 def _check_format(response_format: str) -> None:

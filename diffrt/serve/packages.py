@@ -49,6 +49,10 @@ def open_packages(config: ServeConfig) -> dict[str, PackageInfo]:
             raise InputError(f"`PACKAGE` {source!r} has the name {name!r} of another served package: each is "
                              "served under its folder name, which must differ")
         pipe = open_pipeline(config, source)
+        if config.deep_cache and config.deep_cache > 1 and pipe.package.deep_cache_branch is None:
+            raise InputError(f"`--deep-cache` {config.deep_cache} applies to every served package, and {source!r} was "
+                             "exported without DeepCache: export it with `diffrt export SOURCE OUTPUT --deep-cache`, "
+                             "or leave --deep-cache out and let requests ask with `deep_cache_interval`")
         defaults = call_defaults(pipe)
         infos[name] = PackageInfo(name, str(source), pipe, model_hash(pipe.package.manifest), pipe.default_size(),
                                   pipe.vae_scale_factor, min(int(defaults["num_inference_steps"]), config.max_steps),

@@ -119,6 +119,8 @@ def run_batch(pipes: PipelineSet, requests: Sequence[GenerationRequest], control
         kwargs.update(image=first.image, strength=first.strength)
         if first.mask is not None:
             kwargs["mask_image"] = first.mask
+    if first.deep_cache:
+        kwargs["deep_cache_interval"] = first.deep_cache
     if units:  # one request per batch (its own control images)
         images = units["images"] if len(units["images"]) > 1 else units["images"][0]
         kwargs["image" if first.task == "text2image" else "control_image"] = images
@@ -155,7 +157,8 @@ def _split(pipe: Any, model: str, requests: Sequence[GenerationRequest], images:
             record = {"package": request.package, "task": request.task, "seed": request.seeds[index],
                       "scheduler": type(pipe.scheduler).__name__, "interrupted": interrupted,
                       "loras": [{"name": use.name, "text_encoder_scale": use.text_encoder_scale,
-                                 "unet_scale": use.unet_scale} for use in request.loras]}
+                                 "unet_scale": use.unet_scale} for use in request.loras],
+                      "deep_cache_interval": request.deep_cache}
             pngs.append(encode_image(image, "PNG", text, record))
             infotexts.append(text)
         results.append(GenerationResult(pngs, list(request.seeds), infotexts, dict(timings),

@@ -52,6 +52,8 @@ class ImageGenerationRequest(_Body):
     scheduler: str | None = None
     #: LoRAs to apply besides the prompt's `<lora:NAME:WEIGHT>` tags (needs --lora-dir)
     loras: list[LoraSpec] | None = None
+    #: DeepCache for a package exported with it: the full UNet every N steps (1: off; default: --deep-cache)
+    deep_cache_interval: int | None = None
 
     _loras_from_form = field_validator("loras", mode="before")(_json_text)
 
@@ -86,6 +88,9 @@ class Txt2ImgRequest(_Body):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     #: diffrt's extension: LoRAs to apply besides the prompt's `<lora:NAME:WEIGHT>` tags (needs --lora-dir)
     loras: list[LoraSpec] | None = None
+    #: diffrt's extension: DeepCache for a package exported with it, the full UNet every N steps (1: off;
+    #: default: the server's --deep-cache)
+    deep_cache_interval: int | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
