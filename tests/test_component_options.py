@@ -64,3 +64,28 @@ def test_generate_names_a_bad_engine_option(tiny_package, tmp_path, option, stat
         assert all(fragment in result.stderr for fragment in fragments), result.stderr
     else:
         one_line_error(result.stderr, "generate", *fragments)
+
+
+def test_engines_run_once_per_image_allocate_without_the_arena_while_the_pipeline_releases_memory(tiny_package):
+    """The text encoder and VAE run once per image: without ONNX Runtime's CPU arena a run peaks at what it holds,
+    and the image is the same bit for bit; the UNet (every step) keeps its arena. An explicit option wins."""
+    package = tiny_package("sd15")
+    released = DiffusionPipeline.from_pretrained(package, threads=1)
+    kept = DiffusionPipeline.from_pretrained(package, threads=1, release_memory=False)
+    chosen = DiffusionPipeline.from_pretrained(package, threads=1, component_options={"vae_decoder": {
+        "memory_arena": True}})
+    np.testing.assert_array_equal(released(**CALL).images, kept(**CALL).images)
+    for name, arena in (("text_encoder", False), ("vae_decoder", False), ("unet", True)):
+        engine = released.engine(name)
+        assert engine.memory_arena is arena
+        assert engine.session.get_session_options().enable_cpu_mem_arena is arena
+    assert all(kept.engine(name).memory_arena for name in ("text_encoder", "vae_decoder", "unet"))
+    assert chosen.engine("vae_decoder").memory_arena and not chosen.engine("text_encoder").memory_arena
+
+
+def test_memory_arena_must_be_a_bool(tiny_package):
+    from diffrt.errors import ConfigError
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_package("sd15"), memory_arena="no")
+    with pytest.raises(ConfigError, match="`memory_arena` must be True or False; got 'no'"):
+        pipe(**CALL)

@@ -19,6 +19,9 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 ONNX_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_encoder",
                    "vae_decoder")
 TINY_VAE_COMPONENTS = ("vae_decoder_tiny", "vae_encoder_tiny")
+#: components a pipeline runs once per image (a text encoder once per prompt chunk), not at every step
+RUN_ONCE_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_encoder", "vae_decoder",
+                       *TINY_VAE_COMPONENTS)
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 # model_index.json entry of an ONNX component, as Optimum and Diffusers' ONNX pipelines write it
 ONNX_ENTRY = ("diffusers", "OnnxRuntimeModel")

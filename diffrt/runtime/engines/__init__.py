@@ -56,6 +56,7 @@ __all__ = [
     "create_engine",
     "lossless_cast",
     "parse_dim_ranges",
+    "is_onnxruntime_cpu",
     "shared_weight_options",
     "split_engine_options",
     "split_precision",
@@ -200,11 +201,17 @@ def check_initializer_overrides(provider: Any, package: Any = None) -> None:
         check_package_refittable(package)
 
 
+def is_onnxruntime_cpu(provider: Any) -> bool:
+    """Whether `provider` ("auto" resolved) runs ONNX Runtime's CPU execution provider alone."""
+    resolved = auto_provider() if _named(provider, "auto") else provider
+    return _named(resolved, "cpu") or resolved == "CPUExecutionProvider"
+
+
 def shared_weight_options(provider: Any, parameter: str = "shared_weights") -> dict[str, Any]:
     """A copy of `SHARED_WEIGHT_OPTIONS` for `provider`; ConfigError naming `parameter` when the provider is not ONNX
     Runtime's CPU one (other engines keep their weights in their own form, in device memory or compiled)."""
-    resolved = auto_provider() if _named(provider, "auto") else provider
-    if not (_named(resolved, "cpu") or resolved == "CPUExecutionProvider"):
+    if not is_onnxruntime_cpu(provider):
+        resolved = auto_provider() if _named(provider, "auto") else provider
         raise ConfigError(f"`{parameter}` applies to provider 'cpu' (ONNX Runtime's CPU sessions), whose sessions "
                           f"can read one shared copy of the weights; got provider {resolved!r}")
     return {name: list(value) if isinstance(value, list) else value for name, value in SHARED_WEIGHT_OPTIONS.items()}

@@ -199,6 +199,12 @@ class OnnxRuntimeEngine:
         prepack_weights: False sets ONNX Runtime's `session.disable_prepacking`: MatMul / Gemm weights are read in
             place (shared) instead of packed into a per-session copy, for a slower step (docs/benchmarks.md,
             "Sharing weights between sessions"); outputs differ from the packed ones by float rounding (~1e-6).
+        memory_arena: False turns ONNX Runtime's CPU arena off (`enable_cpu_mem_arena`): each tensor comes from
+            the system allocator and goes back when freed, so a run peaks at what it holds at once, not at the
+            arena's power-of-two growth (SD 1.5's VAE decoder at 512x512: 1.44 instead of 1.72 GiB, same output,
+            docs/benchmarks.md). The arena pays off for a model run again and again (the UNet's steps), the system
+            allocator for one run per image: pipelines turn it off for their text encoders and VAE while they
+            release memory (`release_memory=True`).
         **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
             gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
             buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
@@ -220,6 +226,7 @@ class OnnxRuntimeEngine:
         disabled_optimizers: Sequence[str] = (),
         share_weights: bool = True,
         prepack_weights: bool = True,
+        memory_arena: bool = True,
         **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
@@ -240,11 +247,13 @@ class OnnxRuntimeEngine:
             raise invalid("disabled_optimizers", "a list of ONNX Runtime transformer names such as "
                           "['NchwcTransformer']", disabled_optimizers, ConfigError)
         self.disabled_optimizers = list(disabled_optimizers)
-        for name, flag in (("share_weights", share_weights), ("prepack_weights", prepack_weights)):
+        for name, flag in (("share_weights", share_weights), ("prepack_weights", prepack_weights),
+                           ("memory_arena", memory_arena)):
             if not isinstance(flag, bool):
-                raise invalid(name, "True or False", flag, EngineError)
+                raise invalid(name, "True or False", flag, ConfigError)
         self.share_weights = share_weights
         self.prepack_weights = prepack_weights
+        self.memory_arena = memory_arena
         self._base_options = session_options
         # Read when a session is created (`_add_overrides`); the adapters' mapping computes each value when read.
         self._overrides: Mapping[str, np.ndarray] = initializers if initializers is not None else {}
@@ -297,6 +306,8 @@ class OnnxRuntimeEngine:
                 options.add_session_config_entry(key, "0")
         if not self.prepack_weights:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if not self.memory_arena:
+            options.enable_cpu_mem_arena = False
         return options
 
     def _stored_externally(self, names: frozenset[str]) -> set[str]:
@@ -525,7 +536,8 @@ class OnnxRuntimeEngine:
             if self._device_io is not None:
                 values = self._device_io.run(feeds)
             else:
-                values = session.run(names, feeds, RELEASE_CPU_ARENA if release_memory else None)
+                release = release_memory and self.memory_arena  # without the arena, freed tensors go back at once
+                values = session.run(names, feeds, RELEASE_CPU_ARENA if release else None)
         except DiffrtError:
             raise
         except Exception as error:
