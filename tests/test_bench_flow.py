@@ -231,3 +231,31 @@ def test_diffusers_side_passes_none_for_models_the_checkpoint_lacks(tmp_path: Pa
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     # image_encoder is one of the pipeline's optional components: Diffusers handles it itself
     assert absent_components(str(tmp_path)) == {"text_encoder_3": None, "tokenizer_3": None}
+
+
+def test_a_second_build_of_a_preset_waits_for_the_first_then_finds_it_built(tmp_path: Path):
+    """Two benchmarks of one uncached preset: the second build waits on the preset's lock instead of exporting the
+    same package beside the first, and runs once the first lets go (a real child process, a real flock)."""
+    import fcntl
+    import time
+
+    from diffrt.bench.preset_build import LOCK_NAME
+
+    env = dict(os.environ, DIFFRT_CACHE=str(tmp_path))
+    folder = tmp_path / "presets" / load_preset("tiny").key
+    folder.mkdir(parents=True)
+    log = tmp_path / "child.log"
+    with open(folder / LOCK_NAME, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "the first build"
+        with open(log, "w") as stderr:
+            child = subprocess.Popen([sys.executable, "-m", "diffrt.bench.preset_build", "tiny", "--checkpoint-only"],
+                                     stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while "waiting for that build" not in log.read_text() and time.monotonic() < deadline:
+            assert child.poll() is None, log.read_text()
+            time.sleep(0.2)
+        assert "another process is building it" in log.read_text()
+        assert child.poll() is None and not (folder / "checkpoint").exists()
+    stdout, _ = child.communicate(timeout=600)  # the lock is free: the child builds
+    assert child.returncode == 0, log.read_text()[-2000:]
+    assert Path(stdout.strip().splitlines()[-1]) == folder / "checkpoint"

@@ -4,14 +4,18 @@ The one stdout line is the built folder, or, with exit status `REFUSED`, why the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from diffrt.bench.preset_fit import check_fits
 from diffrt.bench.presets import (
     PRESETS,
     REFUSED,
+    Preset,
     build_checkpoint,
     build_controlnet_package,
     build_package,
@@ -20,6 +24,25 @@ from diffrt.bench.presets import (
     load_preset,
 )
 from diffrt.errors import InputError
+
+logger = logging.getLogger(__name__)
+LOCK_NAME = ".build.lock"
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """One build of a preset at a time. Two benchmarks started together would each export the same preset (twice
+    the memory and disk, the later rename replacing the earlier package): the second waits here, then finds the
+    package built. The lock goes with its process, so a killed build leaves nothing to clear."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("preset %s: another process is building it; waiting for that build", folder.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     preset = load_preset(args.preset)
+    with build_lock(preset.folder):
+        return _build(args, preset)
+
+
+def _build(args: argparse.Namespace, preset: Preset) -> int:
     package = preset.package(args.precision, args.target, args.deep_cache)
     if args.tiny_vae_into is None and (args.beside or not is_current(package)):
         try:
