@@ -85,7 +85,8 @@ def adapted_pipelines(config: ServeConfig, info: PackageInfo, metrics: Metrics) 
         return None
     from diffrt.runtime.engines import check_initializer_overrides
 
-    check_initializer_overrides(config.provider, info.pipe.package)  # TensorRT: plans built refittable, at start
+    # TensorRT: the plans LoRA changes must be refittable, checked at start
+    check_initializer_overrides(config.provider, info.pipe.package, info.pipe.adapters.weights.components())
     return AdaptedPipelines(info.name, lambda: open_pipeline(config, info.source), config.lora_cache, metrics,
                             config.prompt_weighting)
 

@@ -10,7 +10,7 @@ import importlib.util
 import inspect
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from diffrt.errors import ConfigError
 from diffrt.package.names import UNET_SHALLOW
@@ -55,8 +55,8 @@ __all__ = [
     "check_provider",
     "create_engine",
     "lossless_cast",
-    "parse_dim_ranges",
     "is_onnxruntime_cpu",
+    "parse_dim_ranges",
     "shared_weight_options",
     "split_engine_options",
     "split_precision",
@@ -190,15 +190,16 @@ def _check_options(engine_class: type, provider: Any, options: dict[str, Any]) -
         )
 
 
-def check_initializer_overrides(provider: Any, package: Any = None) -> None:
+def check_initializer_overrides(provider: Any, package: Any, components: Sequence[str]) -> None:
     """LoRA and textual inversion replace initializers when an engine is created: ONNX Runtime's
-    `SessionOptions.add_initializer`, OpenVINO's constants swapped in the read model, TensorRT's refit. For provider
-    "trt" with a `package`: ConfigError, before any engine loads, when its plans were built without `--refit`."""
+    `SessionOptions.add_initializer`, OpenVINO's constants swapped in the read model, TensorRT's refit (LoRA only).
+    For provider "trt": ConfigError, before any engine loads, when the plans of `components` (those adapters may
+    change) were built without `--refit`."""
     resolved = auto_provider() if _named(provider, "auto") else provider
-    if _named(resolved, "trt") and package is not None:
+    if _named(resolved, "trt"):
         from diffrt.runtime.engines.tensorrt_refit import check_package_refittable
 
-        check_package_refittable(package)
+        check_package_refittable(package, components)
 
 
 def is_onnxruntime_cpu(provider: Any) -> bool:

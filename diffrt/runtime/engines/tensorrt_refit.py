@@ -1,14 +1,15 @@
-"""LoRA and textual inversion on provider "trt": TensorRT refit of a deserialized plan.
+"""LoRA on provider "trt": TensorRT refit of a deserialized plan.
 
 A plan built refittable (`diffrt build-engines PACKAGE --refit`) keeps its weights replaceable by name, and for a
 network read by TensorRT's ONNX parser the names are the ONNX initializers' (what the package's parameter map and
 the adapter overrides name). The pipeline creates a new engine whenever a component's overrides change (as it
 re-creates ONNX Runtime sessions), so each refit starts from the plan as built: the overrides are set by name, the
 weights TensorRT needs beside them (an initializer it fused with another into one kernel's weights) are read from
-the component's ONNX file, and the engine is refitted before its first execution context exists.
+the component's ONNX file, and the engine is refitted before its first execution context exists. Textual inversion
+is refused on "trt" (`TextualInversionMixin`): it grows the token embedding, and a refit keeps every weight's shape.
 
 Written to TensorRT 10's Python API; not run on a GPU yet (no TensorRT wheel installs on the machines this project
-is tested on): `tests/test_tensorrt_refit.py` runs it where TensorRT and a GPU are present.
+is tested on): `tests/test_tensorrt_gpu.py` runs it where TensorRT and a GPU are present.
 """
 from __future__ import annotations
 
@@ -28,19 +29,18 @@ def not_refittable(records: Sequence[EngineRecord]) -> list[EngineRecord]:
     return [record for record in records if not record.flags.get("refit")]
 
 
-def check_package_refittable(package: ModelPackage, components: Sequence[str] | None = None) -> None:
-    """ConfigError, before any engine is loaded, when a component whose weights adapters may replace has TensorRT
+def check_package_refittable(package: ModelPackage, components: Sequence[str]) -> None:
+    """ConfigError, before any engine is loaded, when one of `components` (those adapters may change) has TensorRT
     plans built without `--refit`, naming the components and the command that rebuilds them."""
-    names = list(components) if components is not None else list(package.components)
     fixed = []
-    for name in names:
+    for name in components:
         folder = package.component(name).path.parent / ENGINES_FOLDER
         records = read_records(folder) if folder.is_dir() else []
         if not_refittable(records):
             fixed.append(name)
     if fixed:
         raise ConfigError(
-            f"LoRA and textual inversion on provider 'trt' refit the TensorRT engines, and the engines of "
+            f"LoRA on provider 'trt' refits the TensorRT engines, and the engines of "
             f"{', '.join(fixed)} in {package.root} were built without --refit: rebuild them with "
             f"`{rebuild_command(package.root)} --refit`, or use provider 'cuda' (ONNX Runtime)")
 

@@ -184,7 +184,7 @@ class LoraLoaderMixin:
     def _check_engines_support_adapters(self) -> None:
         from diffrt.runtime.engines import check_initializer_overrides
 
-        check_initializer_overrides(self.provider, self.package)
+        check_initializer_overrides(self.provider, self.package, self.adapters.weights.components())
 
     def _refresh_adapted_engines(self) -> float:
         """Re-create the existing engines whose adapter overrides changed; returns the seconds it took."""
