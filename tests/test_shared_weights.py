@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import save_graph
 
-from diffrt.errors import EngineError
+from diffrt.errors import ConfigError
 from diffrt.package.onnx_io import GraphNode
 from diffrt.runtime import DiffusionPipeline
 from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
@@ -211,9 +211,9 @@ def test_the_in_place_rule_follows_what_onnx_runtime_derives():
 
 
 def test_bad_sharing_options_name_the_parameter(package):
-    with pytest.raises(EngineError, match="`share_weights`"):
+    with pytest.raises(ConfigError, match="`share_weights`"):  # a configuration error: the CLI exits 2
         OnnxRuntimeEngine(package / "unet" / "model.onnx", share_weights="yes")
-    with pytest.raises(EngineError, match="`prepack_weights`"):
+    with pytest.raises(ConfigError, match="`prepack_weights`"):
         OnnxRuntimeEngine(package / "unet" / "model.onnx", prepack_weights=0)
 
 

@@ -86,10 +86,7 @@ def read_graph_nodes(path: str | Path) -> tuple[list[GraphNode], set[str]]:
     initializers: set[str] = set()
     try:
         with open(path, "rb") as stream:
-            graph = _find_field(stream, 0, path.stat().st_size, 7)
-            if graph is None:
-                raise PackageError(f"{path} is not an ONNX model: it has no graph")
-            for field, wire, offset, length in _fields(stream, *graph):
+            for field, wire, offset, length in graph_fields(stream, path):
                 if field == 1 and wire == _BYTES:
                     nodes.append(_node(io.BytesIO(_read(stream, offset, offset + length)), length))
                 elif field == 5 and wire == _BYTES:  # TensorProto.name (8) comes before its raw data (9)
@@ -196,6 +193,14 @@ def _fields(stream: BinaryIO, start: int, end: int) -> Iterator[tuple[int, int, 
             raise ValueError(f"field {field} runs past the end of its message (byte {position + length} > {end})")
         yield field, wire, position, length
         position += length
+
+
+def graph_fields(stream: BinaryIO, path: Path) -> Iterator[tuple[int, int, int, int]]:
+    """The fields of the model's GraphProto (ModelProto field 7) in the open file `path`; PackageError without one."""
+    graph = _find_field(stream, 0, path.stat().st_size, 7)
+    if graph is None:
+        raise PackageError(f"{path} is not an ONNX model: it has no graph")
+    return _fields(stream, *graph)
 
 
 def _find_field(stream: BinaryIO, start: int, end: int, wanted: int,

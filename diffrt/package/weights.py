@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterable
 import numpy as np
 
 from diffrt.errors import PackageError
-from diffrt.package.onnx_io import _BYTES, _VARINT, ELEM_TYPES, _fields, _find_field, _read
+from diffrt.package.onnx_io import _BYTES, _VARINT, ELEM_TYPES, _fields, _read, graph_fields
 
 PARAMETERS_KEY = "parameters"
 #: the initializer holds the parameter's elements in the parameter's own order (its shape may differ: reshaped)
@@ -107,10 +107,7 @@ def locate_initializers(model: Path | str, names: Iterable[str] | None, *,
     found: dict[str, Stored] = {}
     try:
         with open(model, "rb") as stream:
-            graph = _find_field(stream, 0, model.stat().st_size, 7)
-            if graph is None:
-                raise PackageError(f"{model} is not an ONNX model: it has no graph")
-            for field, wire, offset, length in _fields(stream, *graph):
+            for field, wire, offset, length in graph_fields(stream, model):
                 if field == 5 and wire == _BYTES and (wanted is None or len(found) < len(wanted)):
                     tensor = _tensor(stream, model, offset, offset + length, wanted, skip_typed)
                     if tensor is not None:
