@@ -236,7 +236,7 @@ class _Plan:
             from diffrt.runtime.engines.tensorrt_refit import refit_engine
 
             assert model is not None
-            refit_engine(self.engine, overrides, model, record.plan)
+            refit_engine(self.engine, overrides, model, record.plan, trt, trt_logger(), recent_errors)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]

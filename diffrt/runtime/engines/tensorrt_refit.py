@@ -14,7 +14,7 @@ is tested on): `tests/test_tensorrt_gpu.py` runs it where TensorRT and a GPU are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,17 +45,18 @@ def check_package_refittable(package: ModelPackage, components: Sequence[str]) -
             f"`{rebuild_command(package.root)} --refit`, or use provider 'cuda' (ONNX Runtime)")
 
 
-def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, plan: Path) -> None:
+def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, plan: Path, trt: Any,
+                 trt_logger: Any, recent_errors: Callable[[], str]) -> None:
     """Replace the weights named in `overrides` (ONNX initializer names) in the deserialized `engine`, plus those
-    TensorRT needs with them, read from `model`; EngineError naming the initializer TensorRT cannot refit."""
+    TensorRT needs with them, read from `model`; EngineError naming the initializer TensorRT cannot refit. `trt`,
+    `trt_logger` and `recent_errors` are `diffrt.runtime.engines.tensorrt`'s (passed in: that module imports this
+    one)."""
     from diffrt.package.weights import read_initializers
-    from diffrt.runtime.engines.tensorrt import import_tensorrt, recent_errors, trt_logger
 
-    trt = import_tensorrt()
     if not engine.refittable:
         raise ConfigError(f"{plan} was built without --refit, so adapters cannot change its weights: "
                           f"{rebuild_command(model.parent.parent)} --refit")
-    refitter = trt.Refitter(engine, trt_logger())
+    refitter = trt.Refitter(engine, trt_logger)
     known = set(refitter.get_all_weights())
     unknown = sorted(name for name in overrides if name not in known)
     if unknown:
