@@ -38,10 +38,11 @@ def test_diffrt_serve_refuses_a_lora_dir_that_is_no_folder(tmp_path):
     one_line_error(result.stderr, "serve", "--lora-dir", "no-such-folder", "not a folder")
 
 
-def test_diffrt_serve_refuses_lora_dir_with_a_provider_that_cannot_apply_loras(tmp_path):
-    result = run_cli("serve", "digits", "--lora-dir", str(tmp_path), "--provider", "trt", "--port", "1")
+def test_diffrt_serve_with_provider_trt_needs_tensorrt_and_says_so_before_loading():
+    # LoRA on "trt" goes through TensorRT refit (tests/test_tensorrt_build.py checks the plans' refit flag first)
+    result = run_cli("serve", "digits", "--provider", "trt", "--port", "1")
     assert result.returncode != 0
-    one_line_error(result.stderr, "serve", "LoRA", "`provider` 'trt'")
+    one_line_error(result.stderr, "serve", "provider 'trt'", "tensorrt")
 
 
 def test_diffrt_serve_help_lists_the_service_options():

@@ -33,15 +33,23 @@ LOCK_NAME = ".build.lock"
 def build_lock(folder: Path) -> Iterator[None]:
     """One build of a preset at a time. Two benchmarks started together would each export the same preset (twice
     the memory and disk, the later rename replacing the earlier package): the second waits here, then finds the
-    package built. The lock goes with its process, so a killed build leaves nothing to clear."""
+    package built. The lock goes with its process, so a killed build leaves nothing to clear; a build that wrote
+    nothing (a preset refused as too large for this machine) leaves no folder either."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a") as handle:
+    lock = folder / LOCK_NAME
+    with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("preset %s: another process is building it; waiting for that build", folder.name)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            if all(entry == lock for entry in folder.iterdir()):
+                lock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 
