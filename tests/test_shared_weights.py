@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,12 @@ def entries_of(model: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def package(tiny_package) -> Path:
-    return tiny_package("sd15")
+def package(tiny_package, tmp_path_factory) -> Path:
+    """A private copy of the tiny SD 1.5 package: its files' mapping is this module's alone (pipelines other test
+    modules keep alive would hold the shared package's, and the tests here count the holders)."""
+    copy = tmp_path_factory.mktemp("shared") / "sd15"
+    shutil.copytree(tiny_package("sd15"), copy)
+    return copy
 
 
 @pytest.fixture(scope="module")
