@@ -1,7 +1,8 @@
 """DeepCache's speed and quality on a package, several `deep_cache_interval`s in one run (docs/benchmarks.md).
 
     python scripts/benchmark_deep_cache.py PACKAGE [--intervals 1,2,3,5] [--steps 20] [--size 512] [--seeds 0]
-                                           [--runs 3] [--provider cpu] [--threads N] [--json OUT]
+                                           [--runs 3] [--provider cpu] [--reference-provider cpu]
+                                           [--threads N] [--json OUT]
     python scripts/benchmark_deep_cache.py digits [--branch 0] [...]
 
 PACKAGE must be exported with DeepCache (`diffrt export SOURCE OUTPUT --deep-cache`). `digits` first exports the
@@ -10,9 +11,11 @@ built-in model's checkpoint (tests/data/digits_checkpoint) with DeepCache at `--
 an SVC fit on held-out digits labels 10 digits x 8 seeds): its accuracy with and without DeepCache.
 
 Interval 1 is the plain UNet, and its images are the reference: each interval's images (same prompt, same seeds)
-get their PSNR against them (per image, then the mean and the lowest). Time: the pipeline's own "unet" stage (full
-and shallow UNet runs together) per image, the median of `--runs` calls after one warm-up call per interval; the
-calls of the intervals are interleaved, so machine drift falls on all of them alike.
+get their PSNR against them (per image, then the mean and the lowest). With `--reference-provider` the reference is
+that provider's full-UNet images instead (openvino:bf16 against cpu: bf16's rounding and DeepCache together). Time:
+the pipeline's own "unet" stage (full and shallow UNet runs together) per image, the median of `--runs` calls after
+one warm-up call per interval; the calls of the intervals are interleaved, so machine drift falls on all of them
+alike.
 """
 from __future__ import annotations
 
@@ -72,8 +75,10 @@ def image_psnr(images: np.ndarray, reference: np.ndarray) -> tuple[float, float]
     return float(np.mean(values)), float(min(values))
 
 
-def measure(pipe: DiffusionPipeline, intervals: list[int], call: dict[str, Any], runs: int) -> dict[int, dict]:
-    """UNet seconds per image (median over `runs` interleaved calls) and the images of each interval."""
+def measure(pipe: DiffusionPipeline, intervals: list[int], call: dict[str, Any], runs: int,
+            reference: np.ndarray | None = None) -> dict[int, dict]:
+    """UNet seconds per image (median over `runs` interleaved calls) and the images of each interval, with their
+    PSNR against `reference` (default: interval 1's images)."""
     images_per_call = len(call["generator"])
     images: dict[int, np.ndarray] = {}
     seconds: dict[int, list[float]] = {n: [] for n in intervals}
@@ -83,7 +88,8 @@ def measure(pipe: DiffusionPipeline, intervals: list[int], call: dict[str, Any],
         for n in intervals if run % 2 == 0 else list(reversed(intervals)):
             out = pipe(**call, deep_cache_interval=n)
             seconds[n].append(out.timings["unet"] / images_per_call)
-    reference = images[1] if 1 in images else images[intervals[0]]
+    if reference is None:
+        reference = images[1] if 1 in images else images[intervals[0]]
     results = {}
     for n in intervals:
         mean, lowest = image_psnr(images[n], reference)
@@ -92,14 +98,19 @@ def measure(pipe: DiffusionPipeline, intervals: list[int], call: dict[str, Any],
     return results
 
 
-def digits_accuracy(pipe: DiffusionPipeline, intervals: list[int], steps: int) -> dict[int, dict]:
+def digits_accuracy(pipe: DiffusionPipeline, intervals: list[int], steps: int,
+                    reference_pipe: DiffusionPipeline | None = None) -> dict[int | str, dict]:
     """The quality oracle's accuracy on 10 digits x 8 seeds per interval, and those images' PSNR against
-    interval 1's."""
+    interval 1's (or, with `reference_pipe`, against that pipeline's full-UNet images, whose accuracy is the
+    "reference" entry)."""
     from digits import quality
 
     oracle = quality.fit_oracle()
-    grids = {n: quality.generate(pipe, num_inference_steps=steps, deep_cache_interval=n) for n in intervals}
-    reference = grids[1] if 1 in grids else grids[intervals[0]]
+    grids: dict[int | str, np.ndarray] = {
+        n: quality.generate(pipe, num_inference_steps=steps, deep_cache_interval=n) for n in intervals}
+    if reference_pipe is not None:
+        grids["reference"] = quality.generate(reference_pipe, num_inference_steps=steps)
+    reference = grids.get("reference", grids[1] if 1 in grids else grids[intervals[0]])
     out = {}
     for n, grid in grids.items():
         flat, ref = grid.reshape(-1, *grid.shape[2:]), reference.reshape(-1, *reference.shape[2:])
@@ -122,6 +133,11 @@ def table(record: dict[str, Any]) -> str:
             digits = record["digits"][key]
             line += f" {digits['accuracy']:>6.3f} ({round(digits['accuracy'] * digits['images'])}/{digits['images']})"
         rows.append(line)
+    reference = (record.get("digits") or {}).get("reference")
+    if reference:
+        rows.append(f"PSNR against {record['reference_provider']}'s full UNet, whose digits accuracy is "
+                    f"{reference['accuracy']:.3f} ({round(reference['accuracy'] * reference['images'])}/"
+                    f"{reference['images']})")
     return "\n".join(rows)
 
 
@@ -136,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--branch", type=int, default=0, help="digits: the DeepCache branch to export")
     parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--reference-provider", default=None,
+                        help="PSNR against this provider's full-UNet images (e.g. cpu, for openvino:bf16's "
+                             "narrower math plus DeepCache against fp32) instead of --provider's interval 1")
     parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--json", dest="json_path", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -152,16 +171,24 @@ def main(argv: list[str] | None = None) -> int:
         call = dict(prompt=DIGITS_PROMPT if digits else PROMPT, height=size, width=size,
                     num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="np",
                     num_images_per_prompt=len(seeds), generator=list(seeds))
-        results = measure(pipe, intervals, call, args.runs)
+        reference_pipe = None
+        if args.reference_provider:
+            reference_pipe = DiffusionPipeline.from_pretrained(package, provider=args.reference_provider,
+                                                               load="eager", **options)
+            reference_pipe.set_progress_bar_config(disable=True)
+        reference = None if reference_pipe is None else np.asarray(reference_pipe(**call).images)
+        results = measure(pipe, intervals, call, args.runs, reference)
         record: dict[str, Any] = {
             "package": str(args.package), "branch": pipe.package.deep_cache_branch, "provider": args.provider,
+            "reference_provider": args.reference_provider,
             "steps": args.steps, "size": size, "seeds": seeds, "guidance": args.guidance, "runs": args.runs,
             "scheduler": type(pipe.scheduler).__name__, "machine": machine_info(),
             "unet_runs": {str(n): unet_runs(pipe, args.steps, n) for n in intervals},
             "results": {str(n): result for n, result in results.items()},
         }
         if digits:
-            record["digits"] = {str(n): result for n, result in digits_accuracy(pipe, intervals, args.steps).items()}
+            accuracy = digits_accuracy(pipe, intervals, args.steps, reference_pipe)
+            record["digits"] = {str(n): result for n, result in accuracy.items()}
     print(table(record))
     if args.json_path is not None:
         args.json_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_builders import save_graph
 
-from diffrt.errors import InputError
+from diffrt.errors import ConfigError, InputError
 from diffrt.runtime import DiffusionPipeline
 from diffrt.runtime.engines.openvino import openvino_available
 
@@ -122,3 +122,91 @@ def test_pipeline_releases_after_the_last_step_only_and_keeps_the_image(tiny_pac
     assert released_at[True] == [False] * (len(released_at[True]) - 1) + [True]  # PNDM: 3 steps, 4 UNet calls
     assert not any(released_at[False])
     np.testing.assert_array_equal(images[True], images[False])
+
+
+MAPPED = 2 * 2**20  # float32 elements per weight: 8 MiB each
+
+
+def build_in_place_model(path: Path) -> Path:
+    """out = (x + bias) * scale, both weights 8 MiB in external data: element-wise ops read them as stored."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(MAPPED, dtype=np.float32), name)
+               for name in ("bias", "scale")]
+    nodes = [helper.make_node("Add", ["x", "bias"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["out"])]
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [MAPPED]) for name in ("x", "out")]
+    return save_graph(path, nodes, io[:1], io[1:], weights, external_data=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("cached", [False, True], ids=["package-file", "optimised-model-cache"])
+def test_release_memory_drops_the_mapped_weights_from_the_resident_set(tmp_path: Path, cached: bool) -> None:
+    from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+    from diffrt.runtime.engines.residency import resident_bytes
+
+    path = build_in_place_model(tmp_path / "unet" / "model.onnx")
+    cache = tmp_path / "cache"
+    options = {"threads": 1, "optimized_model_cache": cache if cached else None}
+    if cached:  # the first session writes the cache; the engine under test loads from it
+        OnnxRuntimeEngine(path, **options).run({"x": np.zeros(MAPPED, np.float32)})
+    folder = cache if cached else path.parent
+    x = np.random.default_rng(1).standard_normal(MAPPED, dtype=np.float32)
+    weights = 2 * MAPPED * 4
+
+    engine = OnnxRuntimeEngine(path, **options)
+    kept = engine.run({"x": x})["out"]
+    assert engine.session_path.parent == folder
+    assert resident_bytes([folder]) >= weights - 2**20, "the session should read its weights from a mapped file"
+    released = engine.run({"x": x}, release_memory=True)["out"]
+    assert resident_bytes([folder]) < 2**20
+    again = engine.run({"x": x})["out"]  # the pages fault back in: same bytes, same output
+    assert resident_bytes([folder]) >= weights - 2**20
+    for out in (released, again):
+        np.testing.assert_array_equal(out, kept)
+
+    held = OnnxRuntimeEngine(path, trim_mapped_weights=False, **options)
+    held.run({"x": x}, release_memory=True)
+    assert resident_bytes([folder]) >= weights - 2**20
+    with pytest.raises(ConfigError, match="`trim_mapped_weights` must be True or False; got 'yes'"):
+        OnnxRuntimeEngine(path, trim_mapped_weights="yes")
+
+
+PATTERN_PROBE = """
+import json, sys
+import numpy as np
+from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+engine = OnnxRuntimeEngine(sys.argv[1], threads=1, **json.loads(sys.argv[2]))
+x = np.random.default_rng(1).standard_normal((%d, %d), dtype=np.float32)
+outs = [engine.run({"x": x})["out"] for _ in range(3)]
+print(json.dumps({"peak": peak(), "pattern": engine.session.get_session_options().enable_mem_pattern,
+                  "checksum": float(np.abs(outs[-1]).sum()), "same": all(np.array_equal(o, outs[0]) for o in outs)}))
+""" % (ROWS, WIDTH)
+
+
+def pattern_probe(path: Path, options: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", PATTERN_PROBE, str(path), json.dumps(options)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_memory_pattern_is_off_with_the_cpu_arena_which_would_keep_both(wide_model: Path) -> None:
+    """With the arena, ONNX Runtime's memory pattern adds its planned block beside the chunks the first run took,
+    and the arena keeps both; without the pattern the arena reuses those chunks. Without the arena the pattern
+    stays on (one allocation per run instead of one per tensor)."""
+    default = pattern_probe(wide_model, {})
+    patterned = pattern_probe(wide_model, {"memory_pattern": True})
+    no_arena = pattern_probe(wide_model, {"memory_arena": False})
+    assert default["pattern"] is False and patterned["pattern"] is True and no_arena["pattern"] is True
+    assert default["same"] and patterned["same"] and default["checksum"] == patterned["checksum"]
+    # the hidden activations are 2 x 128 MiB: the pattern's block holds them again beside the arena's chunks
+    saved = patterned["peak"] - default["peak"]
+    assert saved >= 128 * 2**20, f"the pattern cost only {saved / 2**20:.0f} MiB more ({default}, {patterned})"
+    with pytest.raises(ConfigError, match="`memory_pattern` must be None, True or False; got 'off'"):
+        from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+        OnnxRuntimeEngine(wide_model, memory_pattern="off")

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 
 from lora_files import kohya_lora, peft_lora  # noqa: E402
 
-from diffrt.errors import ExportError, InputError, PackageError  # noqa: E402
+from diffrt.errors import ConfigError, ExportError, InputError, PackageError  # noqa: E402
 from diffrt.package.weights import from_initializer, parameter_placements, read_initializers  # noqa: E402
 from diffrt.runtime import DiffusionPipeline  # noqa: E402
 
@@ -258,6 +258,21 @@ def test_a_package_without_the_parameter_map_says_to_re_export(tiny_package, lor
     pipe = DiffusionPipeline.from_pretrained(copy)
     with pytest.raises(PackageError, match="re-export"):
         pipe.load_lora_weights(loras("sd15", "peft"))
+
+
+def test_adapters_on_a_bf16_package_are_refused_naming_the_precision(tiny_checkpoint, tmp_path):
+    """NumPy has no bfloat16: a bf16 package's weights are read as their bits, and adding a LoRA delta to those
+    would write garbage weights, so adapters refuse such a component and say which precisions work."""
+    from diffrt.export import export_pipeline
+    from diffrt.package.reader import ModelPackage
+    from diffrt.runtime.adapters.package_weights import PackageWeights
+
+    package = export_pipeline(tiny_checkpoint("sd15"), tmp_path / "bf16", precision="bf16", opset=22,
+                              components=["text_encoder"], validate=False)
+    weights = PackageWeights(ModelPackage.open(package))
+    with pytest.raises(ConfigError, match=r"need fp32 or fp16 weights; the text_encoder of .* is bf16: re-export "
+                                          r"it with --precision fp16 or fp32"):
+        weights.placements("text_encoder")
 
 
 def test_the_map_of_an_older_package_is_derived_from_its_checkpoint_exactly(tiny_checkpoint, tiny_package, tmp_path):

@@ -530,3 +530,21 @@ def test_adapters_on_trt_need_refittable_plans_and_say_so_before_loading(tmp_pat
     shutil.rmtree(engines)
     store(engines, package, refit=True)
     check_initializer_overrides("trt", package, ["text_encoder", "unet"])
+
+
+def test_refit_hands_tensorrt_package_weights_with_numpys_own_dtype_objects():
+    """TensorRT's `trt.Weights(array)` matches the dtype by object identity (its pybind11 `dtype.is`): the weights
+    diffrt memory-maps from a package carry an equal but distinct '<f4', which it would refuse. The refit hands it
+    a view with NumPy's own dtype object: the same memory, the same values."""
+    from diffrt.package.weights import read_initializers
+    from diffrt.runtime.engines.tensorrt_refit import plain_dtype
+
+    mapped = read_initializers(DIGITS / "unet" / "model.onnx", None)
+    name, weight = next((n, w) for n, w in mapped.items() if w.ndim == 2)
+    assert weight.dtype == np.float32 and weight.dtype is not np.dtype("float32"), "the premise changed"
+    plain = plain_dtype(weight)
+    assert plain.dtype is np.dtype("float32") and np.shares_memory(plain, weight)
+    np.testing.assert_array_equal(plain, weight)
+    half = plain_dtype(weight.astype(np.dtype("float16").newbyteorder("<")).T)  # and a transposed view is packed
+    assert half.dtype is np.dtype("float16") and half.flags.c_contiguous
+    np.testing.assert_array_equal(half, weight.astype(np.float16).T)

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 
+from diffrt.errors import ConfigError
 from diffrt.package.names import UNET_SHALLOW
 from diffrt.package.reader import ModelPackage
 from diffrt.package.weights import Placement, parameter_placements, read_initializers
@@ -35,6 +36,11 @@ class PackageWeights:
         """{parameter: placements}; PackageError saying to re-export a package exported without the map."""
         if component not in self._placements:
             info = self.package.component(component)
+            if (info.manifest or {}).get("precision") == "bf16":
+                # NumPy has no bfloat16: its weights are read as their bits, which a float delta cannot be added to
+                raise ConfigError(
+                    f"adapters (LoRA, textual inversion) need fp32 or fp16 weights; the {component} of "
+                    f"{self.package.root} is bf16: re-export it with --precision fp16 or fp32")
             self._placements[component] = parameter_placements(component, info.manifest, self.package.root)
         return self._placements[component]
 

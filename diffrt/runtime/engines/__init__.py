@@ -40,7 +40,8 @@ PRECISION_PROVIDERS = ("openvino", "auto")
 #: ONNX Runtime CPU engine options under which a session reads every weight of its file as stored, so all sessions of
 #: the file share one copy (`share_weights`): nothing pre-packed, no NCHWc-reordered convolutions. A trade: slower
 #: UNet steps for a fraction of the memory per added pipeline (docs/benchmarks.md, "Sharing weights between sessions")
-SHARED_WEIGHT_OPTIONS: dict[str, Any] = {"prepack_weights": False, "disabled_optimizers": ["NchwcTransformer"]}
+SHARED_WEIGHT_OPTIONS: dict[str, Any] = {"prepack_weights": False, "disabled_optimizers": ["NchwcTransformer"],
+                                         "trim_mapped_weights": False}
 
 __all__ = [
     "Engine",

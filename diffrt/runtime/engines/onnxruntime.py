@@ -35,7 +35,7 @@ from diffrt.runtime.engines.onnxruntime_cuda import (
     check_cuda_only,
     preload_cuda_libraries,
 )
-from diffrt.runtime.engines.residency import release_freed_heap
+from diffrt.runtime.engines.residency import release_freed_heap, trim
 from diffrt.runtime.engines.shared_weights import SharedWeights, shared_weights
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,19 @@ class OnnxRuntimeEngine:
             docs/benchmarks.md). The arena pays off for a model run again and again (the UNet's steps), the system
             allocator for one run per image: pipelines turn it off for their text encoders and VAE while they
             release memory (`release_memory=True`).
+        memory_pattern: ONNX Runtime's memory pattern (`enable_mem_pattern`): after the first run it plans one block
+            for a shape's intermediate tensors. None (default): off on CPU sessions with the arena, on elsewhere.
+            On top of the CPU arena the arena keeps both the first run's per-tensor chunks and that block: an SD 1.5
+            UNet step at 512x512 peaked at 4.74 GiB with it and 4.01 GiB without, at the same step time. Without the
+            arena the block is one allocation per run instead of one per tensor: its VAE decoder took 13.1 s per
+            decode with it and 17.6 s without (docs/benchmarks.md).
+        trim_mapped_weights: CPU: at the end of a run with `release_memory`, drop the pages of the memory-mapped
+            weight files this session reads in place (its optimised-model cache's external data, or the package's,
+            mapped by ONNX Runtime or by `share_weights`) from this process's resident set
+            (`residency.trim`). They stay in the page cache and fault back in at the next run, from memory: an SD 1.5
+            UNet from its optimised-model cache reads 2.2 GiB of it in place, which no longer counts while the VAE
+            decodes, for 0-0.8 s more on the next image's first ~9 s step (docs/benchmarks.md). False keeps them
+            resident (what `SHARED_WEIGHT_OPTIONS` does: there every pipeline reads one mapped copy at every step).
         **cuda_options: with provider "cuda": device_id, cuda_graph, prefer_nhwc, conv_algo_search, tf32,
             gpu_memory_limit_mb, arena_growth (see `CudaOptions`). CUDA runs keep inputs and outputs in device
             buffers per input shape (`DeviceIO`) and copy only the inputs that changed.
@@ -227,6 +240,8 @@ class OnnxRuntimeEngine:
         share_weights: bool = True,
         prepack_weights: bool = True,
         memory_arena: bool = True,
+        memory_pattern: bool | None = None,
+        trim_mapped_weights: bool = True,
         **cuda_options: Any,
     ) -> None:
         self.path = Path(path)
@@ -248,12 +263,16 @@ class OnnxRuntimeEngine:
                           "['NchwcTransformer']", disabled_optimizers, ConfigError)
         self.disabled_optimizers = list(disabled_optimizers)
         for name, flag in (("share_weights", share_weights), ("prepack_weights", prepack_weights),
-                           ("memory_arena", memory_arena)):
+                           ("memory_arena", memory_arena), ("trim_mapped_weights", trim_mapped_weights)):
             if not isinstance(flag, bool):
                 raise invalid(name, "True or False", flag, ConfigError)
         self.share_weights = share_weights
         self.prepack_weights = prepack_weights
         self.memory_arena = memory_arena
+        if memory_pattern is not None and not isinstance(memory_pattern, bool):
+            raise invalid("memory_pattern", "None, True or False", memory_pattern, ConfigError)
+        self.memory_pattern = memory_pattern
+        self.trim_mapped_weights = trim_mapped_weights
         self._base_options = session_options
         # Read when a session is created (`_add_overrides`); the adapters' mapping computes each value when read.
         self._overrides: Mapping[str, np.ndarray] = initializers if initializers is not None else {}
@@ -265,6 +284,8 @@ class OnnxRuntimeEngine:
         self._outputs: list[TensorSpec] = []
         #: the file the session was loaded from: `path`, or the cached optimised model
         self.session_path: Path | None = None
+        #: the session's model file and its external data files, whose mapped pages `trim_mapped_weights` drops
+        self._weight_files: list[Path] = []
         self._device_io: DeviceIO | None = None
         self._graphs = False
         #: whether this engine's session replays CUDA graphs (decided when the session is created)
@@ -308,6 +329,11 @@ class OnnxRuntimeEngine:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if not self.memory_arena:
             options.enable_cpu_mem_arena = False
+        pattern = self.memory_pattern
+        if pattern is None and self._cpu_only() and self._base_options is None:
+            pattern = not self.memory_arena
+        if pattern is not None:
+            options.enable_mem_pattern = pattern
         return options
 
     def _stored_externally(self, names: frozenset[str]) -> set[str]:
@@ -484,6 +510,9 @@ class OnnxRuntimeEngine:
         self._inputs = [_spec(node) for node in session.get_inputs()]
         self._outputs = [_spec(node) for node in session.get_outputs()]
         self.session_path = loaded_from
+        # model.onnx -> model.onnx_data; a cached unet-model-KEY.onnx -> unet-model-KEY.<id>.data
+        self._weight_files = [file for file in loaded_from.parent.iterdir()
+                              if file.name.startswith(loaded_from.stem + ".") and file.is_file()]
         if self.cuda is not None:
             self._device_io = DeviceIO(session, [spec.name for spec in self._outputs], "cuda", self.cuda.device_id,
                                        graphs=self._graphs)
@@ -527,7 +556,8 @@ class OnnxRuntimeEngine:
         """Validate `feeds` (names, dtypes, ranks, dims, ranges) and run; outputs by name, as numpy arrays.
 
         The CPU arena keeps a run's intermediate tensors for the next run (re-touching fresh pages costs ~13% of
-        an SD 1.5 UNet step); `release_memory` shrinks it back at the end of this run (docs/benchmarks.md)."""
+        an SD 1.5 UNet step); `release_memory` shrinks it back at the end of this run, and with
+        `trim_mapped_weights` drops the mapped weight pages from the resident set (docs/benchmarks.md)."""
         session = self.session
         feeds = adapt_feeds(self._inputs, feeds)
         validate_feeds(self._inputs, feeds, self.dim_ranges)
@@ -548,6 +578,8 @@ class OnnxRuntimeEngine:
                 self._drop_graphs()
                 return self.run(feeds)
             raise EngineError(f"onnxruntime failed to run {self.path}: {error}") from error
+        if release_memory and self.trim_mapped_weights and self._cpu_only():
+            trim(self._weight_files)
         return dict(zip(names, values))
 
     def _drop_graphs(self) -> None:

@@ -45,13 +45,24 @@ def check_package_refittable(package: ModelPackage, components: Sequence[str]) -
             f"`{rebuild_command(package.root)} --refit`, or use provider 'cuda' (ONNX Runtime)")
 
 
+#: rounds of "set what TensorRT reports missing" before giving up (a weight it fused with others pulls those in)
+MAX_MISSING_ROUNDS = 4
+
+
+def plain_dtype(array: np.ndarray) -> np.ndarray:
+    """`array`, C-contiguous, as a view with NumPy's own dtype object for its type. TensorRT's NumPy conversion
+    (`trt.Weights(array)`) matches the dtype by object identity, so it refuses an equal but distinct '<f4' or '<f2',
+    which is what package weights memory-mapped by `diffrt.package.weights` carry."""
+    return np.ascontiguousarray(array).view(np.dtype(array.dtype.name))
+
+
 def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, plan: Path, trt: Any,
                  trt_logger: Any, recent_errors: Callable[[], str]) -> None:
     """Replace the weights named in `overrides` (ONNX initializer names) in the deserialized `engine`, plus those
-    TensorRT needs with them, read from `model`; EngineError naming the initializer TensorRT cannot refit. `trt`,
+    TensorRT needs with them, read from `model`; EngineError naming the weight TensorRT cannot refit. `trt`,
     `trt_logger` and `recent_errors` are `diffrt.runtime.engines.tensorrt`'s (passed in: that module imports this
     one)."""
-    from diffrt.package.weights import read_initializers
+    from diffrt.package.weights import locate_initializers, read_initializers
 
     if not engine.refittable:
         raise ConfigError(f"{plan} was built without --refit, so adapters cannot change its weights: "
@@ -60,22 +71,43 @@ def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, 
     known = set(refitter.get_all_weights())
     unknown = sorted(name for name in overrides if name not in known)
     if unknown:
-        raise EngineError(f"{plan}: TensorRT cannot refit {', '.join(unknown[:3])}"
-                          f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''} (folded into other "
-                          "constants when the plan was built); use provider 'cuda' (ONNX Runtime) for this adapter")
-    alive: list[np.ndarray] = []  # trt.Weights point into these arrays until the refit is done
+        raise EngineError(f"{plan}: TensorRT cannot refit {_names(unknown)}: the plan does not hold them as named "
+                          "weights (built from another ONNX file, or rewritten by the ONNX parser); use provider "
+                          "'cuda' (ONNX Runtime) for this adapter")
+    alive: list[Any] = []  # trt.Weights point into these arrays until the refit is done
 
     def put(name: str, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        alive.append(array)
-        if not refitter.set_named_weights(name, trt.Weights(array)):
+        kept = plain_dtype(array)
+        try:
+            weights = trt.Weights(kept)
+        except (TypeError, ValueError) as error:
+            raise EngineError(f"{plan}: TensorRT cannot take the weights of {name} (dtype {array.dtype}): "
+                              f"{error}") from error
+        alive.extend((weights, kept))
+        if not refitter.set_named_weights(name, weights):
             raise EngineError(f"{plan}: TensorRT refused the new weights of {name} (dtype {array.dtype}, shape "
                               f"{array.shape}): {recent_errors()}")
 
     for name, array in overrides.items():
         put(name, array)
-    missing = list(refitter.get_missing_weights())
-    for name, array in read_initializers(model, missing).items():
-        put(name, array)
+    stored = set(locate_initializers(model, None, skip_typed=True))
+    for _ in range(MAX_MISSING_ROUNDS):
+        missing = [name for name in refitter.get_missing_weights() if name]  # unnamed weights come back as None
+        if not missing:
+            break
+        elsewhere = [name for name in missing if name not in stored]
+        if elsewhere:  # a Constant node's output, or a weight the parser made up (BatchNormalization's scale)
+            raise EngineError(f"{plan}: refitting {_names(sorted(overrides))} needs weights that are not "
+                              f"initializers of {model}: {_names(sorted(elsewhere))}; use provider 'cuda' "
+                              "(ONNX Runtime) for this adapter")
+        for name, array in read_initializers(model, missing).items():
+            put(name, array)
+    else:
+        raise EngineError(f"{plan}: TensorRT still misses weights after {MAX_MISSING_ROUNDS} rounds: "
+                          f"{_names(sorted(name for name in refitter.get_missing_weights() if name))}")
     if not refitter.refit_cuda_engine():
         raise EngineError(f"TensorRT could not refit {plan}: {recent_errors()}")
+
+
+def _names(names: Sequence[str]) -> str:
+    return f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
