@@ -91,10 +91,13 @@ def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, 
     for name, array in overrides.items():
         put(name, array)
     stored = set(locate_initializers(model, None, skip_typed=True))
-    for _ in range(MAX_MISSING_ROUNDS):
+    for attempt in range(MAX_MISSING_ROUNDS + 1):
         missing = [name for name in refitter.get_missing_weights() if name]  # unnamed weights come back as None
         if not missing:
             break
+        if attempt == MAX_MISSING_ROUNDS:
+            raise EngineError(f"{plan}: TensorRT still misses weights after {MAX_MISSING_ROUNDS} rounds: "
+                              f"{_names(sorted(missing))}")
         elsewhere = [name for name in missing if name not in stored]
         if elsewhere:  # a Constant node's output, or a weight the parser made up (BatchNormalization's scale)
             raise EngineError(f"{plan}: refitting {_names(sorted(overrides))} needs weights that are not "
@@ -102,9 +105,6 @@ def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, 
                               "(ONNX Runtime) for this adapter")
         for name, array in read_initializers(model, missing).items():
             put(name, array)
-    else:
-        raise EngineError(f"{plan}: TensorRT still misses weights after {MAX_MISSING_ROUNDS} rounds: "
-                          f"{_names(sorted(name for name in refitter.get_missing_weights() if name))}")
     if not refitter.refit_cuda_engine():
         raise EngineError(f"TensorRT could not refit {plan}: {recent_errors()}")
 
