@@ -2,6 +2,7 @@
 
     python scripts/benchmark_deep_cache.py PACKAGE [--intervals 1,2,3,5] [--steps 20] [--size 512] [--seeds 0]
                                            [--runs 3] [--provider cpu] [--reference-provider cpu]
+                                           [--schedule uniform|nonuniform]
                                            [--threads N] [--json OUT]
     python scripts/benchmark_deep_cache.py digits [--branch 0] [...]
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from diffrt.bench.report import machine_info, psnr  # noqa: E402
 from diffrt.cli.args import int_list, positive_int  # noqa: E402
 from diffrt.runtime import DiffusionPipeline  # noqa: E402
-from diffrt.runtime.pipelines.deep_cache import is_full_step  # noqa: E402
+from diffrt.runtime.pipelines.deep_cache import SCHEDULES, full_steps  # noqa: E402
 
 DIGITS_CHECKPOINT = ROOT / "tests" / "data" / "digits_checkpoint"
 PROMPT = "a photo of an astronaut riding a horse on the moon, high quality"
@@ -62,7 +63,7 @@ def unet_runs(pipe: DiffusionPipeline, steps: int, interval: int) -> dict[str, i
     scheduler = pipe.fresh_scheduler()
     scheduler.set_timesteps(steps)
     count = len(scheduler.timesteps)
-    full = sum(is_full_step(i, interval) for i in range(count)) if interval > 1 else count
+    full = len(full_steps(count, interval, pipe.deep_cache_schedule)) if interval > 1 else count
     return {"full": full, "shallow": count - full}
 
 
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--branch", type=int, default=0, help="digits: the DeepCache branch to export")
     parser.add_argument("--provider", default="cpu")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="uniform",
+                        help="the pipeline's deep_cache_schedule: which steps run the full UNet")
     parser.add_argument("--reference-provider", default=None,
                         help="PSNR against this provider's full-UNet images (e.g. cpu, for openvino:bf16's "
                              "narrower math plus DeepCache against fp32) instead of --provider's interval 1")
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="deep-cache-bench-") as scratch:
         package = export_digits(Path(scratch), args.branch) if digits else Path(args.package)
         options = {"threads": args.threads} if args.threads else {}
-        pipe = DiffusionPipeline.from_pretrained(package, provider=args.provider, load="eager", **options)
+        pipe = DiffusionPipeline.from_pretrained(package, provider=args.provider, load="eager",
+                                                 deep_cache_schedule=args.schedule, **options)
         pipe.set_progress_bar_config(disable=True)
         size = args.size or pipe.default_size()
         seeds = args.seeds or ([0, 1, 2, 3] if digits else [0])
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(pipe, intervals, call, args.runs, reference)
         record: dict[str, Any] = {
             "package": str(args.package), "branch": pipe.package.deep_cache_branch, "provider": args.provider,
-            "reference_provider": args.reference_provider,
+            "reference_provider": args.reference_provider, "schedule": args.schedule,
             "steps": args.steps, "size": size, "seeds": seeds, "guidance": args.guidance, "runs": args.runs,
             "scheduler": type(pipe.scheduler).__name__, "machine": machine_info(),
             "unet_runs": {str(n): unet_runs(pipe, args.steps, n) for n in intervals},

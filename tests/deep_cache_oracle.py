@@ -29,18 +29,21 @@ def position(unet: Any, branch: int) -> tuple[int, int]:
 
 class DeepCacheOracle:
     """`with DeepCacheOracle(pipe.unet, interval, branch):` the UNet caches as DeepCache's helper makes it; the
-    full UNet runs at its calls 0, interval, 2 * interval, ... (counted from entering the context)."""
+    full UNet runs at its calls 0, interval, 2 * interval, ... (counted from entering the context), or at the calls
+    in `full_calls` when given (the paper's non-uniform strategy, which the helper leaves to its caller)."""
 
-    def __init__(self, unet: Any, interval: int, branch: int = 0):
+    def __init__(self, unet: Any, interval: int, branch: int = 0, full_calls: Any = None):
         self.unet, self.interval = unet, interval
+        self.full_calls = None if full_calls is None else frozenset(full_calls)
         self.block, self.layer = position(unet, branch)
         self.calls = 0
         self.cache: dict[tuple, Any] = {}
         self.wrapped: list[Any] = []
 
     def skip(self, kind: str, block: int, layer: int) -> bool:
-        """DeepCacheSDHelper.is_skip_step with the uniform schedule."""
-        if self.calls % self.interval == 0:
+        """DeepCacheSDHelper.is_skip_step with the uniform schedule (or the calls in `full_calls`)."""
+        full = self.calls % self.interval == 0 if self.full_calls is None else self.calls in self.full_calls
+        if full:
             return False
         if kind == "mid" or block > self.block:
             return True

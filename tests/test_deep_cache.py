@@ -201,14 +201,15 @@ def test_a_damaged_deep_cache_record_fails_when_the_package_opens(tiny_deep_cach
 
 
 # ----- runtime -----
-def _oracle_image(folder: Path, interval: int, seed: int = 0, pipeline_class=None, scheduler=None, **call):
+def _oracle_image(folder: Path, interval: int, seed: int = 0, pipeline_class=None, scheduler=None, full_calls=None,
+                  **call):
     reference = diffusers.DiffusionPipeline.from_pretrained(folder)
     if pipeline_class is not None:
         reference = pipeline_class.from_pipe(reference)
     if scheduler is not None:
         reference.scheduler = getattr(diffusers, scheduler).from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
-    with torch.no_grad(), DeepCacheOracle(reference.unet, interval):
+    with torch.no_grad(), DeepCacheOracle(reference.unet, interval, full_calls=full_calls):
         return np.asarray(reference(generator=torch.Generator("cpu").manual_seed(seed), **call).images)
 
 
@@ -220,6 +221,45 @@ def test_interval_3_matches_deepcache_on_the_diffusers_pipeline(kind, tiny_check
     got = pipe(generator=0, deep_cache_interval=3, **CALL).images
     assert_close(expected, got)
     assert counts == expected_runs(len(pipe_steps(pipe, 7)), 3)
+
+
+def test_the_nonuniform_schedule_matches_deepcache_run_at_the_same_steps(tiny_checkpoint, tiny_deep_cache_package):
+    from diffrt.runtime.pipelines.deep_cache import full_steps
+
+    pipe = ours(tiny_deep_cache_package("sd15"), deep_cache_schedule="nonuniform")
+    steps = len(pipe_steps(pipe, 7))  # PNDM: 8 UNet calls for 7 steps
+    full = full_steps(steps, 3, "nonuniform")
+    assert full != full_steps(steps, 3), "the schedules must differ for this test to mean anything"
+    expected = _oracle_image(tiny_checkpoint("sd15"), 3, full_calls=full, **CALL)
+    counts = count_runs(pipe)
+    assert_close(expected, pipe(generator=0, deep_cache_interval=3, **CALL).images)
+    assert counts == expected_runs(steps, 3)  # as many full runs as the uniform schedule: the same speed-up
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4, 5])
+@pytest.mark.parametrize("steps", [2, 4, 7, 8, 10, 20, 25, 50])
+def test_the_nonuniform_schedule_has_the_uniform_count_densest_first(steps, interval):
+    from diffrt.runtime.pipelines.deep_cache import full_steps
+
+    uniform, nonuniform = sorted(full_steps(steps, interval)), sorted(full_steps(steps, interval, "nonuniform"))
+    assert uniform == list(range(0, steps, interval))
+    assert len(nonuniform) == len(uniform) and nonuniform[0] == 0 and nonuniform[-1] <= steps - 1
+    if len(nonuniform) > 2:
+        gaps = np.diff(nonuniform)
+        half = len(gaps) // 2  # denser first: the gaps grow (up to rounding)
+        assert gaps[0] <= interval <= gaps.max() and gaps[:half].mean() <= gaps[half:].mean(), nonuniform
+    # the last full run leaves no more shallow steps after it than the uniform schedule's can
+    assert steps - 1 - nonuniform[-1] <= interval - 1
+
+
+def test_a_bad_schedule_is_refused_by_name(tiny_deep_cache_package):
+    with pytest.raises(InputError, match=r"`deep_cache_schedule` must be 'uniform' or 'nonuniform'; got 'fast'"):
+        ours(tiny_deep_cache_package("sd15"), deep_cache_schedule="fast")
+    pipe = ours(tiny_deep_cache_package("sd15"))
+    pipe.deep_cache_schedule = "Uniform"
+    with pytest.raises(InputError, match=r"`deep_cache_schedule` must be 'uniform' or 'nonuniform'; got 'Uniform'"):
+        pipe(generator=0, deep_cache_interval=2, **CALL)
+    assert pipe._engines == {}
 
 
 def pipe_steps(pipe: DiffusionPipeline, steps: int) -> np.ndarray:
@@ -363,7 +403,21 @@ def test_generate_with_deep_cache_writes_the_image_and_records_the_interval(tiny
                      "--seed", "5", "-o", tmp_path / "cat.png")
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "cat.png") as image:
-        assert json.loads(image.text["diffrt"])["deep_cache_interval"] == 3
+        record = json.loads(image.text["diffrt"])
+    assert record["deep_cache_interval"] == 3 and record["deep_cache_schedule"] == "uniform"
+    result = run_cli("generate", tiny_deep_cache_package("sd15"), "a cat", "--steps", "4", "--deep-cache", "3",
+                     "--deep-cache-schedule", "nonuniform", "--seed", "5", "-o", tmp_path / "cat2.png")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cat2.png") as image, Image.open(tmp_path / "cat.png") as uniform:
+        record = json.loads(image.text["diffrt"])
+        assert not np.array_equal(np.asarray(image), np.asarray(uniform))  # PNDM's 5 calls: full at 0, 3 / 0, 2
+    assert record["deep_cache_interval"] == 3 and record["deep_cache_schedule"] == "nonuniform"
+    # the record repeats the image: the schedule comes back from the PNG
+    result = run_cli("generate", tiny_deep_cache_package("sd15"), "--from-png", tmp_path / "cat2.png",
+                     "-o", tmp_path / "again.png")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cat2.png") as first, Image.open(tmp_path / "again.png") as again:
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
 
 
 @pytest.mark.parametrize(("args", "fragments"), [
@@ -371,6 +425,8 @@ def test_generate_with_deep_cache_writes_the_image_and_records_the_interval(tiny
     (("digits", "a seven", "--controlnet", "pose", "--control-image", "pose.png", "--deep-cache", "3"),
      ("`--deep-cache` does not combine with `--controlnet`",)),
     (("digits", "a seven", "--deep-cache", "0"), ("--deep-cache", "expected an integer >= 1")),
+    (("digits", "a seven", "--deep-cache-schedule", "nonuniform"),
+     ("`--deep-cache-schedule` applies with `--deep-cache N`",)),
 ])
 def test_generate_deep_cache_mistakes_are_one_line_errors(args, fragments, tmp_path):
     from cli_runner import one_line_error, run_cli

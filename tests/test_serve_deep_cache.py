@@ -32,7 +32,8 @@ def direct(packages):
     pipe = AutoPipelineForText2Image.from_pretrained(packages["cached"])
     pipe.set_progress_bar_config(disable=True)
 
-    def make(interval, seed):
+    def make(interval, seed, schedule="uniform"):
+        pipe.deep_cache_schedule = schedule
         image = pipe(PROMPT, generator=seed, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
                      deep_cache_interval=interval).images[0]
         return np.asarray(image.convert("RGB"))
@@ -85,6 +86,20 @@ def test_the_server_default_applies_where_a_request_does_not_say(packages, direc
             answer = client.images.generate(prompt=PROMPT, size=f"{SIZE}x{SIZE}", response_format="b64_json",
                                             extra_body={"seed": 9, "steps": STEPS, **extra})
             np.testing.assert_array_equal(png_pixels(base64.b64decode(answer.data[0].b64_json)), direct(interval, 9))
+
+
+def test_the_server_schedule_picks_the_full_steps_as_the_pipeline_does(packages, direct):
+    config = ServeConfig(packages=[str(packages["cached"])], deep_cache=3, deep_cache_schedule="nonuniform",
+                         max_steps=40)
+    with app_server(config) as (base_url, _):
+        client = openai.OpenAI(api_key="unused", base_url=f"{base_url}/v1", max_retries=0)
+        answer = client.images.generate(prompt=PROMPT, size=f"{SIZE}x{SIZE}", response_format="b64_json",
+                                        extra_body={"seed": 9, "steps": STEPS})
+        png = base64.b64decode(answer.data[0].b64_json)
+    np.testing.assert_array_equal(png_pixels(png), direct(3, 9, "nonuniform"))
+    assert not np.array_equal(direct(3, 9, "nonuniform"), direct(3, 9))
+    record = json.loads(png_text(png)[JSON_KEY])
+    assert record["deep_cache_interval"] == 3 and record["deep_cache_schedule"] == "nonuniform"
 
 
 def test_a_default_for_a_package_exported_without_deepcache_is_refused_at_start(packages):

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deep-cache", type=positive_int, default=None, metavar="N",
                         help="DeepCache: the full UNet every N steps, the package's shallow UNet between (a package "
                         "exported with `diffrt export --deep-cache`; 1: off)")
+    parser.add_argument("--deep-cache-schedule", choices=("uniform", "nonuniform"), default=None,
+                        help="with --deep-cache: which steps run the full UNet: uniform (0, N, 2N, ...; default) or "
+                        "nonuniform (as many, densest at the start: closer to the full UNet's image)")
     parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda, tensorrt (ONNX Runtime), openvino[:fp32|bf16|int8|auto] (OpenVINO and its "
@@ -177,6 +180,7 @@ def _apply_png(args: argparse.Namespace) -> str | None:
             args.sigmas, args.timesteps = record.get("sigmas"), record.get("timesteps")
     fill("vae", record.get("vae"))
     fill("deep_cache", record.get("deep_cache_interval"))
+    fill("deep_cache_schedule", record.get("deep_cache_schedule"))
     return fields.get("Model hash", "")
 
 
@@ -196,6 +200,8 @@ def _check_arguments(args: argparse.Namespace) -> str:
     if args.seed is not None and args.seed != RANDOM_SEED and args.seed + args.num_images - 1 > SEED_MAX:
         raise InputError(f"`--seed` {args.seed} + `--num-images` {args.num_images} passes the largest seed, 2**63 - 1")
     _check_control(args)
+    if args.deep_cache_schedule is not None and args.deep_cache in (None, 1):
+        raise InputError("`--deep-cache-schedule` applies with `--deep-cache N` (N >= 2) only")
     args.vae = args.vae or "full"
     return "inpainting" if args.mask is not None else "image2image" if args.image is not None else "text2image"
 
@@ -255,6 +261,8 @@ def _load(args: argparse.Namespace, task: str, from_png: bool) -> Any:
     options.update(precision)
     if args.threads is not None:
         options["threads"] = args.threads
+    if args.deep_cache_schedule is not None:
+        options["deep_cache_schedule"] = args.deep_cache_schedule
     common, per_component = split_engine_options(args.engine_option or ())
     options.update(common)
     if per_component:
@@ -397,6 +405,7 @@ def _parameters(args: argparse.Namespace, pipe: Any, task: str, kwargs: dict[str
         "strength": strength, "sigmas": args.sigmas, "timesteps": args.timesteps, "ays": bool(args.ays),
         "scheduler": type(pipe.scheduler).__name__, "scheduler_config": dict(pipe.scheduler.config),
         "provider": args.provider, "vae": args.vae, "deep_cache_interval": args.deep_cache,
+        "deep_cache_schedule": pipe.deep_cache_schedule if args.deep_cache not in (None, 1) else None,
         "loras": [{"path": os.fsdecode(path), "scale": scale} for path, scale in args.lora or []],
         "image": None if args.image is None else os.fsdecode(args.image),
         "mask": None if args.mask is None else os.fsdecode(args.mask),

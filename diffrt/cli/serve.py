@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deep-cache", type=positive_int, default=None, metavar="N",
                         help="DeepCache for requests that do not set `deep_cache_interval`: the full UNet every N "
                         "steps, the shallow UNet between (every package exported with --deep-cache; 1: off)")
+    parser.add_argument("--deep-cache-schedule", choices=("uniform", "nonuniform"),
+                        default=defaults.deep_cache_schedule,
+                        help="which steps of a DeepCache request run the full UNet: uniform (0, N, 2N, ...; default) "
+                        "or nonuniform (as many, densest at the start: closer to the full UNet's image)")
     add_prompt_weighting(parser)
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve application (a running cluster, or "
                         "a local one); one deployment per package")
@@ -98,7 +102,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_upload_bytes=int(args.max_upload_mb * MEBIBYTE), timeout=args.timeout, output_dir=args.output_dir,
         cors_origins=list(args.cors_origin), warmup=not args.no_warmup, grace_period=args.grace_period,
         prompt_weighting=prompt_weighting(args), lora_dirs=list(args.lora_dir), lora_cache=args.lora_cache,
-        shared_weights=args.shared_weights, deep_cache=args.deep_cache)
+        shared_weights=args.shared_weights, deep_cache=args.deep_cache, deep_cache_schedule=args.deep_cache_schedule)
 
 
 def _graceful_server_class() -> type:

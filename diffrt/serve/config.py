@@ -42,3 +42,6 @@ class ServeConfig:
     #: DeepCache's interval for requests that do not set `deep_cache_interval` (None or 1: off); every package
     #: served must have been exported with DeepCache when it is 2 or more
     deep_cache: int | None = None
+    #: which steps of a DeepCache request run the full UNet: "uniform" or "nonuniform"
+    #: (`DiffusionPipeline.deep_cache_schedule`)
+    deep_cache_schedule: str = "uniform"

@@ -68,6 +68,7 @@ def open_pipeline(config: ServeConfig, source: str) -> Any:
     from diffrt.runtime.pipelines.auto import plain_pipeline
 
     options: dict[str, Any] = {} if config.threads is None else {"threads": config.threads}
+    options["deep_cache_schedule"] = config.deep_cache_schedule
     if config.shared_weights:
         from diffrt.runtime.engines import shared_weight_options
 

@@ -145,6 +145,7 @@ CONVERTERS: dict[str, Callable[[str], Any]] = {
     "provider": str, "threads": int, "api_key": str, "max_batch": int, "batch_wait_ms": float, "max_queue": int,
     "max_pixels": int, "max_steps": int, "max_images": int, "max_prompt_chars": int, "max_upload_bytes": int,
     "timeout": float, "output_dir": Path, "warmup": _flag, "grace_period": float, "shared_weights": _flag,
+    "deep_cache": int, "deep_cache_schedule": str,
     "cors_origins": lambda text: [origin for origin in text.split(",") if origin],
 }
 

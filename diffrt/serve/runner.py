@@ -158,7 +158,8 @@ def _split(pipe: Any, model: str, requests: Sequence[GenerationRequest], images:
                       "scheduler": type(pipe.scheduler).__name__, "interrupted": interrupted,
                       "loras": [{"name": use.name, "text_encoder_scale": use.text_encoder_scale,
                                  "unet_scale": use.unet_scale} for use in request.loras],
-                      "deep_cache_interval": request.deep_cache}
+                      "deep_cache_interval": request.deep_cache,
+                      "deep_cache_schedule": pipe.deep_cache_schedule if request.deep_cache else None}
             pngs.append(encode_image(image, "PNG", text, record))
             infotexts.append(text)
         results.append(GenerationResult(pngs, list(request.seeds), infotexts, dict(timings),

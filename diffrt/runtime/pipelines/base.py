@@ -25,7 +25,7 @@ from diffrt.runtime.loading import open_package
 from diffrt.runtime.pipelines import calibration
 from diffrt.runtime.pipelines.checks import PackageLimits, check_component_options
 from diffrt.runtime.pipelines.components import AutoencoderComponent, EngineComponent
-from diffrt.runtime.pipelines.deep_cache import DeepCacheRun, check_interval
+from diffrt.runtime.pipelines.deep_cache import DeepCacheRun, check_interval, check_schedule
 from diffrt.runtime.pipelines.diffusers_api import CallState, DiffusersApi
 from diffrt.runtime.pipelines.guidance import combine_cfg
 from diffrt.runtime.pipelines.lora_api import LoraLoaderMixin
@@ -129,6 +129,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         load: str = "lazy",
         release_memory: bool = True,
         component_options: dict[str, dict[str, Any]] | None = None,
+        deep_cache_schedule: str = "uniform",
         **engine_options: Any,
     ) -> None:
         """`vae` "full" (the package's VAE) or "tiny" (its vae_decoder_tiny / vae_encoder_tiny, TAESD); `load`
@@ -139,13 +140,16 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         image (about 1 s less per SD 1.5 512x512 image on 2 cores, ~3.7 GiB more resident; docs/benchmarks.md).
         `engine_options` go to every engine; `component_options` {component: {option: value}} to one component's
         engine on top of them, e.g. `{"vae_decoder": {"graph_optimization_level": "extended"}}` (a lower VAE peak
-        for a slower decode on ONNX Runtime; docs/benchmarks.md)."""
+        for a slower decode on ONNX Runtime; docs/benchmarks.md). `deep_cache_schedule` "uniform" or "nonuniform":
+        which steps of a call with `deep_cache_interval` run the full UNet (`diffrt.runtime.pipelines.deep_cache`;
+        also settable as an attribute)."""
         provider, engine_options = split_provider_precision(provider, engine_options)
         if load not in LOAD_CHOICES:
             raise invalid("load", "'lazy' (engines created on first use) or 'eager' (all at load)", load)
         if not isinstance(release_memory, bool):
             raise invalid("release_memory", "True or False", release_memory)
         self.release_memory = release_memory
+        self.deep_cache_schedule = check_schedule(deep_cache_schedule)
         self.vae_components = vae_components(package, vae, self.required_components)
         package.require(*(self.vae_components.get(name, name) for name in self.required_components))
         self.package = package
@@ -412,7 +416,10 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
     def check_deep_cache(self, deep_cache_interval: Any) -> int | None:
         """A call's `deep_cache_interval`, checked against this package (see `diffrt.runtime.pipelines.deep_cache`):
         an int >= 2, or None when off."""
-        return check_interval(deep_cache_interval, self.package)
+        interval = check_interval(deep_cache_interval, self.package)
+        if interval is not None:
+            check_schedule(self.deep_cache_schedule)  # an attribute set after loading
+        return interval
 
     def denoise(
         self,
@@ -432,7 +439,8 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         hook = self.step_hook
         call = self._call
         interval = state.deep_cache_interval
-        deep_cache = DeepCacheRun(interval, len(timesteps)) if interval is not None and interval > 1 else None
+        deep_cache = (DeepCacheRun(interval, len(timesteps), self.deep_cache_schedule)
+                      if interval is not None and interval > 1 else None)
         call.interrupt, call.num_timesteps = False, len(timesteps)
         call.guidance_scale, call.do_classifier_free_guidance = state.guidance_scale, state.do_cfg
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -519,6 +527,7 @@ def pipe_as(target: type[DiffusionPipeline], pipeline: DiffusionPipeline,
     """`target` on `pipeline`'s package, provider, scheduler, VAE choice and (shared, thread-safe) engines."""
     options = {"provider": pipeline.provider, "scheduler": pipeline.scheduler, "vae": pipeline.vae.kind,
                "release_memory": pipeline.release_memory, "component_options": pipeline.component_options,
+               "deep_cache_schedule": pipeline.deep_cache_schedule,
                **pipeline.engine_options}
     options.update(overrides)
     new = target(pipeline.package, **options)
