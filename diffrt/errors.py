@@ -1,7 +1,7 @@
 """The few typed errors of diffrt. Each subclasses a builtin so callers can catch ValueError / RuntimeError."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 class DiffrtError(Exception):
@@ -26,6 +26,12 @@ class EngineError(DiffrtError, RuntimeError):
 
 class ExportError(DiffrtError, RuntimeError):
     """Export failed (validation above tolerance, unsupported model, write failure)."""
+
+
+def listing(names: Sequence[str], limit: int = 5) -> str:
+    """The first `limit` of `names` for a message, "a, b, c and 4 more" when there are more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def invalid(name: str, expected: str, got: Any, cls: type[DiffrtError] = InputError) -> DiffrtError:

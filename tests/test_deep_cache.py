@@ -256,10 +256,9 @@ def test_a_bad_schedule_is_refused_by_name(tiny_deep_cache_package):
     with pytest.raises(InputError, match=r"`deep_cache_schedule` must be 'uniform' or 'nonuniform'; got 'fast'"):
         ours(tiny_deep_cache_package("sd15"), deep_cache_schedule="fast")
     pipe = ours(tiny_deep_cache_package("sd15"))
-    pipe.deep_cache_schedule = "Uniform"
     with pytest.raises(InputError, match=r"`deep_cache_schedule` must be 'uniform' or 'nonuniform'; got 'Uniform'"):
-        pipe(generator=0, deep_cache_interval=2, **CALL)
-    assert pipe._engines == {}
+        pipe.deep_cache_schedule = "Uniform"  # refused when set, before any call
+    assert pipe.deep_cache_schedule == "uniform" and pipe._engines == {}
 
 
 def pipe_steps(pipe: DiffusionPipeline, steps: int) -> np.ndarray:

@@ -66,11 +66,15 @@ print(json.dumps({"after_kept": after_kept, "after_again": after_again, "after_t
 """ % (ROWS, WIDTH)
 
 
-def probe(path: Path, provider: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, str(path), provider], capture_output=True, text=True,
-                          timeout=300)
+def in_child(script: str, *args: str) -> dict:
+    """Run `script` in a fresh Python process; the JSON object it prints last."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def probe(path: Path, provider: str) -> dict:
+    return in_child(PROBE, str(path), provider)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +193,7 @@ print(json.dumps({"peak": peak(), "pattern": engine.session.get_session_options(
 
 
 def pattern_probe(path: Path, options: dict) -> dict:
-    done = subprocess.run([sys.executable, "-c", PATTERN_PROBE, str(path), json.dumps(options)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_child(PATTERN_PROBE, str(path), json.dumps(options))
 
 
 def test_the_memory_pattern_is_off_with_the_cpu_arena_which_would_keep_both(wide_model: Path) -> None:
@@ -208,6 +209,7 @@ def test_the_memory_pattern_is_off_with_the_cpu_arena_which_would_keep_both(wide
     # (measured: 127 MiB more peak, 487 vs 614 MiB)
     saved = patterned["peak"] - default["peak"]
     assert saved >= 96 * 2**20, f"the pattern cost only {saved / 2**20:.0f} MiB more ({default}, {patterned})"
+    from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
     with pytest.raises(ConfigError, match="`memory_pattern` must be None, True or False; got 'off'"):
-        from diffrt.runtime.engines.onnxruntime import OnnxRuntimeEngine
         OnnxRuntimeEngine(wide_model, memory_pattern="off")

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from diffrt.errors import InputError, invalid
+from diffrt.errors import InputError, invalid, listing
 from diffrt.package.leftovers import is_temp_folder
 from diffrt.package.names import FORMAT_NAME, INDEX_NAME, MANIFEST_NAME, MODEL_FILE
 
@@ -84,11 +84,11 @@ def not_replaceable(folder: Path) -> str | None:
     others = [entry.name for entry in entries if not is_temp_folder(entry) and (
         entry.name not in allowed or (entry.name in components and not entry.is_dir()))]
     if others:
-        return f"it holds {_listing(others)}, which a model package does not"
+        return f"it holds {listing(others)}, which a model package does not"
     weights = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
                if p.suffix in WEIGHT_SUFFIXES and not p.is_dir()]
     if weights:
-        return f"it holds checkpoint weights ({_listing(weights)})"
+        return f"it holds checkpoint weights ({listing(weights)})"
     return None
 
 
@@ -110,11 +110,6 @@ def _json_object(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _check_writable(output: Path) -> None:

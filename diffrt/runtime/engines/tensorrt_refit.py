@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from diffrt.errors import ConfigError, EngineError
+from diffrt.errors import ConfigError, EngineError, listing
 from diffrt.package.names import ENGINES_FOLDER
 from diffrt.package.reader import ModelPackage
 from diffrt.package.tensorrt_records import EngineRecord, read_records, rebuild_command
@@ -71,8 +71,8 @@ def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, 
     known = set(refitter.get_all_weights())
     unknown = sorted(name for name in overrides if name not in known)
     if unknown:
-        raise EngineError(f"{plan}: TensorRT cannot refit {_names(unknown)}: the plan does not hold them as named "
-                          "weights (built from another ONNX file, or rewritten by the ONNX parser); use provider "
+        raise EngineError(f"{plan}: TensorRT cannot refit {listing(unknown, 3)}: the plan does not hold them as "
+                          "named weights (built from another ONNX file, or rewritten by the ONNX parser); use provider "
                           "'cuda' (ONNX Runtime) for this adapter")
     alive: list[Any] = []  # trt.Weights point into these arrays until the refit is done
 
@@ -90,24 +90,21 @@ def refit_engine(engine: Any, overrides: Mapping[str, np.ndarray], model: Path, 
 
     for name, array in overrides.items():
         put(name, array)
-    stored = set(locate_initializers(model, None, skip_typed=True))
+    stored: set[str] | None = None  # the model's initializers, read once something is missing
     for attempt in range(MAX_MISSING_ROUNDS + 1):
         missing = [name for name in refitter.get_missing_weights() if name]  # unnamed weights come back as None
         if not missing:
             break
         if attempt == MAX_MISSING_ROUNDS:
             raise EngineError(f"{plan}: TensorRT still misses weights after {MAX_MISSING_ROUNDS} rounds: "
-                              f"{_names(sorted(missing))}")
+                              f"{listing(sorted(missing), 3)}")
+        stored = stored if stored is not None else set(locate_initializers(model, None, skip_typed=True))
         elsewhere = [name for name in missing if name not in stored]
         if elsewhere:  # a Constant node's output, or a weight the parser made up (BatchNormalization's scale)
-            raise EngineError(f"{plan}: refitting {_names(sorted(overrides))} needs weights that are not "
-                              f"initializers of {model}: {_names(sorted(elsewhere))}; use provider 'cuda' "
+            raise EngineError(f"{plan}: refitting {listing(sorted(overrides), 3)} needs weights that are not "
+                              f"initializers of {model}: {listing(sorted(elsewhere), 3)}; use provider 'cuda' "
                               "(ONNX Runtime) for this adapter")
         for name, array in read_initializers(model, missing).items():
             put(name, array)
     if not refitter.refit_cuda_engine():
         raise EngineError(f"TensorRT could not refit {plan}: {recent_errors()}")
-
-
-def _names(names: Sequence[str]) -> str:
-    return f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"

@@ -149,7 +149,7 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         if not isinstance(release_memory, bool):
             raise invalid("release_memory", "True or False", release_memory)
         self.release_memory = release_memory
-        self.deep_cache_schedule = check_schedule(deep_cache_schedule)
+        self.deep_cache_schedule = deep_cache_schedule
         self.vae_components = vae_components(package, vae, self.required_components)
         package.require(*(self.vae_components.get(name, name) for name in self.required_components))
         self.package = package
@@ -413,13 +413,20 @@ class DiffusionPipeline(DiffusersApi, LoraLoaderMixin, TextualInversionMixin):
         out = engine.run(scalar_timestep(engine, cast), release_memory=release_memory)
         return {name: np.asarray(value, dtype=np.float32) for name, value in out.items()}
 
+    @property
+    def deep_cache_schedule(self) -> str:
+        """Which steps of a call with `deep_cache_interval` run the full UNet: "uniform" or "nonuniform"
+        (`diffrt.runtime.pipelines.deep_cache`); InputError naming it when set to anything else."""
+        return self._deep_cache_schedule
+
+    @deep_cache_schedule.setter
+    def deep_cache_schedule(self, value: str) -> None:
+        self._deep_cache_schedule = check_schedule(value)
+
     def check_deep_cache(self, deep_cache_interval: Any) -> int | None:
         """A call's `deep_cache_interval`, checked against this package (see `diffrt.runtime.pipelines.deep_cache`):
         an int >= 2, or None when off."""
-        interval = check_interval(deep_cache_interval, self.package)
-        if interval is not None:
-            check_schedule(self.deep_cache_schedule)  # an attribute set after loading
-        return interval
+        return check_interval(deep_cache_interval, self.package)
 
     def denoise(
         self,
